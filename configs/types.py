@@ -1,0 +1,123 @@
+"""The config objects, one per concern. Every field: a default and a one-line doc."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from configs.fields import check_range, opt
+
+LoadFormat = Literal["auto", "gguf", "safetensors", "dummy"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
+QueuePolicyName = Literal["fcfs", "priority"]
+HashAlgorithm = Literal["blake2b", "sha256"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = opt("", "GGUF file, local Hugging Face directory, or a dummy shape preset name; "
+                         "empty = the embedded SmolLM2-135M-Instruct GGUF")
+    load_format: LoadFormat = opt("auto", "weight format; auto picks from the path")
+    dtype: DType = opt("auto", "compute dtype; auto = bfloat16 on CPUs that support it and on "
+                               "CUDA, else float32")
+    tokenizer: str | None = opt(None, "tokenizer source (GGUF or HF dir); default: the model")
+    max_model_len: int | None = opt(None, "context length limit; default: the model's")
+    served_model_name: str | None = opt(None, "name reported by /v1/models; default: from the path")
+    seed: int = opt(0, "seed for dummy weights and for unseeded sampling")
+
+    def __post_init__(self) -> None:
+        check_range("model", "max_model_len", self.max_model_len, lo=1)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache and prefix caching."""
+
+    block_size: int = opt(16, "tokens per KV block")
+    enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prefixes")
+    num_device_blocks: int | None = opt(None, "KV blocks in the device pool; overrides the "
+                                              "automatic size (tests use it to force pressure)")
+    kv_cache_gib: float = opt(1.0, "CPU only: GiB of memory for the KV pool when "
+                                   "num_device_blocks is not set")
+    gpu_memory_utilization: float = opt(0.9, "CUDA only: fraction of GPU memory Encore may use "
+                                             "(weights + activations + KV)")
+    hash_algorithm: HashAlgorithm = opt("blake2b", "digest for block keys (keyed)")
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            from configs.fields import ConfigError
+
+            raise ConfigError(f"cache.block_size={self.block_size!r} is not allowed; choose one "
+                              "of [1, 2, 4, 8, 16, 32, 64, 128]")
+        check_range("cache", "num_device_blocks", self.num_device_blocks, lo=2)
+        check_range("cache", "kv_cache_gib", self.kv_cache_gib, lo=0.001)
+        check_range("cache", "gpu_memory_utilization", self.gpu_memory_utilization, lo=0.05, hi=1.0)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits and queue policy."""
+
+    max_num_seqs: int = opt(64, "most sequences in one step")
+    max_num_batched_tokens: int = opt(2048, "token budget of one step (prefill chunks + decodes)")
+    policy: QueuePolicyName = opt("fcfs", "waiting-queue order: fcfs or priority (lower first)")
+
+    def __post_init__(self) -> None:
+        check_range("scheduler", "max_num_seqs", self.max_num_seqs, lo=1)
+        check_range("scheduler", "max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The model-running process."""
+
+    device: Device = opt("auto", "where the model runs; auto = cuda if available, else cpu")
+    attention_backend: AttentionBackendName = opt("auto", "auto = triton on CUDA, torch on CPU")
+    num_threads: int | None = opt(None, "CPU threads for torch; default: torch's choice")
+    start_timeout_s: float = opt(600.0, "seconds to wait for the worker to load the model")
+
+    def __post_init__(self) -> None:
+        check_range("worker", "num_threads", self.num_threads, lo=1)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on")
+    api_keys: list[str] = opt([], "accepted API keys (Bearer); none = no authentication",
+                              repeat=True)
+    max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted (413 above)")
+    max_waiting_requests: int = opt(1024, "requests queued beyond this get 429")
+    drain_timeout_s: float = opt(30.0, "on SIGTERM, seconds to let running requests finish")
+    log_level: Literal["debug", "info", "warning", "error"] = opt("info", "log level")
+
+    def __post_init__(self) -> None:
+        check_range("server", "port", self.port, lo=0, hi=65535)
+        check_range("server", "max_body_bytes", self.max_body_bytes, lo=1024)
+        check_range("server", "max_waiting_requests", self.max_waiting_requests, lo=0)
+
+
+@dataclass(frozen=True)
+class EncoreConfig:
+    """Everything, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "worker": WorkerConfig,
+    "server": ServerConfig,
+}
