@@ -35,10 +35,11 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 
 
 def coerce(owner: str, name: str, tp: Any, value: Any) -> Any:
-    """Turn ``value`` (a string from env/CLI, or a YAML scalar) into ``tp``, or raise ConfigError."""
+    """Turn ``value`` (a string from env/CLI, or a YAML scalar) into ``tp``; ConfigError if bad."""
     where = f"{owner}.{name}"
     optional, inner = _is_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+    empty = isinstance(value, str) and value.lower() in ("", "none")
+    if value is None or (optional and empty):
         if optional:
             return None
         raise ConfigError(f"{where}: a value is required")

@@ -96,6 +96,8 @@ class ServerConfig:
     max_waiting_requests: int = opt(1024, "requests queued beyond this get 429")
     drain_timeout_s: float = opt(30.0, "on SIGTERM, seconds to let running requests finish")
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "log level")
+    allow_client_cache_salt: bool = opt(False, "honour a request's cache_salt (tenant "
+                                               "isolation chosen by clients); else reject it")
 
     def __post_init__(self) -> None:
         check_range("server", "port", self.port, lo=0, hi=65535)

@@ -1,16 +1,26 @@
 """The interface the API server (and offline users) talk to: ``EngineClient``.
 
-Implementations live in ``scheduler.clients``: an in-process one (engine loop on a thread,
-worker in-process or as a child process) and a multi-process one (P1 and P2 as children).
+Implementations: ``scheduler.inproc_client.InprocEngineClient`` (engine loop on a thread,
+worker in-process or as a child process) and ``scheduler.mp_client.MPEngineClient`` (P1 and P2
+as child processes; what the API server uses, so the server never imports the scheduler core).
 FastAPI routes depend only on this interface.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 
-from scheduler.protocol import EngineReady, EngineRequest, EngineStats, RequestOutput
+from scheduler.protocol import (
+    AbortRequest,
+    EngineOutputs,
+    EngineReady,
+    EngineRequest,
+    EngineStats,
+    RequestOutput,
+    Shutdown,
+)
 
 
 class EngineError(RuntimeError):
@@ -49,3 +59,77 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and its processes."""
+
+
+_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens")
+
+
+class _Router:
+    """Routes outputs to per-request queues and keeps cumulative stats."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.totals = EngineStats()
+
+    def dispatch(self, batch: EngineOutputs) -> None:
+        for out in batch.outputs:
+            q = self.queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        if batch.stats is not None:
+            s, t = batch.stats, self.totals
+            self.totals = EngineStats(
+                num_running=s.num_running, num_waiting=s.num_waiting,
+                kv_cache_usage=s.kv_cache_usage,
+                **{c: getattr(t, c) + getattr(s, c) for c in _COUNTERS})
+
+    def fail_all(self, reason: str) -> None:
+        for q in self.queues.values():
+            q.put_nowait(EngineError(reason))
+
+
+class BaseEngineClient(EngineClient):
+    """Request routing, readiness and stats shared by the implementations."""
+
+    def __init__(self) -> None:
+        self.router = _Router()
+        self._ready = False
+        self.info: EngineReady | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def stats(self) -> EngineStats:
+        return self.router.totals
+
+    def _send(self, msg: EngineRequest | AbortRequest | Shutdown) -> None:
+        raise NotImplementedError
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        if not self._ready:
+            raise EngineError("the engine is not ready")
+        if request.request_id in self.router.queues:
+            raise EngineError(f"duplicate request id {request.request_id!r}")
+        q: asyncio.Queue = asyncio.Queue()
+        self.router.queues[request.request_id] = q
+        remaining = request.sampling.n
+        try:
+            self._send(request)
+            while remaining:
+                item = await q.get()
+                if isinstance(item, EngineError):
+                    raise item
+                if item.finish_reason == "error":
+                    raise EngineError(item.error or "the engine failed the request")
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            self.router.queues.pop(request.request_id, None)
+            if remaining and self._ready:
+                self._send(AbortRequest([request.request_id]))
+
+    async def abort(self, request_id: str) -> None:
+        if self._ready:
+            self._send(AbortRequest([request_id]))

@@ -146,6 +146,7 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None  # on resume after preemption, for penalties
     seed_index: int = 0  # child index for n > 1 (seeded sampling differs per child)
+    eos_token_ids: list[int] | None = None  # with sampling: masked until min_tokens
 
 
 class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):

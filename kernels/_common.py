@@ -1,0 +1,100 @@
+"""Shared helpers of the kernel wrappers: argument checks and one interpreter workaround."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dot_upcast(device: torch.device) -> bool:
+    """Whether tl.dot operands must be upcast to fp32 before the product.
+
+    Triton's CPU interpreter (TRITON_INTERPRET=1, 3.8) returns garbage for bf16 x bf16 dots;
+    fp32 operands are exact there. On a GPU the native bf16/fp16 tensor-core dot is used.
+    """
+    return device.type == "cpu"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get an IEEE fp32 dot (tf32 would cost ~3e-4 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def mma(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation (operands upcast when UPCAST, see dot_upcast)."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond: the wrappers' one way to reject bad arguments."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    check(t.dtype in FLOAT_DTYPES, f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+
+
+def check_int(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    check(t.dtype in dtypes, f"{name} must have dtype in {list(dtypes)}, got {t.dtype}")
+
+
+def check_last_contiguous(name: str, t: torch.Tensor) -> None:
+    check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, strides {t.stride()}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    check(len(set(devices.values())) == 1, f"tensors on different devices: {devices}")
+
+
+def check_kv_cache(kv_cache: torch.Tensor) -> None:
+    """[2, num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous."""
+    check(kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+          f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+          f"got {tuple(kv_cache.shape)}")
+    check_float("kv_cache", kv_cache)
+    check_last_contiguous("kv_cache", kv_cache)
+
+
+def check_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor) -> None:
+    """Attention arguments: q [*, H, D] against kv_cache [2, N, bs, Hk, D], int32 tables."""
+    check_kv_cache(kv_cache)
+    hk, d = kv_cache.shape[3], kv_cache.shape[4]
+    check(q.dim() == 3 and q.shape[2] == d, f"q must be [*, H, {d}], got {tuple(q.shape)}")
+    check(q.shape[1] % hk == 0, f"query heads {q.shape[1]} not a multiple of KV heads {hk}")
+    check(q.dtype == kv_cache.dtype, f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    check(d >= 16, f"head_dim must be >= 16 (tl.dot minimum), got {d}")
+    check_last_contiguous("q", q)
+    num_seqs = seq_lens.shape[0]
+    check(seq_lens.dim() == 1, f"seq_lens must be [B], got {tuple(seq_lens.shape)}")
+    check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs,
+          f"block_tables must be [B={num_seqs}, max_blocks], got {tuple(block_tables.shape)}")
+    check_int("block_tables", block_tables, (torch.int32,))
+    check_int("seq_lens", seq_lens, (torch.int32,))
+    check_last_contiguous("block_tables", block_tables)
+    check_same_device(q=q, kv_cache=kv_cache, block_tables=block_tables, seq_lens=seq_lens)
+
+
+def check_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer must match ``like`` in shape, dtype and device; None: new."""
+    if out is None:
+        return torch.empty_like(like)
+    check(out.shape == like.shape and out.dtype == like.dtype and out.device == like.device,
+          f"out must be {like.dtype} {tuple(like.shape)} on {like.device}, got {out.dtype} "
+          f"{tuple(out.shape)} on {out.device}")
+    check_last_contiguous("out", out)
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

@@ -1,0 +1,186 @@
+"""KV cache bookkeeping per sequence: block tables, prefix-cache lookup, caching of full blocks.
+
+A sequence's tokens and its blocks (block size 4 here):
+
+    tokens  | t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 .. .. |
+    blocks  |   b7 (hit)  |   b3 (new)  |   b9 (new)  |
+            <- computed -><---- computed this step ---->
+    keys       k0 = H(-, t0..t3, salt)   k1 = H(k0, t4..t7)   (b9 not full: no key yet)
+
+A block gets its key as soon as it is *allocated* for tokens that the step being scheduled
+will fill (the same-step trick): a later sequence in the same step can then share it. That is
+safe because the worker writes all new K/V of a layer before any sequence attends, and it
+relies on ``schedule`` and ``update_from_output`` alternating (no step is skipped once
+scheduled).
+
+The manager never imports the scheduler: a sequence is anything with the ``KVSeq`` attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvmanager.block_pool import BlockPool
+from kvmanager.hashing import DEV_SECRET, BlockHasher, HashAlgorithm
+
+
+class KVSeq(Protocol):
+    """What the manager reads from a sequence."""
+
+    @property
+    def seq_id(self) -> str: ...
+    @property
+    def all_token_ids(self) -> Sequence[int]: ...  # prompt + output tokens known so far
+    @property
+    def num_computed_tokens(self) -> int: ...  # tokens whose K/V is already in its blocks
+    @property
+    def cache_salt(self) -> str | None: ...
+
+
+class KVCacheManager:
+    """Allocates blocks to sequences and shares identical full-block prefixes between them."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hash_algorithm: HashAlgorithm = "blake2b",
+        secret: bytes = DEV_SECRET,
+    ) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.hasher = BlockHasher(secret, hash_algorithm)
+        self._blocks: dict[str, list[int]] = {}
+        self._keys: dict[str, list[bytes]] = {}  # keys of a sequence's leading full blocks
+        self._num_registered: dict[str, int] = {}  # leading blocks already offered to the map
+        self.prefix_queries = 0  # tokens looked up (cumulative)
+        self.prefix_hits = 0  # tokens found (cumulative)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.pool.num_usable
+
+    def block_table(self, seq_id: str) -> list[int]:
+        """The sequence's blocks in position order (the live list; do not mutate)."""
+        return self._blocks.get(seq_id, [])
+
+    def get_computed_blocks(self, seq: KVSeq) -> tuple[list[int], int]:
+        """Longest run of cached full blocks that prefixes ``seq``: (block ids, tokens).
+
+        Never covers every token: at least the last known token is left to compute so the
+        step produces logits to sample from. Takes no references (``allocate_slots`` does).
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = seq.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        keys = self._seq_keys(seq, max_blocks)
+        hits: list[int] = []
+        for key in keys[:max_blocks]:
+            b = self.pool.get_cached_block(key)
+            if b is None:
+                break
+            hits.append(b)
+        return hits, len(hits) * self.block_size
+
+    # ------------------------------------------------------------------ mutations
+    def allocate_slots(
+        self, seq: KVSeq, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` after the computed ones; return the new block ids.
+
+        ``computed_blocks`` (from ``get_computed_blocks``, only on a sequence's first
+        allocation) are referenced and become the head of its table; their tokens count as
+        computed after ``seq.num_computed_tokens``. Returns None and changes nothing when the
+        pool has no room. Registers every block filled by the end of this step in the map.
+        """
+        if num_new_tokens <= 0:
+            raise ValueError(f"{seq.seq_id}: num_new_tokens must be >= 1, got {num_new_tokens}")
+        table = self._blocks.setdefault(seq.seq_id, [])
+        if computed_blocks and table:
+            raise AssertionError(f"{seq.seq_id}: prefix hits on a sequence that has blocks")
+        num_hit_tokens = len(computed_blocks) * self.block_size
+        total = seq.num_computed_tokens + num_hit_tokens + num_new_tokens
+        need = max(0, -(-total // self.block_size) - len(table) - len(computed_blocks))
+        evictable_hits = sum(1 for b in computed_blocks if self.pool.ref_count(b) == 0)
+        if need > self.pool.num_free - evictable_hits:
+            if not table:
+                del self._blocks[seq.seq_id]
+            return None
+        first = not table
+        self.pool.touch(computed_blocks)
+        new = self.pool.allocate(need)
+        assert new is not None  # room was checked above
+        table.extend(computed_blocks)
+        table.extend(new)
+        if first:
+            self._record_lookup(seq, num_hit_tokens)
+            self._num_registered[seq.seq_id] = len(computed_blocks)
+        self._register_full_blocks(seq, total)
+        return new
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence's blocks (tail first into the LRU) and forget its keys."""
+        table = self._blocks.pop(seq_id, [])
+        self._keys.pop(seq_id, None)
+        self._num_registered.pop(seq_id, None)
+        self.pool.free(table[::-1])
+
+    def reset_cache(self) -> bool:
+        """Forget every cached prefix (the device KV is gone); only when no block is in use."""
+        return self.pool.reset_cache()
+
+    def _seq_keys(self, seq: KVSeq, num_blocks: int) -> list[bytes]:
+        known = self._keys.get(seq.seq_id, [])
+        if len(known) >= num_blocks:
+            return known
+        keys = self.hasher.prefix_keys(
+            seq.all_token_ids, self.block_size, seq.cache_salt, known, num_blocks
+        )
+        self._keys[seq.seq_id] = keys
+        return keys
+
+    def _register_full_blocks(self, seq: KVSeq, num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        done = self._num_registered.get(seq.seq_id, 0)
+        full = num_tokens // self.block_size
+        if full <= done:
+            return
+        keys = self._seq_keys(seq, full)
+        table = self._blocks[seq.seq_id]
+        self.pool.cache_full_blocks(table[done:full], keys[done:full])
+        self._num_registered[seq.seq_id] = full
+
+    def _record_lookup(self, seq: KVSeq, num_hit_tokens: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(seq.all_token_ids)
+            self.prefix_hits += num_hit_tokens
+
+    # ------------------------------------------------------------------ invariants
+    def check_integrity(self) -> None:
+        """Pool invariants, plus: every block's ref count equals the tables that hold it."""
+        self.pool.check_integrity()
+        holders = [0] * self.pool.num_blocks
+        for seq_id, table in self._blocks.items():
+            if not table:
+                raise AssertionError(f"{seq_id} has an empty block table entry")
+            for b in table:
+                holders[b] += 1
+        for b in range(1, self.pool.num_blocks):
+            if holders[b] != self.pool.ref_count(b):
+                raise AssertionError(
+                    f"block {b}: ref_cnt {self.pool.ref_count(b)} but held by {holders[b]} seqs"
+                )

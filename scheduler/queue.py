@@ -1,0 +1,139 @@
+"""Waiting-queue policies, chosen by name from ``QUEUE_POLICIES``.
+
+Every policy has the same interface (add, pop, peek, remove, prepend, iteration, len) and a
+``key(seq)`` that orders sequences best-first; the scheduler also sorts its running list by
+that key, so the last running sequence is always the first to be preempted.
+
+- ``fcfs``: engine arrival order (``Seq.order``). A preempted sequence goes back to the front.
+- ``priority``: lower ``priority`` first, then arrival order. A preempted sequence goes back to
+  its priority place (which is also near the front of its class, since it arrived earlier).
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+from collections import deque
+from collections.abc import Iterator
+
+from scheduler.request import Seq
+
+
+class WaitingQueue(abc.ABC):
+    """Sequences waiting for their (first or resumed) admission."""
+
+    name: str
+
+    @staticmethod
+    @abc.abstractmethod
+    def key(seq: Seq) -> tuple[int, ...]:
+        """Sort key, smaller = served first and preempted last."""
+
+    @abc.abstractmethod
+    def add(self, seq: Seq) -> None:
+        """Enqueue a newly arrived sequence."""
+
+    @abc.abstractmethod
+    def prepend(self, seq: Seq) -> None:
+        """Re-enqueue a preempted sequence ahead of those that arrived after it."""
+
+    @abc.abstractmethod
+    def peek(self) -> Seq:
+        """The next sequence to admit (IndexError when empty)."""
+
+    @abc.abstractmethod
+    def pop(self) -> Seq:
+        """Remove and return the next sequence (IndexError when empty)."""
+
+    @abc.abstractmethod
+    def remove(self, seq: Seq) -> None:
+        """Remove ``seq`` (ValueError when absent)."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Seq]: ...
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+class FCFSQueue(WaitingQueue):
+    name = "fcfs"
+
+    def __init__(self) -> None:
+        self._q: deque[Seq] = deque()
+
+    @staticmethod
+    def key(seq: Seq) -> tuple[int, ...]:
+        return (seq.order,)
+
+    def add(self, seq: Seq) -> None:
+        self._q.append(seq)
+
+    def prepend(self, seq: Seq) -> None:
+        self._q.appendleft(seq)
+
+    def peek(self) -> Seq:
+        return self._q[0]
+
+    def pop(self) -> Seq:
+        return self._q.popleft()
+
+    def remove(self, seq: Seq) -> None:
+        self._q.remove(seq)
+
+    def __iter__(self) -> Iterator[Seq]:
+        return iter(self._q)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+class PriorityQueue(WaitingQueue):
+    """Kept sorted by ``key``; insertion is O(n), which is fine at queue sizes we serve."""
+
+    name = "priority"
+
+    def __init__(self) -> None:
+        self._q: list[Seq] = []
+
+    @staticmethod
+    def key(seq: Seq) -> tuple[int, ...]:
+        return (seq.priority, seq.order)
+
+    def add(self, seq: Seq) -> None:
+        bisect.insort(self._q, seq, key=self.key)
+
+    def prepend(self, seq: Seq) -> None:
+        self.add(seq)
+
+    def peek(self) -> Seq:
+        return self._q[0]
+
+    def pop(self) -> Seq:
+        return self._q.pop(0)
+
+    def remove(self, seq: Seq) -> None:
+        self._q.remove(seq)
+
+    def __iter__(self) -> Iterator[Seq]:
+        return iter(self._q)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+QUEUE_POLICIES: dict[str, type[WaitingQueue]] = {"fcfs": FCFSQueue, "priority": PriorityQueue}
+
+
+def make_queue(name: str) -> WaitingQueue:
+    """The queue policy named ``name``; ValueError naming the allowed ones otherwise."""
+    try:
+        return QUEUE_POLICIES[name]()
+    except KeyError:
+        raise ValueError(
+            f"scheduler.policy={name!r} is not a queue policy; choose one of "
+            f"{sorted(QUEUE_POLICIES)}"
+        ) from None

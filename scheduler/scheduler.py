@@ -1,0 +1,379 @@
+"""The phase-free continuous-batching scheduler (P1 core, torch-free).
+
+Each sequence has ``num_computed_tokens`` chasing ``num_tokens``. A step hands out tokens:
+
+    1. running sequences, best-first by the queue policy's key: a decode takes 1 token, a
+       sequence still prefilling takes min(remaining, budget). When blocks run out, the
+       *last* running sequence (lowest priority / latest arrival, not yet scheduled this
+       step) is preempted by recompute: blocks freed, num_computed_tokens = 0, back to the
+       waiting queue's front. Repeat until it fits, or the sequence preempts itself.
+    2. if nothing was preempted, waiting sequences in queue order: prefix-cache lookup, then
+       a (chunked) prefill under the token budget, while fewer than ``max_num_seqs`` run.
+
+``schedule()`` advances ``num_computed_tokens`` at once; ``update_from_output()`` appends the
+sampled tokens. The two must alternate: every scheduled step runs before the next is planned
+(the KV manager's same-step block sharing and abort-time freeing rely on it).
+
+Worker contract (``ScheduledSeq``):
+- ``token_ids`` are positions ``[start_pos, start_pos + len)``; ``block_table`` is the whole
+  table (block ids >= 1; block 0 is the null/padding block, never allocated).
+- ``sampling``, ``prompt_token_ids`` and ``eos_token_ids`` come once, the first time the
+  worker sees a seq id; the worker keeps the seq's sampling state (RNG, penalty counts)
+  until the id appears in ``SchedulerOutput.finished``. Preemption does *not* finish a seq
+  on the worker.
+- After a preemption the first chunk of the resumed seq also carries ``output_token_ids``
+  (all tokens sampled so far); the worker should take it as the seq's output history.
+- ``seed_index`` is the child index (n > 1 children sample differently under one seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.types import CacheConfig, SchedulerConfig
+from kvmanager.hashing import DEV_SECRET
+from kvmanager.manager import KVCacheManager
+from scheduler.protocol import (
+    EngineRequest,
+    EngineStats,
+    ModelRunnerOutput,
+    RequestOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from scheduler.queue import make_queue
+from scheduler.request import Seq, SeqStatus
+
+_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens")
+
+
+@dataclass
+class _Budget:
+    tokens: int
+
+
+class Scheduler:
+    """Owns every unfinished sequence and the KV bookkeeping; see the module docstring."""
+
+    def __init__(
+        self,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        num_device_blocks: int,
+        max_model_len: int,
+        secret: bytes = DEV_SECRET,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(
+            num_device_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            cache_config.hash_algorithm,
+            secret,
+        )
+        self.max_model_len = max_model_len
+        # No sequence can outgrow the pool: past this it finishes with "length".
+        self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
+        self.waiting = make_queue(scheduler_config.policy)
+        self.running: list[Seq] = []
+        self.requests: dict[str, list[Seq]] = {}  # request id -> its children (until all end)
+        self._seqs: dict[str, Seq] = {}  # unfinished sequences by seq id
+        self._finished_ids: list[str] = []  # for the next SchedulerOutput.finished
+        self._prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
+        self._next_order = 0
+        self._step_id = 0
+        self._step_preempted = False
+        self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
+        self._reported = dict.fromkeys(_COUNTERS, 0)
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, req: EngineRequest) -> list[RequestOutput]:
+        """Queue ``req`` as ``n`` sequences. Returns error outputs if it cannot be served."""
+        error = self._validate(req)
+        if error is not None:
+            n = max(req.sampling.n, 1)
+            return [
+                RequestOutput(
+                    req.request_id,
+                    index=i,
+                    finish_reason="error",
+                    error=error,
+                    num_prompt_tokens=len(req.prompt_token_ids),
+                )
+                for i in range(n)
+            ]
+        seqs = [Seq(req, i, self._next_order + i) for i in range(req.sampling.n)]
+        self._next_order += len(seqs)
+        self.requests[req.request_id] = seqs
+        for seq in seqs:
+            self._seqs[seq.seq_id] = seq
+            self.waiting.add(seq)
+        return []
+
+    def _validate(self, req: EngineRequest) -> str | None:
+        num_prompt = len(req.prompt_token_ids)
+        if req.request_id in self.requests:
+            return f"request id {req.request_id!r} is already in use"
+        if req.sampling.n < 1:
+            return f"n must be >= 1, got {req.sampling.n}"
+        if req.sampling.max_tokens < 1:
+            return f"max_tokens must be >= 1, got {req.sampling.max_tokens}"
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= 2**32:
+            return "prompt token ids must be in [0, 2**32)"
+        if num_prompt >= self.max_seq_len:
+            return (
+                f"the prompt has {num_prompt} tokens, but this engine holds at most "
+                f"{self.max_seq_len - 1} prompt tokens (max_model_len={self.max_model_len}, "
+                f"KV pool {self.kv.num_usable_blocks} blocks of {self.block_size}) so that "
+                "at least one token can be generated"
+            )
+        return None
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Finish every unfinished child of these requests ("abort"); blocks are freed now.
+
+        The worker learns it through the next ``SchedulerOutput.finished``. Unknown ids are
+        ignored.
+        """
+        outputs = []
+        for rid in request_ids:
+            for seq in list(self.requests.get(rid, [])):
+                if not seq.is_finished:
+                    self._finish(seq, SeqStatus.FINISHED_ABORTED)
+                    outputs.append(self._final_output(seq))
+        return outputs
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """Finish every unfinished sequence with "error" (the worker died); free everything.
+
+        The device KV died with the worker, so the prefix cache is forgotten too, and the
+        pending ``finished`` list is dropped (the new worker never knew those ids).
+        """
+        outputs = []
+        for seq in list(self._seqs.values()):
+            self._finish(seq, SeqStatus.FINISHED_ERROR, error=reason)
+            outputs.append(self._final_output(seq))
+        self._finished_ids.clear()
+        self._prompt_logprobs.clear()
+        self.kv.reset_cache()
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def has_work(self) -> bool:
+        """Unfinished sequences, or finished ids the worker has not been told about yet."""
+        return bool(self._seqs) or bool(self._finished_ids)
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: which tokens of which sequences to compute (see module docstring)."""
+        self._step_id += 1
+        self._step_preempted = False
+        budget = _Budget(self.config.max_num_batched_tokens)
+        planned: list[tuple[Seq, int]] = []
+        self._schedule_running(budget, planned)
+        if not self._step_preempted:  # under pressure, admitting more would thrash
+            self._schedule_waiting(budget, planned)
+        seqs = [self._to_wire(seq, n) for seq, n in planned]
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
+
+    def _schedule_running(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
+        self.running.sort(key=self.waiting.key)
+        i = 0
+        while i < len(self.running) and budget.tokens > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            if not self._preempt_until_fits(seq, n):
+                break  # seq preempted itself: it was the last running one
+            planned.append((seq, n))
+            budget.tokens -= n
+            i += 1
+
+    def _preempt_until_fits(self, seq: Seq, num_new_tokens: int) -> bool:
+        """Allocate for ``seq``, preempting from the running tail; False if seq itself went."""
+        while self.kv.allocate_slots(seq, num_new_tokens) is None:
+            victim = self.running[-1]  # not yet scheduled this step (we schedule from the front)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.PREEMPTED
+        seq.resumed = True
+        self.waiting.prepend(seq)
+        self._counts["preemptions"] += 1
+        self._step_preempted = True
+
+    def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.peek()
+            n = self._admit(seq, budget.tokens)
+            if n == 0:
+                break  # no room: keep queue order, retry next step
+            self.waiting.pop()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            planned.append((seq, n))
+            budget.tokens -= n
+
+    def _admit(self, seq: Seq, token_budget: int) -> int:
+        """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
+        hits, hit_tokens = [], 0
+        if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
+            hits, hit_tokens = self.kv.get_computed_blocks(seq)
+        n = min(seq.num_tokens - hit_tokens, token_budget)
+        if self.kv.allocate_slots(seq, n, hits) is None:
+            return 0
+        seq.num_computed_tokens = hit_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit_tokens
+        return n
+
+    def _to_wire(self, seq: Seq, n: int) -> ScheduledSeq:
+        """The worker's view of ``seq``'s chunk; advances ``num_computed_tokens`` by ``n``."""
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        first = not seq.sent_to_worker
+        resume_outputs = seq.output_token_ids if seq.resumed and seq.num_output_tokens else None
+        out = ScheduledSeq(
+            seq_id=seq.seq_id,
+            token_ids=seq.all_token_ids[start:end],
+            start_pos=start,
+            block_table=list(self.kv.block_table(seq.seq_id)),
+            sample=end == seq.num_tokens,
+            sampling=seq.sampling if first else None,
+            prompt_token_ids=seq.prompt_token_ids if first else None,
+            output_token_ids=resume_outputs,
+            seed_index=seq.index,
+            eos_token_ids=sorted(seq.eos_token_ids) if first and seq.eos_token_ids else None,
+        )
+        seq.sent_to_worker, seq.resumed = True, False
+        self._counts["prompt_tokens"] += max(0, min(end, seq.num_prompt_tokens) - start)
+        seq.num_computed_tokens = end
+        return out
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
+    ) -> list[RequestOutput]:
+        """Append sampled tokens, finish sequences that stop; one output per sampled token."""
+        if runner_out.error is not None:
+            return self.fail_all(f"the model worker failed: {runner_out.error}")
+        if runner_out.step_id != sched_out.step_id:
+            return self.fail_all(
+                f"the worker answered step {runner_out.step_id} for step {sched_out.step_id}"
+            )
+        row = {seq_id: i for i, seq_id in enumerate(runner_out.seq_ids)}
+        self._collect_prompt_logprobs(runner_out)
+        outputs = []
+        for ss in sched_out.seqs:
+            seq = self._seqs.get(ss.seq_id)
+            if not ss.sample or seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # mid-prefill chunk, or aborted since it was scheduled
+            i = row.get(ss.seq_id)
+            if i is None:
+                self._finish(seq, SeqStatus.FINISHED_ERROR, error="the worker sampled no token")
+                outputs.append(self._final_output(seq))
+                continue
+            lp = runner_out.logprobs[i] if runner_out.logprobs is not None else None
+            outputs.append(self._append(seq, runner_out.sampled_token_ids[i], lp))
+        return outputs
+
+    def _append(self, seq: Seq, token_id: int, logprob: TokenLogprobs | None) -> RequestOutput:
+        seq.append_token(token_id)
+        self._counts["generation_tokens"] += 1
+        status = seq.check_stop(token_id, self.max_seq_len)
+        out = RequestOutput(
+            seq.request_id,
+            index=seq.index,
+            new_token_ids=[token_id],
+            logprobs=[logprob] if logprob is not None else None,
+            prompt_logprobs=self._prompt_logprobs.pop(seq.seq_id, None),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+        )
+        if status is not None:
+            self._finish(seq, status)
+            out.finish_reason = status.finish_reason
+            out.stop_token_id = seq.stop_token_id
+        return out
+
+    def _collect_prompt_logprobs(self, runner_out: ModelRunnerOutput) -> None:
+        """Gather prompt logprobs across prefill chunks until the first token is emitted."""
+        for seq_id, part in (runner_out.prompt_logprobs or {}).items():
+            seq = self._seqs.get(seq_id)
+            if seq is not None and seq.num_output_tokens == 0:
+                self._prompt_logprobs.setdefault(seq_id, []).extend(part)
+
+    def _finish(self, seq: Seq, status: SeqStatus, error: str | None = None) -> None:
+        """Mark finished, free its blocks, tell the worker next step, forget it."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.error = status, error
+        self.kv.free(seq.seq_id)
+        if seq.sent_to_worker:
+            self._finished_ids.append(seq.seq_id)
+        del self._seqs[seq.seq_id]
+        self._prompt_logprobs.pop(seq.seq_id, None)
+        if all(s.is_finished for s in self.requests[seq.request_id]):
+            del self.requests[seq.request_id]
+
+    @staticmethod
+    def _final_output(seq: Seq) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            index=seq.index,
+            finish_reason=seq.status.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            error=seq.error,
+        )
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> EngineStats:
+        """Gauges now, and counter increments since the previous call."""
+        totals = dict(
+            self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits
+        )
+        delta = {k: totals[k] - self._reported[k] for k in _COUNTERS}
+        self._reported = {k: totals[k] for k in _COUNTERS}
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            **delta,
+        )
+
+    def check_integrity(self) -> None:
+        """KV invariants plus: every unfinished seq is in exactly one queue, in a sane state."""
+        self.kv.check_integrity()
+        queued = list(self.waiting) + self.running
+        ids = [s.seq_id for s in queued]
+        _require(len(set(ids)) == len(ids), f"a sequence is queued twice: {ids}")
+        _require(set(ids) == set(self._seqs), "queues and the sequence table disagree")
+        _require(len(self.running) <= self.config.max_num_seqs, "more than max_num_seqs running")
+        for s in self.running:
+            blocks = len(self.kv.block_table(s.seq_id))
+            _require(s.status is SeqStatus.RUNNING, f"{s} in running")
+            _require(0 < s.num_computed_tokens <= s.num_tokens, f"{s} progress out of range")
+            _require(blocks * self.block_size >= s.num_computed_tokens, f"{s} lacks blocks")
+        for s in self.waiting:
+            _require(s.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED), f"{s} in waiting")
+            _require(s.num_computed_tokens == 0, f"{s} waiting with computed tokens")
+            _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise AssertionError(message)

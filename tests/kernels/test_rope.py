@@ -1,0 +1,64 @@
+"""RoPE kernels: fused q/k rotation and re-rotation of cached keys by a position delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, TOL, rel_err
+
+from kernels import reference as R
+from kernels.rope import rope_qk, rope_rerotate_blocks
+
+
+def _llama3_inv_freq(d: int) -> torch.Tensor:
+    """A scaled inv_freq (llama3-style: low frequencies stretched by 8)."""
+    inv = R.rope_inv_freq(d, 500000.0)
+    return torch.where(inv < inv[len(inv) // 2], inv / 8, inv)
+
+
+@pytest.mark.parametrize("h,hk,d,dtype", [(4, 4, 16, torch.float32), (6, 2, 64, torch.bfloat16),
+                                          (8, 2, 128, torch.float16)])
+def test_rope_qk_matches_twin_on_fused_qkv_views(h, hk, d, dtype):
+    t = 7
+    qkv = torch.randn(t, (h + 2 * hk) * d, device=DEVICE).to(dtype)
+    q, k = qkv[:, :h * d].view(t, h, d), qkv[:, h * d:(h + hk) * d].view(t, hk, d)
+    pos = torch.randint(0, 9000, (t,), device=DEVICE)
+    inv = _llama3_inv_freq(d).to(DEVICE)
+    q_ref, k_ref = q.cpu().clone(), k.cpu().clone()
+    R.rope_qk(q_ref, k_ref, pos.cpu(), inv.cpu())
+    v_before = qkv[:, (h + hk) * d:].clone()
+    rope_qk(q, k, pos, inv)
+    assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]
+    assert torch.equal(qkv[:, (h + hk) * d:], v_before), "rope_qk touched V"
+
+
+@pytest.mark.parametrize("bs,hk,d", [(16, 2, 32), (32, 3, 64)])
+def test_rerotate_equals_rope_at_new_position(bs, hk, d):
+    """Keys roped at p, cached, moved by delta == keys roped at p + delta (fp32)."""
+    inv = R.rope_inv_freq(d).to(DEVICE)
+    blocks, n = torch.tensor([4, 1, 6]), 8
+    deltas = torch.tensor([37, -5, 1000])
+    raw = torch.randn(n, bs, hk, d)
+    kv = torch.randn(2, n, bs, hk, d, device=DEVICE)
+    v_before = kv[1].clone()
+    expect = kv[0].clone().cpu()
+    for j, (blk, delta) in enumerate(zip(blocks.tolist(), deltas.tolist(), strict=True)):
+        p = torch.arange(bs) + 100 * j  # the chunk's original positions
+        k_at = lambda pos, x=raw[blk]: R._rotate(x, pos, inv.cpu())  # noqa: E731
+        kv[0, blk] = k_at(p).to(DEVICE)
+        expect[blk] = k_at(p + delta)
+    rope_rerotate_blocks(kv, blocks.to(DEVICE), deltas.to(DEVICE), inv)
+    assert rel_err(kv[0], expect) < 1e-5
+    assert torch.equal(kv[1], v_before)
+
+
+def test_rerotate_matches_twin_bf16_and_int_delta():
+    inv = _llama3_inv_freq(64).to(DEVICE)
+    kv = torch.randn(2, 5, 16, 2, 64, device=DEVICE).bfloat16()
+    ref = kv.clone().cpu()
+    blocks = torch.tensor([0, 3], device=DEVICE)
+    R.rope_rerotate_blocks(ref, blocks.cpu(), torch.tensor([-300, -300]), inv.cpu())
+    rope_rerotate_blocks(kv, blocks, -300, inv)
+    assert rel_err(kv, ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="inv_freq"):
+        rope_rerotate_blocks(kv, blocks, 1, inv[:4])

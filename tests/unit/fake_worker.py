@@ -1,0 +1,166 @@
+"""A fake model runner for scheduler tests: no model, but a real (fake) paged KV cache.
+
+It writes every scheduled token into its block slot, then reads each sampling sequence's
+whole context *back from the slots* and picks the next token as a checksum of it. A wrong
+block table, a prefix hit on a block with other contents, or an evicted-then-reused block all
+change the tokens, so tests compare against ``reference_tokens`` (computed without any KV).
+It also checks the protocol: sampling params once per seq, never block 0, context == the
+tokens it has been told about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scheduler.protocol import (
+    EngineRequest,
+    ModelRunnerOutput,
+    RequestOutput,
+    SamplingParams,
+    ScheduledSeq,
+    SchedulerOutput,
+)
+
+VOCAB = 1000
+
+
+def default_next_token(context: list[int], seed_index: int) -> int:
+    """Deterministic 'model': a position-weighted checksum of the whole context."""
+    return (sum((i + 1) * t for i, t in enumerate(context)) * 7 + 13 + 101 * seed_index) % VOCAB
+
+
+def reference_tokens(
+    prompt: list[int],
+    max_tokens: int,
+    seed_index: int = 0,
+    next_token: Callable[[list[int], int], int] = default_next_token,
+) -> list[int]:
+    """What an unpressured, cache-free run would generate (no stop tokens)."""
+    ctx = list(prompt)
+    for _ in range(max_tokens):
+        ctx.append(next_token(ctx, seed_index))
+    return ctx[len(prompt) :]
+
+
+@dataclass
+class _SeqState:
+    sampling: SamplingParams
+    tokens: list[int]  # prompt + outputs sampled so far
+    num_prompt: int
+
+
+class FakeWorker:
+    """Answers ``SchedulerOutput`` with a deterministic ``ModelRunnerOutput``."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        next_token: Callable[[list[int], int], int] = default_next_token,
+    ) -> None:
+        self.block_size = block_size
+        self.next_token = next_token
+        self.slots: list[list[tuple[int, int] | None]] = [
+            [None] * block_size for _ in range(num_blocks)
+        ]
+        self.state: dict[str, _SeqState] = {}
+        self.resumes: list[tuple[str, list[int]]] = []  # (seq id, output_token_ids) received
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for seq_id in out.finished:
+            assert seq_id in self.state, f"finished {seq_id} was never sent"
+            del self.state[seq_id]
+        for ss in out.seqs:  # all K/V of the step is written before anyone attends
+            self._register(ss)
+            self._write(ss)
+        seq_ids, tokens = [], []
+        for ss in out.seqs:
+            if ss.sample:
+                token = self.next_token(self._read(ss), ss.seed_index)
+                self.state[ss.seq_id].tokens.append(token)
+                seq_ids.append(ss.seq_id)
+                tokens.append(token)
+        return ModelRunnerOutput(step_id=out.step_id, seq_ids=seq_ids, sampled_token_ids=tokens)
+
+    def _register(self, ss: ScheduledSeq) -> None:
+        if ss.sampling is not None:
+            assert ss.seq_id not in self.state, f"sampling params re-sent for {ss.seq_id}"
+            assert ss.prompt_token_ids is not None
+            self.state[ss.seq_id] = _SeqState(
+                ss.sampling, list(ss.prompt_token_ids), len(ss.prompt_token_ids)
+            )
+        assert ss.seq_id in self.state, f"{ss.seq_id} sent without sampling params"
+        if ss.output_token_ids is not None:
+            st = self.state[ss.seq_id]
+            assert st.tokens[st.num_prompt :] == ss.output_token_ids
+            self.resumes.append((ss.seq_id, list(ss.output_token_ids)))
+
+    def _slot(self, ss: ScheduledSeq, pos: int) -> tuple[int, int]:
+        block = ss.block_table[pos // self.block_size]
+        assert block != 0, f"{ss.seq_id}: block 0 is the null block"
+        return block, pos % self.block_size
+
+    def _write(self, ss: ScheduledSeq) -> None:
+        st = self.state[ss.seq_id]
+        for j, token in enumerate(ss.token_ids):
+            pos = ss.start_pos + j
+            assert st.tokens[pos] == token, f"{ss.seq_id}: token at {pos} is not the known one"
+            b, off = self._slot(ss, pos)
+            self.slots[b][off] = (token, pos)
+
+    def _read(self, ss: ScheduledSeq) -> list[int]:
+        end = ss.start_pos + len(ss.token_ids)
+        assert end == len(self.state[ss.seq_id].tokens), "sampling before the last known token"
+        ctx = []
+        for pos in range(end):
+            b, off = self._slot(ss, pos)
+            entry = self.slots[b][off]
+            assert entry is not None and entry[1] == pos, f"{ss.seq_id}: bad KV at {pos}"
+            ctx.append(entry[0])
+        return ctx
+
+
+@dataclass
+class Run:
+    """What a driven run produced, per (request id, index)."""
+
+    tokens: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    finals: dict[tuple[str, int], RequestOutput] = field(default_factory=dict)
+    steps: list[SchedulerOutput] = field(default_factory=list)
+
+    def collect(self, outputs: list[RequestOutput]) -> None:
+        for o in outputs:
+            key = (o.request_id, o.index)
+            self.tokens.setdefault(key, []).extend(o.new_token_ids)
+            if o.finish_reason is not None:
+                assert key not in self.finals, f"{key} finished twice"
+                self.finals[key] = o
+
+
+def step(sched, worker: FakeWorker, run: Run | None = None) -> list[RequestOutput]:
+    """One engine step: schedule, execute, update (with an integrity check)."""
+    out = sched.schedule()
+    outputs = sched.update_from_output(out, worker.execute(out))
+    sched.check_integrity()
+    if run is not None:
+        run.steps.append(out)
+        run.collect(outputs)
+    return outputs
+
+
+def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 10_000) -> Run:
+    """Step until no sequence is unfinished; then flush ``finished`` to the worker."""
+    run = Run() if run is None else run
+    while sched.has_unfinished():
+        assert len(run.steps) < max_steps, "no progress"
+        step(sched, worker, run)
+    worker.execute(sched.schedule())  # deliver the last finished ids
+    return run
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int = 4, **kw) -> EngineRequest:
+    """An EngineRequest with greedy sampling; extra SamplingParams / request fields by name."""
+    req_fields = {k: kw.pop(k) for k in ("priority", "cache_salt", "eos_token_ids") if k in kw}
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+    return EngineRequest(rid, prompt, sampling, arrival_time=0.0, **req_fields)

@@ -1,0 +1,160 @@
+"""The model runner (P2's core): weights, the KV pool, one step at a time.
+
+``execute(SchedulerOutput)`` packs the scheduled tokens of every sequence into one flat
+batch, runs the model through the attention backend, samples the sequences whose last known
+token was computed, and returns their token ids. Per-sequence sampling state (penalties,
+seeded generators) lives here until the scheduler lists the sequence as finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from configs import EncoreConfig
+from scheduler.protocol import (
+    ModelRunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    WorkerReady,
+)
+from worker.attention import AttentionMetadata, get_backend
+from worker.devices import resolve_device, resolve_dtype
+from worker.sampler import Sampler, SeqSamplingState, make_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    """Host-side layout of one step, before it becomes tensors."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    sample_rows: list[int]  # flat index of the last token of each sampled sequence
+    sample_seqs: list[ScheduledSeq]
+    meta: AttentionMetadata
+
+
+class ModelRunner:
+    """Owns the model and the KV tensors of one device."""
+
+    def __init__(self, config: EncoreConfig) -> None:
+        from worker.loader import load_model
+        from worker.models.llama import kv_bytes_per_block, kv_cache_shape
+
+        self.config = config
+        self.device = resolve_device(config.worker.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        if self.device.type == "cpu" and config.worker.num_threads:
+            torch.set_num_threads(config.worker.num_threads)
+        backend = config.worker.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.attn = get_backend(backend)
+        self.model, self.arch = load_model(config.model, self.device, self.dtype, self.attn)
+        self.block_size = config.cache.block_size
+        self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        per_block = kv_bytes_per_block(self.arch, self.block_size, self.dtype)
+        self.num_blocks = self._num_blocks(per_block)
+        shape = kv_cache_shape(self.arch, self.num_blocks, self.block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.arch.num_layers)]
+        self.sampler = Sampler(config.model.seed, self.device)
+        self.states: dict[str, SeqSamplingState] = {}
+        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens",
+                    self.arch.architecture, self.device, self.dtype, self.num_blocks,
+                    self.block_size)
+
+    def _num_blocks(self, bytes_per_block: int) -> int:
+        cache = self.config.cache
+        if cache.num_device_blocks is not None:
+            return cache.num_device_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * cache.gpu_memory_utilization - (total - free)
+            budget -= 2 * 1024**3  # headroom for activations and sampling
+            return max(2, int(budget // bytes_per_block))
+        return max(2, int(cache.kv_cache_gib * 1024**3 // bytes_per_block))
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady(num_device_blocks=self.num_blocks, max_model_len=self.max_model_len,
+                           vocab_size=self.arch.vocab_size, device=str(self.device),
+                           dtype=str(self.dtype).removeprefix("torch."))
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        for seq_id in step.finished:
+            self.states.pop(seq_id, None)
+        if not step.seqs:
+            return ModelRunnerOutput(step_id=step.step_id)
+        for seq in step.seqs:
+            self._register(seq)
+        batch = self._prepare(step.seqs)
+        hidden = self.model(
+            torch.tensor(batch.input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(batch.positions, dtype=torch.long, device=self.device),
+            self.kv_caches, batch.meta)
+        if not batch.sample_rows:
+            return ModelRunnerOutput(step_id=step.step_id)
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        states = [self.states[s.seq_id] for s in batch.sample_seqs]
+        token_ids, logprobs = self.sampler(logits, states)
+        return ModelRunnerOutput(step_id=step.step_id,
+                                 seq_ids=[s.seq_id for s in batch.sample_seqs],
+                                 sampled_token_ids=token_ids, logprobs=logprobs)
+
+    def _register(self, seq: ScheduledSeq) -> None:
+        if seq.seq_id in self.states:
+            return
+        if seq.sampling is None or seq.prompt_token_ids is None:
+            raise ValueError(f"sequence {seq.seq_id!r} first scheduled without sampling params")
+        self.states[seq.seq_id] = make_state(seq.sampling, seq.prompt_token_ids,
+                                             seq.output_token_ids, seq.eos_token_ids or [],
+                                             seq.seed_index, self.device)
+
+    def _prepare(self, seqs: list[ScheduledSeq]) -> StepBatch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[ScheduledSeq] = []
+        for seq in seqs:
+            n = len(seq.token_ids)
+            pos = range(seq.start_pos, seq.start_pos + n)
+            input_ids.extend(seq.token_ids)
+            positions.extend(pos)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if seq.sample:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        meta = self._metadata(seqs, slots)
+        return StepBatch(input_ids, positions, slots, sample_rows, sample_seqs, meta)
+
+    def _metadata(self, seqs: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
+        dev = self.device
+        qlens = [len(s.token_ids) for s in seqs]
+        starts = [s.start_pos for s in seqs]
+        seq_lens = [a + b for a, b in zip(qlens, starts, strict=True)]
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        qsl = [0]
+        for q in qlens:
+            qsl.append(qsl[-1] + q)
+        return AttentionMetadata(
+            query_lens=qlens, start_pos=starts,
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            max_query_len=max(qlens), max_seq_len=max(seq_lens))
+
