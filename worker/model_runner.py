@@ -18,11 +18,12 @@ from scheduler.protocol import (
     ModelRunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
+    TokenLogprobs,
     WorkerReady,
 )
 from worker.attention import AttentionMetadata, get_backend
 from worker.devices import resolve_device, resolve_dtype
-from worker.sampler import Sampler, SeqSamplingState, make_state
+from worker.sampler import Sampler, SeqSamplingState, make_state, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class StepBatch:
     slots: list[int]
     sample_rows: list[int]  # flat index of the last token of each sampled sequence
     sample_seqs: list[ScheduledSeq]
+    row_starts: list[int]  # flat index of each sequence's first token
     meta: AttentionMetadata
 
 
@@ -101,15 +103,39 @@ class ModelRunner:
             torch.tensor(batch.input_ids, dtype=torch.long, device=self.device),
             torch.tensor(batch.positions, dtype=torch.long, device=self.device),
             self.kv_caches, batch.meta)
+        prompt_lps = self._prompt_logprobs(step.seqs, batch.row_starts, hidden)
         if not batch.sample_rows:
-            return ModelRunnerOutput(step_id=step.step_id)
+            return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
         rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         states = [self.states[s.seq_id] for s in batch.sample_seqs]
         token_ids, logprobs = self.sampler(logits, states)
         return ModelRunnerOutput(step_id=step.step_id,
                                  seq_ids=[s.seq_id for s in batch.sample_seqs],
-                                 sampled_token_ids=token_ids, logprobs=logprobs)
+                                 sampled_token_ids=token_ids, logprobs=logprobs,
+                                 prompt_logprobs=prompt_lps)
+
+    def _prompt_logprobs(self, seqs: list[ScheduledSeq], row_starts: list[int],
+                         hidden: torch.Tensor) -> dict[str, list[TokenLogprobs | None]] | None:
+        """Logprobs of the prompt tokens this chunk covers (position 0 has none).
+
+            chunk rows:  p=start ... start+n-1   each row's logits score the token at p+1
+            entries:     [None if start == 0] + tokens at (start, start+n] ∩ [1, prompt_len)
+        """
+        out: dict[str, list[TokenLogprobs | None]] = {}
+        for seq, row0 in zip(seqs, row_starts, strict=True):
+            st = self.states[seq.seq_id]
+            k, prompt = st.params.prompt_logprobs, st.prompt_token_ids
+            if k is None or seq.start_pos >= len(prompt):
+                continue
+            end = min(seq.start_pos + len(seq.token_ids), len(prompt) - 1)
+            targets = prompt[seq.start_pos + 1:end + 1]
+            entries: list[TokenLogprobs | None] = [None] if seq.start_pos == 0 else []
+            if targets:
+                logits = self.model.compute_logits(hidden[row0:row0 + len(targets)])
+                entries.extend(token_logprobs(torch.log_softmax(logits, dim=-1), targets, k))
+            out[seq.seq_id] = entries
+        return out or None
 
     def _register(self, seq: ScheduledSeq) -> None:
         if seq.seq_id in self.states:
@@ -127,8 +153,10 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
+        row_starts: list[int] = []
         for seq in seqs:
             n = len(seq.token_ids)
+            row_starts.append(len(input_ids))
             pos = range(seq.start_pos, seq.start_pos + n)
             input_ids.extend(seq.token_ids)
             positions.extend(pos)
@@ -138,7 +166,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         meta = self._metadata(seqs, slots)
-        return StepBatch(input_ids, positions, slots, sample_rows, sample_seqs, meta)
+        return StepBatch(input_ids, positions, slots, sample_rows, sample_seqs, row_starts, meta)
 
     def _metadata(self, seqs: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
         dev = self.device

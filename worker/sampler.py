@@ -87,21 +87,16 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def _logprobs(logprobs: torch.Tensor, chosen: torch.Tensor,
-              states: list[SeqSamplingState]) -> list[TokenLogprobs] | None:
-    if all(st.params.logprobs is None for st in states):
-        return None
-    out: list[TokenLogprobs] = []
-    for i, st in enumerate(states):
-        k = st.params.logprobs or 0
-        tok = int(chosen[i])
-        top: list[Logprob] = []
-        if k > 0:
-            vals, ids = torch.topk(logprobs[i], k)
-            pairs = zip(ids.tolist(), vals.tolist(), strict=True)
-            top = [Logprob(int(t), float(v)) for t, v in pairs]
-        out.append(TokenLogprobs(tok, float(logprobs[i, tok]), top))
-    return out
+def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprobs]:
+    """Per row of ``logprobs`` [N, V]: the logprob of ``token_ids[i]`` and the top ``k``."""
+    rows = torch.arange(len(token_ids), device=logprobs.device)
+    chosen = logprobs[rows, torch.tensor(token_ids, device=logprobs.device)].tolist()
+    tops: list[list[Logprob]] = [[] for _ in token_ids]
+    if k > 0:
+        vals, ids = torch.topk(logprobs, k, dim=-1)
+        tops = [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
+                for ti, vi in zip(ids.tolist(), vals.tolist(), strict=True)]
+    return [TokenLogprobs(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
 
 
 class Sampler:
@@ -127,7 +122,12 @@ class Sampler:
             q = torch.empty_like(probs).exponential_(generator=gen)
             chosen[i] = torch.argmax(probs / q)
         ids = chosen.tolist()  # the one host sync of the step
-        lps = _logprobs(logprobs, chosen, states) if logprobs is not None else None
+        lps = None
+        if logprobs is not None:
+            k = max(st.params.logprobs or 0 for st in states)
+            lps = token_logprobs(logprobs, ids, k)
+            for lp, st in zip(lps, states, strict=True):
+                del lp.top[st.params.logprobs or 0:]
         for st, tok in zip(states, ids, strict=True):
             st.output_token_ids.append(tok)
         return ids, lps

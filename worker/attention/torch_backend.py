@@ -30,14 +30,36 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
     return blocks[0], blocks[1]
 
 
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence: gather every context padded to the longest, one SDPA.
+
+    q [B, H, D] -> [B, H, D]. Padding positions are masked out by ``seq_lens``.
+    """
+    block_size, seq = kv_cache.shape[2], meta.max_seq_len
+    tables = meta.block_tables[:, :(seq + block_size - 1) // block_size]
+    kv = kv_cache[:, tables].flatten(2, 3)[:, :, :seq]  # [2, B, S, Hk, D]
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hk, S, D]
+    mask = None
+    if min(meta.start_pos) + 1 < seq:  # ragged contexts: hide each row's padding
+        cols = torch.arange(seq, device=q.device)
+        mask = (cols[None, :] < meta.seq_lens[:, None]).view(len(meta.start_pos), 1, 1, seq)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype),
+                                       attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o.squeeze(2)
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Correct for ragged batches, prefix hits and chunked prefill; not fast."""
+    """Correct for ragged batches, prefix hits and chunked prefill; decode batched in one call."""
 
     name = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_decode_only:
+            return decode_attention(q, kv_cache, meta, scale)
         out = torch.empty_like(q)
         num_heads, num_kv_heads = q.shape[1], k.shape[1]
         tables = meta.block_tables

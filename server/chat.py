@@ -1,0 +1,138 @@
+"""``POST /v1/chat/completions``: chat template, generation, JSON or SSE response."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from scheduler.client import EngineError
+from server.errors import APIError, error_body, invalid
+from server.generation import SeqDelta, SequenceTracker, stream_request
+from server.logprobs import chat_logprobs
+from server.schemas import ChatCompletionRequest, parse_body
+from server.serving import (
+    ServingContext,
+    UsageTracker,
+    admit,
+    check_common,
+    check_model,
+    engine_request,
+    new_id,
+    resolve_max_tokens,
+    sampling_params,
+    until_disconnect,
+)
+from server.sse import DONE, SSEResponse, sse_event
+
+
+async def create_chat_completion(ctx: ServingContext, request: Request, body: Any,
+                                 arrival: float) -> Response:
+    req = parse_body(ChatCompletionRequest, body)
+    check_model(ctx, req.model)
+    check_common(ctx, req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
+    prompt_ids = await render_chat(ctx, req)
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.requested_max_tokens(), param,
+                                    "messages")
+    sampling = sampling_params(req, max_tokens, req.num_logprobs())
+    admit(ctx)
+    rid = new_id("chatcmpl")
+    ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time())
+    trackers = [SequenceTracker(i, ctx.tokenizer, prompt_ids, req.stop_strings())
+                for i in range(req.n)]
+    deltas = stream_request(ctx, ereq, trackers, arrival)
+    usage = UsageTracker()
+    usage.add_prompt(len(prompt_ids))
+    if req.stream:
+        return SSEResponse(_stream(ctx, req, rid, deltas, usage))
+    return JSONResponse(await until_disconnect(request, _collect(ctx, req, rid, deltas, usage)))
+
+
+async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
+    """Apply the model's chat template and tokenize (off the event loop)."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    tok = ctx.tokenizer
+
+    def run() -> list[int]:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    try:
+        return await anyio.to_thread.run_sync(run)
+    except Exception as e:  # a template may reject a conversation (e.g. role order)
+        raise invalid(f"could not apply the chat template: {str(e)[:200]}", "messages") from None
+
+
+def _choice_logprobs(ctx: ServingContext, req: ChatCompletionRequest,
+                     d: SeqDelta) -> dict[str, Any] | None:
+    if not req.logprobs:
+        return None
+    return {"content": chat_logprobs(ctx.token_text, d.logprobs, req.top_logprobs or 0)}
+
+
+async def _collect(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
+                   deltas: AsyncIterator[SeqDelta], usage: UsageTracker) -> dict[str, Any]:
+    texts = [""] * req.n
+    lps: list[list[Any]] = [[] for _ in range(req.n)]
+    reasons: list[str | None] = [None] * req.n
+    try:
+        async with aclosing(deltas):
+            async for d in deltas:
+                usage.observe(d)
+                texts[d.index] += d.text
+                lps[d.index].extend(d.logprobs)
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+    except EngineError as e:
+        raise APIError(500, str(e), code="engine_error") from None
+    choices = []
+    for i in range(req.n):
+        logprobs = None
+        if req.logprobs:
+            logprobs = {"content": chat_logprobs(ctx.token_text, lps[i], req.top_logprobs or 0)}
+        choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": logprobs, "finish_reason": reasons[i] or "abort"})
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+            "model": ctx.model_name, "choices": choices, "usage": usage.body()}
+
+
+async def _stream(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
+                  deltas: AsyncIterator[SeqDelta], usage: UsageTracker) -> AsyncIterator[bytes]:
+    base: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                            "created": int(time.time()), "model": ctx.model_name}
+    if req.include_usage():
+        base["usage"] = None
+    try:
+        async with aclosing(deltas):
+            async for event in _stream_events(ctx, req, base, deltas, usage):
+                yield event
+    except EngineError as e:
+        yield sse_event(error_body(str(e), "internal_error", code="engine_error"))
+    yield DONE
+
+
+async def _stream_events(ctx: ServingContext, req: ChatCompletionRequest, base: dict[str, Any],
+                         deltas: AsyncIterator[SeqDelta],
+                         usage: UsageTracker) -> AsyncIterator[bytes]:
+    def chunk(choice: dict[str, Any]) -> bytes:
+        return sse_event({**base, "choices": [choice]})
+
+    for i in range(req.n):
+        yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None})
+    async for d in deltas:
+        usage.observe(d)
+        if not (d.text or d.finish_reason or (req.logprobs and d.logprobs)):
+            continue
+        yield chunk({"index": d.index, "delta": {"content": d.text} if d.text else {},
+                     "logprobs": _choice_logprobs(ctx, req, d),
+                     "finish_reason": d.finish_reason})
+    if req.include_usage():
+        yield sse_event({**base, "choices": [], "usage": usage.body()})

@@ -1,0 +1,218 @@
+"""Shared request handling: the serving context, admission, limits and engine requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from configs.types import EncoreConfig
+from scheduler.client import EngineClient
+from scheduler.protocol import EngineReady, EngineRequest, SamplingParams
+from server.errors import APIError, invalid
+from server.metrics import ServerMetrics
+from server.schemas import _CommonRequest
+
+T = TypeVar("T")
+RETRY_AFTER_S = 5
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServingContext:
+    """Everything a route needs; one per app. ``ready`` is set once the engine has started."""
+
+    config: EncoreConfig
+    engine: EngineClient
+    tokenizer: Any
+    metrics: ServerMetrics
+    info: EngineReady | None = None
+    model_name: str = ""
+    in_flight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.info is not None
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        assert self.info is not None
+        return self.info.vocab_size
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_api_key(ctx: ServingContext, request: Request) -> None:
+    """401 unless the Bearer token is one of the configured keys (constant-time compare)."""
+    keys = ctx.config.server.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    ok = False
+    if scheme.lower() == "bearer" and token:
+        for key in keys:  # compare against every key so timing does not reveal which matched
+            ok |= hmac.compare_digest(token.strip().encode(), key.encode())
+    if not ok:
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+
+
+def check_ready(ctx: ServingContext) -> None:
+    if ctx.info is None or not ctx.engine.ready:
+        raise APIError(503, "the engine is not ready; retry shortly", code="engine_not_ready",
+                       retry_after=RETRY_AFTER_S)
+
+
+async def read_json(ctx: ServingContext, request: Request) -> Any:
+    """Read the body within ``max_body_bytes`` (413 above) and decode it (400 if malformed)."""
+    limit = ctx.config.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+
+
+def check_model(ctx: ServingContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        shown = model[:64] + ("..." if len(model) > 64 else "")
+        raise APIError(404, f"model {shown!r} does not exist; this server serves "
+                            f"{ctx.model_name!r}", param="model", code="model_not_found")
+
+
+def admit(ctx: ServingContext) -> None:
+    """429 when the waiting queue is full (engine's view, or ours if it lags)."""
+    cfg = ctx.config
+    limit = cfg.server.max_waiting_requests
+    waiting = ctx.engine.stats().num_waiting if ctx.engine.stats() else 0
+    if waiting >= limit or ctx.in_flight >= limit + cfg.scheduler.max_num_seqs:
+        raise APIError(429, "too many requests are waiting; retry later",
+                       code="queue_full", retry_after=RETRY_AFTER_S)
+
+
+def check_common(ctx: ServingContext, req: _CommonRequest) -> None:
+    """Checks that need the server's config or the model (not expressible in the schema)."""
+    if req.cache_salt is not None and not ctx.config.server.allow_client_cache_salt:
+        raise invalid("cache_salt is not supported by this server (the operator has not "
+                      "enabled allow_client_cache_salt)", "cache_salt")
+    for tok in req.stop_token_ids or []:
+        if tok >= ctx.vocab_size:
+            raise invalid(f"stop_token_ids contains {tok}, beyond the vocabulary "
+                          f"({ctx.vocab_size})", "stop_token_ids")
+
+
+def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | None,
+                       param: str, prompt_param: str) -> int:
+    """Output budget of one prompt; 400 when the prompt plus it exceed the context."""
+    limit = ctx.max_model_len
+    if prompt_len >= limit:
+        raise invalid(f"the prompt has {prompt_len} tokens; this model's context is {limit} "
+                      "tokens", prompt_param)
+    if prompt_len == 0:
+        raise invalid("the prompt is empty", prompt_param)
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise invalid(f"{param}={requested} plus the prompt's {prompt_len} tokens exceeds "
+                      f"this model's context of {limit} tokens", param)
+    return requested
+
+
+def sampling_params(req: Any, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    if req.min_tokens > max_tokens:
+        raise invalid(f"min_tokens={req.min_tokens} exceeds the output budget {max_tokens}",
+                      "min_tokens")
+    return SamplingParams(
+        n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        min_p=req.min_p, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
+                   prompt_ids: list[int], sampling: SamplingParams,
+                   arrival: float) -> EngineRequest:
+    return EngineRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
+        arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
+        priority=req.priority, cache_salt=req.cache_salt, prompt_cache_key=req.program_key())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; cancel it (aborting its engine request) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class UsageTracker:
+    """Token counts of one API call (possibly several engine requests)."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._cached: dict[str, int] = {}
+
+    def add_prompt(self, num_tokens: int) -> None:
+        self.prompt_tokens += num_tokens
+
+    def observe(self, delta: Any) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        out = delta.output
+        if out is not None and out.num_cached_tokens:
+            prev = self._cached.get(out.request_id, 0)
+            self._cached[out.request_id] = max(prev, out.num_cached_tokens)
+
+    def body(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens, sum(self._cached.values()))

@@ -1,0 +1,35 @@
+"""Shared helpers for the server route tests: an app on a FakeEngineClient, ready to serve."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from fake_engine_client import FakeEngineClient, FakeTokenizer
+from fastapi.testclient import TestClient
+
+from configs.loading import build_config
+from server.app import create_app
+
+
+@contextmanager
+def serve(engine: FakeEngineClient | None = None, wait_ready: bool = True, **overrides: Any):
+    """Yield (client, engine, app) with the app started and (by default) ready."""
+    engine = engine or FakeEngineClient()
+    config = build_config(overrides=overrides)
+    app = create_app(config, engine, tokenizer=FakeTokenizer())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        if wait_ready:
+            deadline = time.monotonic() + 5
+            while client.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "fake engine never became ready"
+                time.sleep(0.01)
+        yield client, engine, app
+
+
+def chat_body(**kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "fake-model",
+                            "messages": [{"role": "user", "content": "hi"}]}
+    body.update(kw)
+    return body
