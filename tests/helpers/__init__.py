@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny random HF model dirs, paged-KV batches."""

@@ -1,0 +1,76 @@
+"""Weight loaders: ``load_model`` picks GGUF, safetensors or dummy from the resolved config.
+
+model, arch = load_model(config.model, torch.device("cpu"), torch.bfloat16, attn)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from configs.types import ModelConfig
+from worker.loader.paths import ModelLoadError, ResolvedModel, default_gguf_path, resolve_model
+from worker.models.arch import ModelArch
+
+if TYPE_CHECKING:  # torch stays out of `import worker.loader.paths` (used torch-free)
+    import torch
+
+    from worker.attention.base import AttentionBackend
+    from worker.models.llama import LlamaForCausalLM
+
+__all__ = ["ModelLoadError", "ResolvedModel", "default_gguf_path", "load_model", "resolve_model"]
+
+Progress = Callable[[int, int], None]  # (tensors done, total)
+
+
+def load_model(
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: AttentionBackend,
+    progress: Progress | None = None,
+) -> tuple[LlamaForCausalLM, ModelArch]:
+    """Load weights onto ``device`` in ``dtype``. RoPE tables cover ``max_model_len`` when set.
+
+    Progress goes to ``progress`` when given, else to a tqdm bar when stderr is a terminal.
+    Raises ModelLoadError (one line) for anything missing or unsupported.
+    """
+    resolved = resolve_model(model_config)
+    positions = model_config.max_model_len
+    with _progress(progress, resolved.name) as report:
+        if resolved.load_format == "dummy":
+            from worker.loader.dummy_loader import load_dummy
+
+            return load_dummy(resolved.path, model_config.seed, device, dtype, attn, positions)
+        if resolved.load_format == "gguf":
+            from worker.loader.gguf_loader import load_gguf
+
+            return load_gguf(resolved.path, device, dtype, attn, positions, report)
+        from worker.loader.hf_loader import load_hf
+
+        return load_hf(resolved.path, device, dtype, attn, positions, report)
+
+
+class _progress:
+    """Context manager yielding a progress callback (user's, tqdm on a TTY, or None)."""
+
+    def __init__(self, callback: Progress | None, name: str) -> None:
+        self.callback, self.name, self.bar = callback, name, None
+
+    def __enter__(self) -> Progress | None:
+        if self.callback is not None or not sys.stderr.isatty():
+            return self.callback
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=f"loading {self.name}", unit="tensor", leave=False)
+        return self._tick
+
+    def _tick(self, done: int, total: int) -> None:
+        assert self.bar is not None
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
