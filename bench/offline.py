@@ -5,13 +5,13 @@
     python bench/offline.py --load-format dummy --model llama-3-8b --device cuda \
         --num-requests 256 --prompt-len 512 --output-len 128   # GPU throughput shape
 
-Runs the real engine in-process (scheduler + model runner, no HTTP) and prints a table last.
+Runs the real engine in-process (scheduler + model runner, no HTTP), stepped synchronously
+in the calling thread, and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.loading import build_config  # noqa: E402
-from scheduler.inproc_client import InprocEngineClient  # noqa: E402
+from scheduler.engine import EngineCore  # noqa: E402
 from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
 from worker.executor import InprocExecutor  # noqa: E402
 
@@ -31,58 +31,60 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, min(vocab, 32000)) for _ in range(n)]
 
 
-async def run_requests(client, prompts: list[list[int]], output_len: int) -> dict:
-    """Submit all prompts at once; return wall time, TTFTs and decode rates."""
+def run_requests(core: EngineCore, prompts: list[list[int]], output_len: int) -> dict:
+    """Submit all prompts at once, step the engine until done; wall time, TTFTs, decode rates.
+
+    The engine is stepped synchronously in this thread (offline use, as vLLM's ``LLM``): no
+    event loop or second thread competes with torch's threads on a small CPU.
+    """
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-
-    async def one(i: int, prompt: list[int]) -> dict:
-        req = EngineRequest(request_id=f"bench-{i}-{start}", prompt_token_ids=prompt,
-                            sampling=params, arrival_time=time.time())
-        stamps: list[float] = []
-        async for out in client.generate(req):
-            stamps.extend(time.perf_counter() for _ in out.new_token_ids)
-        return {"ttft": stamps[0] - start, "n": len(stamps),
-                "decode_s": stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0}
-
-    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    stamps: dict[str, list[float]] = {}
+    for i, prompt in enumerate(prompts):
+        rid = f"bench-{i}-{start}"
+        stamps[rid] = []
+        core.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt, sampling=params,
+                                       arrival_time=time.time()))
+    while core.has_work():
+        for out in core.step():
+            now = time.perf_counter()
+            stamps[out.request_id].extend(now for _ in out.new_token_ids)
     wall = time.perf_counter() - start
-    tokens = sum(r["n"] for r in results)
+    tokens = sum(len(s) for s in stamps.values())
     return {"wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_s": [r["ttft"] for r in results],
-            "decode_tokens_per_s": [(r["n"] - 1) / r["decode_s"] for r in results
-                                    if r["decode_s"] > 0]}
+            "ttft_s": [s[0] - start for s in stamps.values()],
+            "decode_tokens_per_s": [(len(s) - 1) / (s[-1] - s[0]) for s in stamps.values()
+                                    if len(s) > 1 and s[-1] > s[0]]}
 
 
-async def bench_engine(args) -> dict:
+def bench_engine(args) -> dict:
     overrides = {k: v for k, v in {
         "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
         "device": args.device, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        "num_device_blocks": args.num_device_blocks}.items() if v is not None}
+        "num_device_blocks": args.num_device_blocks, "num_threads": args.num_threads,
+    }.items() if v is not None}
     config = build_config(overrides=overrides)
-    client = InprocEngineClient(config, InprocExecutor(config))
-    info = await client.start()
+    core = EngineCore(config, InprocExecutor(config))
+    info = core.start()
     rng = random.Random(0)
     vocab = info.vocab_size
     out: dict = {"device": info.device, "dtype": info.dtype}
-    await run_requests(client, [random_prompt(rng, 16, vocab)], 8)  # warm-up
+    run_requests(core, [random_prompt(rng, 16, vocab) for _ in range(8)], 16)  # warm-up
     if args.num_requests == 0:
-        r = await run_requests(client, [random_prompt(rng, 16, vocab)], args.output_len)
+        r = run_requests(core, [random_prompt(rng, 16, vocab)], args.output_len)
         out["batch1_decode_tok_s"] = r["decode_tokens_per_s"][0]
-        r = await run_requests(client, [random_prompt(rng, 16, vocab) for _ in range(8)],
-                               args.output_len)
+        r = run_requests(core, [random_prompt(rng, 16, vocab) for _ in range(8)],
+                         args.output_len)
         out["concurrent8_tok_s"] = r["tokens_per_s"]
-        ttfts = []
-        for _ in range(3):
-            r = await run_requests(client, [random_prompt(rng, 512, vocab)], 1)
-            ttfts.append(r["ttft_s"][0])
+        ttfts = [run_requests(core, [random_prompt(rng, 512, vocab)], 1)["ttft_s"][0]
+                 for _ in range(3)]
         out["prefill512_tok_s"] = 512 / min(ttfts)
     else:
         prompts = [random_prompt(rng, args.prompt_len, vocab) for _ in range(args.num_requests)]
-        r = await run_requests(client, prompts, args.output_len)
+        r = run_requests(core, prompts, args.output_len)
         out.update(throughput_tok_s=r["tokens_per_s"], wall_s=r["wall_s"])
-    await client.shutdown()
+    core.shutdown()
     return out
 
 
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-device-blocks", type=int, default=None)
+    ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--num-requests", type=int, default=0,
                     help="0 = the CPU suite (batch-1, 8 concurrent, 512 prefill)")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -143,7 +146,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cpus",
-               "encore": asyncio.run(bench_engine(args))}
+               "encore": bench_engine(args)}
     if args.hf:
         results["hf"] = bench_hf(args)
     if args.json:

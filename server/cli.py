@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from configs.fields import ConfigError, field_types
 from configs.loading import build_config, env_var_name, field_registry
+from configs.model_source import ModelLoadError, resolve_model
 from configs.types import EncoreConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
@@ -95,10 +96,12 @@ def resolve_config(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     registry = field_registry()
     overrides = {k: v for k, v in vars(args).items() if k in registry}
     try:
-        return build_config(load_preset(getattr(args, "config", None)),
-                            os.environ if env is None else env, overrides)
-    except ConfigError as e:
+        config = build_config(load_preset(getattr(args, "config", None)),
+                              os.environ if env is None else env, overrides)
+        resolve_model(config.model)  # a missing or unsupported model is a one-line error now
+    except (ConfigError, ModelLoadError) as e:
         fail(str(e))
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:

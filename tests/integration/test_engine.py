@@ -53,8 +53,9 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 
 async def generate(client, prompt: list[int], rid: str, max_tokens: int = 24,
                    **sampling) -> tuple[list[int], int]:
-    """Greedy tokens and the reported cached prompt tokens of one request."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sampling)
+    """Tokens (greedy unless ``sampling`` says otherwise) and the reported cached tokens."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                            **{"temperature": 0.0, **sampling})
     req = EngineRequest(request_id=rid, prompt_token_ids=prompt, sampling=params,
                         arrival_time=time.time())
     tokens, cached = [], 0
@@ -181,3 +182,36 @@ def test_prompt_logprobs_survive_chunked_prefill(tokenizer):
     for a, b in zip(whole[1:], chunked[1:], strict=True):
         assert a.top[0].token_id == b.top[0].token_id
         assert abs(a.logprob - b.logprob) < 1e-3
+
+
+def test_seeded_sampling_ignores_batch_neighbours_and_n_is_reproducible(tokenizer):
+    """Same seed, same tokens, alone or among unseeded neighbours; n=3 children differ."""
+    batch = prompts(tokenizer, 6)
+    target = batch[2]
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 1234}
+
+    async def n_children(client, rid: str) -> list[list[int]]:
+        params = SamplingParams(n=3, max_tokens=12, ignore_eos=True, **seeded)
+        req = EngineRequest(request_id=rid, prompt_token_ids=target, sampling=params,
+                            arrival_time=time.time())
+        outs: list[list[int]] = [[], [], []]
+        async for out in client.generate(req):
+            outs[out.index].extend(out.new_token_ids)
+        return outs
+
+    async def main():
+        client = engine(num_device_blocks=96, max_num_batched_tokens=64)
+        await client.start()
+        alone, _ = await generate(client, target, "alone", **seeded)
+        mixed = await asyncio.gather(*(
+            generate(client, p, f"m{i}", **(seeded if i == 2 else {"temperature": 1.0}))
+            for i, p in enumerate(batch)))
+        first = await n_children(client, "n-a")
+        second = await n_children(client, "n-b")
+        client.core.scheduler.check_integrity()
+        await client.shutdown()
+        return alone, mixed, first, second
+
+    alone, mixed, first, second = asyncio.run(main())
+    assert mixed[2][0] == alone
+    assert first == second and len({tuple(c) for c in first}) > 1

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from configs.model_source import ModelLoadError, default_gguf_path, resolve_model
 from configs.types import ModelConfig
-from worker.loader.paths import ModelLoadError, default_gguf_path, resolve_model
 
 
 def one_line_error(config: ModelConfig, match: str) -> str:
@@ -151,3 +151,10 @@ def test_gguf_of_other_architecture_is_refused(tmp_path: Path):
     w.close()
     with pytest.raises(ModelLoadError, match="GGUF architecture 'gpt2' .* not supported"):
         arch_from_gguf(gguf.GGUFReader(str(tmp_path / "m.gguf")), "m.gguf")
+
+
+def test_dummy_preset_names_match_the_presets():
+    from configs.model_source import DUMMY_PRESETS
+    from worker.models.presets import PRESETS
+
+    assert set(DUMMY_PRESETS) == set(PRESETS)

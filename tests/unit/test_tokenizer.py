@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from configs.model_source import default_gguf_path
 from server.tokenizer import TokenizerLoadError, load_tokenizer, read_gguf_metadata
 from tests.helpers.tiny_models import save_tokenizer
-from worker.loader.paths import default_gguf_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,7 +161,7 @@ def test_template_is_sandboxed(hf_dir_pair):
 
 def test_tokenizer_module_is_torch_free():
     code = (
-        "import sys, server.tokenizer, worker.loader.paths; "
+        "import sys, server.tokenizer, configs.model_source; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     root = Path(__file__).resolve().parents[2]

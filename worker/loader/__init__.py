@@ -9,11 +9,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from configs.model_source import ModelLoadError, ResolvedModel, default_gguf_path, resolve_model
 from configs.types import ModelConfig
-from worker.loader.paths import ModelLoadError, ResolvedModel, default_gguf_path, resolve_model
 from worker.models.arch import ModelArch
 
-if TYPE_CHECKING:  # torch stays out of `import worker.loader.paths` (used torch-free)
+if TYPE_CHECKING:  # importing this package stays torch-free until load_model runs
     import torch
 
     from worker.attention.base import AttentionBackend

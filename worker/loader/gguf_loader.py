@@ -17,9 +17,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
+from configs.model_source import ModelLoadError
 from worker.attention.base import AttentionBackend
 from worker.loader.dummy_loader import build_empty
-from worker.loader.paths import ModelLoadError
 from worker.models.arch import ModelArch
 from worker.models.llama import LlamaForCausalLM, expected_weight_names, llama3_scale
 

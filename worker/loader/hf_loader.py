@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from configs.model_source import ModelLoadError
 from worker.attention.base import AttentionBackend
 from worker.loader.dummy_loader import build_empty
-from worker.loader.paths import ModelLoadError
 from worker.models.arch import ModelArch
 from worker.models.llama import LlamaForCausalLM, expected_weight_names
 

