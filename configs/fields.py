@@ -15,9 +15,10 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, *, repeat: bool = False) -> Any:
     """A config field with a default and a one-line doc (shown by ``encore serve --help``)."""
     if isinstance(default, list | dict):
-        return dataclasses.field(
-            default_factory=lambda d=default: type(d)(d), metadata={"help": help, "repeat": repeat}
-        )
+        def copy() -> Any:
+            return type(default)(default)
+
+        return dataclasses.field(default_factory=copy, metadata={"help": help, "repeat": repeat})
     return dataclasses.field(default=default, metadata={"help": help, "repeat": repeat})
 
 

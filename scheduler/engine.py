@@ -40,13 +40,13 @@ class EngineCore:
         self.config = config
         self.executor = executor
         self.model_name = model_name
-        self.scheduler: Scheduler | None = None
+        self._scheduler: Scheduler | None = None
         self.worker: WorkerReady | None = None
         self.worker_dead = False
 
     def start(self) -> EngineReady:
         self.worker = self.executor.start()
-        self.scheduler = Scheduler(self.config.cache, self.config.scheduler,
+        self._scheduler = Scheduler(self.config.cache, self.config.scheduler,
                                    num_device_blocks=self.worker.num_device_blocks,
                                    max_model_len=self.worker.max_model_len)
         w = self.worker
@@ -54,6 +54,12 @@ class EngineCore:
                            vocab_size=w.vocab_size, num_device_blocks=w.num_device_blocks,
                            block_size=self.config.cache.block_size, device=w.device,
                            dtype=w.dtype)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("the engine has not been started")
+        return self._scheduler
 
     def add_request(self, request: EngineRequest) -> list[RequestOutput]:
         """Queue a request; returns error outputs if it is refused (e.g. too long)."""

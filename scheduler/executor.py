@@ -63,7 +63,7 @@ class MPExecutor(Executor):
 
     def __init__(self, config: EncoreConfig) -> None:
         self.config = config
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.proc: subprocess.Popen | None = None
         self.to_worker: zmq.Socket | None = None
         self.from_worker: zmq.Socket | None = None
@@ -91,7 +91,7 @@ class MPExecutor(Executor):
         return msg
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        if self.to_worker is None:
+        if self.to_worker is None or self.proc is None:
             raise WorkerDiedError("worker is not running")
         self.to_worker.send(encode(step), copy=False)
         msg = self._recv(timeout_s=None)
@@ -113,7 +113,7 @@ class MPExecutor(Executor):
         return decode(self.from_worker.recv(copy=False).buffer)
 
     def shutdown(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None and self.to_worker is not None:
             try:
                 self.to_worker.send(encode(Shutdown()), flags=zmq.NOBLOCK)
                 self.proc.wait(timeout=5)

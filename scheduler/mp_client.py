@@ -56,6 +56,7 @@ class MPEngineClient(BaseEngineClient):
         self.proc = subprocess.Popen(cmd, env=os.environ.copy())
 
     async def _handshake(self) -> EngineReady:
+        assert self.proc is not None, "_spawn first"
         timeout = self.config.worker.start_timeout_s
         while True:
             if await self.from_engine.poll(int(self.WATCH_S * 1000)):

@@ -228,7 +228,8 @@ class Scheduler:
 
     def _admit(self, seq: Seq, token_budget: int) -> int:
         """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
-        hits, hit_tokens = [], 0
+        hits: list[int] = []
+        hit_tokens = 0
         if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
             hits, hit_tokens = self.kv.get_computed_blocks(seq)
         n = min(seq.num_tokens - hit_tokens, token_budget)

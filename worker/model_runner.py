@@ -22,22 +22,30 @@ from scheduler.protocol import (
     WorkerReady,
 )
 from worker.attention import AttentionMetadata, get_backend
+from worker.cuda_graphs import DecodeGraphs
 from worker.devices import resolve_device, resolve_dtype
+from worker.memory_profile import kv_budget_after_profiling
 from worker.sampler import Sampler, SeqSamplingState, make_state, token_logprobs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepBatch:
-    """Host-side layout of one step, before it becomes tensors."""
+class StepRows:
+    """Which rows of a step's hidden states belong to which sequence."""
+
+    sample_rows: list[int]  # flat index of the last token of each sampled sequence
+    sample_seqs: list[ScheduledSeq]
+    row_starts: list[int]  # flat index of each sequence's first token
+
+
+@dataclass
+class StepBatch(StepRows):
+    """Host-side layout of one eager step, before it becomes tensors."""
 
     input_ids: list[int]
     positions: list[int]
     slots: list[int]
-    sample_rows: list[int]  # flat index of the last token of each sampled sequence
-    sample_seqs: list[ScheduledSeq]
-    row_starts: list[int]  # flat index of each sequence's first token
     meta: AttentionMetadata
 
 
@@ -68,20 +76,29 @@ class ModelRunner:
                           for _ in range(self.arch.num_layers)]
         self.sampler = Sampler(config.model.seed, self.device)
         self.states: dict[str, SeqSamplingState] = {}
-        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens",
+        self.graphs = self._capture_graphs(backend)
+        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
-                    self.block_size)
+                    self.block_size, self.graphs.sizes if self.graphs else "off")
 
     def _num_blocks(self, bytes_per_block: int) -> int:
         cache = self.config.cache
         if cache.num_device_blocks is not None:
             return cache.num_device_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * cache.gpu_memory_utilization - (total - free)
-            budget -= 2 * 1024**3  # headroom for activations and sampling
+            budget = kv_budget_after_profiling(self, self.config.cache.gpu_memory_utilization)
             return max(2, int(budget // bytes_per_block))
         return max(2, int(cache.kv_cache_gib * 1024**3 // bytes_per_block))
+
+    def _capture_graphs(self, backend: str) -> DecodeGraphs | None:
+        """Decode CUDA graphs on CUDA with the triton backend, unless ``enforce_eager``."""
+        eager = getattr(self.config.worker, "enforce_eager", False)  # field: see cuda_graphs.py
+        if self.device.type != "cuda" or backend != "triton" or eager:
+            return None
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
+                              self.max_model_len, self.block_size)
+        graphs.capture()
+        return graphs
 
     def ready_message(self) -> WorkerReady:
         return WorkerReady(num_device_blocks=self.num_blocks, max_model_len=self.max_model_len,
@@ -98,16 +115,14 @@ class ModelRunner:
             return ModelRunnerOutput(step_id=step.step_id)
         for seq in step.seqs:
             self._register(seq)
-        batch = self._prepare(step.seqs)
-        hidden = self.model(
-            torch.tensor(batch.input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(batch.positions, dtype=torch.long, device=self.device),
-            self.kv_caches, batch.meta)
+        hidden, batch = self._forward(step.seqs)
         prompt_lps = self._prompt_logprobs(step.seqs, batch.row_starts, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if len(batch.sample_rows) < hidden.shape[0]:
+            rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+            hidden = hidden.index_select(0, rows)
+        logits = self.model.compute_logits(hidden)
         states = [self.states[s.seq_id] for s in batch.sample_seqs]
         token_ids, logprobs = self.sampler(logits, states)
         return ModelRunnerOutput(step_id=step.step_id,
@@ -146,6 +161,31 @@ class ModelRunner:
                                              seq.output_token_ids, seq.eos_token_ids or [],
                                              seq.seed_index, self.device)
 
+    def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, StepRows]:
+        """Hidden states of every scheduled token: a graph replay for a decode-only batch
+        that fits a captured size, else one eager forward of the flat batch."""
+        graphs = self.graphs
+        if graphs is not None and all(len(s.token_ids) == 1 for s in seqs) \
+                and graphs.padded(len(seqs)) is not None:
+            return self._graph_forward(graphs, seqs)
+        batch = self._prepare(seqs)
+        hidden = self.model(
+            torch.tensor(batch.input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(batch.positions, dtype=torch.long, device=self.device),
+            self.kv_caches, batch.meta)
+        return hidden, batch
+
+    def _graph_forward(self, graphs: DecodeGraphs, seqs: list[ScheduledSeq]
+                       ) -> tuple[torch.Tensor, StepRows]:
+        bs = self.block_size
+        positions = [s.start_pos for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
+                                                                     strict=True)]
+        hidden = graphs.run([s.token_ids[0] for s in seqs], positions, slots,
+                            [s.block_table for s in seqs])
+        sampled = [i for i, s in enumerate(seqs) if s.sample]
+        return hidden, StepRows(sampled, [seqs[i] for i in sampled], list(range(len(seqs))))
+
     def _prepare(self, seqs: list[ScheduledSeq]) -> StepBatch:
         bs = self.block_size
         input_ids: list[int] = []
@@ -166,7 +206,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         meta = self._metadata(seqs, slots)
-        return StepBatch(input_ids, positions, slots, sample_rows, sample_seqs, row_starts, meta)
+        return StepBatch(sample_rows, sample_seqs, row_starts, input_ids, positions, slots, meta)
 
     def _metadata(self, seqs: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
         dev = self.device

@@ -79,9 +79,6 @@ def test_chat_logprobs_shape(client, model) -> None:
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
 
 
-@pytest.mark.xfail(reason="the worker does not compute prompt logprobs yet "
-                          "(SamplingParams.prompt_logprobs); the server passes them through",
-                   strict=False)
 def test_completions_echo_logprobs(client, model) -> None:
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0,
                                   logprobs=2, echo=True, extra_body={"ignore_eos": True})

@@ -71,17 +71,23 @@ def llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 def rope_cache(
     arch: ModelArch, max_positions: int, device: torch.device | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_positions, head_dim/2] (float32 math, stored in ``dtype``)."""
+    """cos and signed-sin tables [max_positions, head_dim] (float32 math, stored in ``dtype``).
+
+    cos = [cos f, cos f], sin = [-sin f, sin f], so that rotate-half RoPE is one roll and one
+    multiply-add (see ``apply_rope``).
+    """
     inv = rope_inv_freq(arch).to(device)
     pos = torch.arange(max_positions, dtype=torch.float32, device=device)
     freqs = torch.outer(pos, inv)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF/NeoX layout). x [T, H, D]; cos, sin [T, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate-half RoPE (HF/NeoX layout): x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1] = roll(x, D/2) * sign, the sign living in ``sin``.
+    x [T, H, D]; cos, sin [T, 1, D] from ``rope_cache``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -194,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: one per layer (mutated); -> hidden [T, d]."""
         x = F.embedding(input_ids, self.embed_tokens)
-        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D/2], shared by all layers
+        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers
         sin = self.rope_sin[positions].unsqueeze(1)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)

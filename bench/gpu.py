@@ -1,0 +1,292 @@
+"""GPU benchmark: Encore vs transformers' continuous batching vs the roofline, one command.
+
+    python bench/gpu.py --json $OUT/gpu.json          # all parts, llama-3-8b dummy bf16
+    python bench/gpu.py --parts roofline,engine       # skip transformers
+
+Parts run in child processes (each gets the whole GPU):
+  roofline  measured bf16 matmul rate (8192^3, median of do_bench) and copy bandwidth
+            (device-to-device copy of 2 GiB, bytes read + written)
+  engine    the real engine in-process (scheduler + model runner, CUDA graphs), stepped
+            synchronously: offline throughput (N x prompt x output, ignore_eos), batch-1
+            decode ms/token, time to first token of a long prompt
+  hf        transformers ``generate_batch`` (continuous batching, paged|sdpa) on a random-weight
+            model of the same shape, same prompts, same output length
+
+Bounds (docs/benchmarks-gpu.md explains them): throughput against max(FLOPs / rate,
+bytes / bandwidth) over the whole run, batch-1 decode against weight bytes / bandwidth, TTFT
+against its FLOPs / rate. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.offline import random_prompt, run_requests  # noqa: E402
+
+KV_TOKEN_BYTES_KEY = "kv_bytes_per_token"
+
+
+def prompts_for(args) -> list[list[int]]:
+    rng = random.Random(0)
+    return [random_prompt(rng, args.prompt_len, 128256) for _ in range(args.num_requests)]
+
+
+# ---------------------------------------------------------------- roofline
+
+def part_roofline(args) -> dict:
+    import torch
+    import triton
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode="median")
+    rate = 2 * 8192**3 / (ms * 1e-3)
+    src = torch.randn(1024**3, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500,
+                                 return_mode="median")
+    bw = 2 * src.numel() * 2 / (ms * 1e-3)
+    return {"matmul_flops": rate, "copy_bytes_per_s": bw,
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__}
+
+
+# ---------------------------------------------------------------- engine
+
+def model_numbers(arch) -> dict:
+    """Matmul parameters of the layers, of the lm_head, and KV bytes per token (bf16)."""
+    layer = (arch.hidden_size * (arch.q_size + 2 * arch.kv_size) + arch.q_size * arch.hidden_size
+             + 3 * arch.hidden_size * arch.intermediate_size)
+    return {"layer_params": arch.num_layers * layer,
+            "head_params": arch.vocab_size * arch.hidden_size,
+            "attn_width": arch.num_layers * arch.num_heads * arch.head_dim,
+            KV_TOKEN_BYTES_KEY: arch.num_layers * 2 * arch.kv_size * 2}
+
+
+def part_engine(args) -> dict:
+    from configs.loading import build_config
+    from scheduler.engine import EngineCore
+    from worker.executor import InprocExecutor
+
+    config = build_config(overrides={
+        "model": args.model, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
+        "max_num_seqs": args.num_requests, "max_num_batched_tokens": args.max_batched_tokens})
+    t0 = time.perf_counter()
+    core = EngineCore(config, InprocExecutor(config))
+    info = core.start()
+    runner = core.executor.runner
+    out = {"startup_s": time.perf_counter() - t0, "kv_blocks": info.num_device_blocks,
+           "graph_sizes": len(runner.graphs.sizes) if runner.graphs else 0,
+           **model_numbers(runner.arch)}
+    rng = random.Random(1)
+    run_requests(core, [random_prompt(rng, args.prompt_len, 128256) for _ in range(32)], 8)
+    steps = record_steps(core)
+    r = run_requests(core, prompts_for(args), args.output_len)
+    out.update(throughput_tok_s=r["tokens_per_s"], throughput_wall_s=r["wall_s"],
+               output_tokens=r["output_tokens"], throughput_steps=summarize(steps))
+    steps.clear()
+    decode = [run_requests(core, [random_prompt(rng, 16, 128256)], args.output_len)
+              for _ in range(2)]
+    out["batch1_ms_per_token"] = min(1e3 / d["decode_tokens_per_s"][0] for d in decode)
+    out["batch1_steps"] = summarize(steps)
+    out["graph_replay_ms"] = graph_replay_ms(runner)
+    ttft = [run_requests(core, [random_prompt(rng, args.ttft_len, 128256)], 1)["ttft_s"][0]
+            for _ in range(3)]
+    out["ttft_ms"] = 1e3 * min(ttft)
+    core.shutdown()
+    return out
+
+
+def record_steps(core) -> list[tuple[bool, float, float]]:
+    """Wrap core.step and the runner's execute: (decode-only, step s, execute s) per step."""
+    steps: list[tuple[bool, float, float]] = []
+    runner, step = core.executor.runner, core.step
+    execute, last = runner.execute, {}
+
+    def timed_execute(sched_out):
+        t = time.perf_counter()
+        res = execute(sched_out)
+        last["exec"] = time.perf_counter() - t
+        last["decode"] = all(len(s.token_ids) == 1 for s in sched_out.seqs)
+        return res
+
+    def timed_step():
+        t = time.perf_counter()
+        last.clear()
+        res = step()
+        if last:
+            steps.append((last["decode"], time.perf_counter() - t, last["exec"]))
+        return res
+
+    runner.execute, core.step = timed_execute, timed_step
+    return steps
+
+
+def summarize(steps: list[tuple[bool, float, float]]) -> dict:
+    dec = [s for s in steps if s[0]]
+    other = [s for s in steps if not s[0]]
+    ms = lambda xs: 1e3 * sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {"decode_steps": len(dec), "decode_step_ms": ms([s[1] for s in dec]),
+            "decode_execute_ms": ms([s[2] for s in dec]),
+            "other_steps": len(other), "other_total_s": sum(s[1] for s in other),
+            "other_execute_s": sum(s[2] for s in other)}
+
+
+def graph_replay_ms(runner) -> dict:
+    """GPU time of one replay per captured size (padding inputs: no KV is written)."""
+    import triton
+
+    graphs = runner.graphs
+    if graphs is None:
+        return {}
+    graphs.scalars[2].fill_(-1)
+    graphs.seq_lens.fill_(600)  # a realistic context (stale block tables: reads only)
+    return {size: triton.testing.do_bench(graphs.graphs[size].replay, warmup=20, rep=100,
+                                          return_mode="median")
+            for size in (1, 8, 64, graphs.sizes[-1])}
+
+
+# ---------------------------------------------------------------- transformers
+
+def part_hf(args) -> dict:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from worker.models.presets import preset
+
+    arch = preset(args.model)
+    cfg = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                      intermediate_size=arch.intermediate_size,
+                      num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                      num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                      max_position_embeddings=arch.max_position_embeddings,
+                      rms_norm_eps=arch.rms_norm_eps)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=args.hf_attn,
+                                              dtype=torch.bfloat16).eval()
+    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    rng = random.Random(1)
+    with torch.no_grad():
+        model.generate_batch(inputs=[random_prompt(rng, 64, 128256) for _ in range(4)],
+                             generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                                eos_token_id=None, pad_token_id=0))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        results = model.generate_batch(inputs=prompts_for(args), generation_config=gen)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    return {"throughput_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens,
+            "attn_implementation": args.hf_attn}
+
+
+# ---------------------------------------------------------------- bounds and table
+
+def bounds(args, roof: dict, eng: dict) -> dict:
+    """Lower-bound times (s) from the measured rate R and bandwidth W (see the docs)."""
+    R, W = roof["matmul_flops"], roof["copy_bytes_per_s"]
+    P, Ph, A, kv = (eng["layer_params"], eng["head_params"], eng["attn_width"],
+                    eng[KV_TOKEN_BYTES_KEY])
+    n, L, out = args.num_requests, args.prompt_len, args.output_len
+    weights = 2 * (P + Ph)
+    prefill_flops = n * (2 * P * L + 2 * Ph + 2 * A * L * L)  # causal: 4*A*L^2/2
+    ctx = [L + j for j in range(1, out)]  # decode j reads L + j keys
+    decode_flops = n * sum(2 * (P + Ph) + 4 * A * c for c in ctx)
+    run_bytes = out * weights + n * sum(ctx) * kv
+    strict = max((prefill_flops + decode_flops) / R, run_bytes / W)
+    phased = prefill_flops / R + sum(max(n * (2 * (P + Ph) + 4 * A * c) / R,
+                                         (weights + n * c * kv) / W) for c in ctx)
+    T = args.ttft_len
+    return {"throughput_bound_tok_s": n * out / strict, "phased_bound_tok_s": n * out / phased,
+            "batch1_bound_ms": 1e3 * (weights + 16 * kv) / W,
+            "ttft_bound_ms": 1e3 * (2 * P * T + 2 * Ph + 2 * A * T * T) / R}
+
+
+def table(res: dict) -> str:
+    roof, eng, hf, b = res["roofline"], res["engine"], res.get("hf", {}), res["bounds"]
+    hf_tps = hf.get("throughput_tok_s")
+    rows = [
+        ("offline tok/s", eng["throughput_tok_s"], b["throughput_bound_tok_s"],
+         f"{b['throughput_bound_tok_s'] / eng['throughput_tok_s']:.2f}x of bound (<=1.5)"),
+        ("  phased bound tok/s", b["phased_bound_tok_s"], None, ""),
+        ("  transformers tok/s", hf_tps, None,
+         f"encore {eng['throughput_tok_s'] / hf_tps:.1f}x (>=10)" if hf_tps else "not run"),
+        ("batch-1 ms/token", eng["batch1_ms_per_token"], b["batch1_bound_ms"],
+         f"{eng['batch1_ms_per_token'] / b['batch1_bound_ms']:.2f}x of bound (<=1.25)"),
+        ("TTFT 4k ms", eng["ttft_ms"], b["ttft_bound_ms"],
+         f"{eng['ttft_ms'] / b['ttft_bound_ms']:.2f}x of bound (<=1.5)"),
+    ]
+    lines = [f"{'metric':<24}{'measured':>12}{'bound':>12}  ratio", "-" * 72]
+    for name, val, bound, note in rows:
+        v = f"{val:.1f}" if val else "-"
+        bb = f"{bound:.1f}" if bound else ""
+        lines.append(f"{name:<24}{v:>12}{bb:>12}  {note}")
+    lines.append(f"card={roof['card']} matmul={roof['matmul_flops'] / 1e12:.0f} TFLOP/s "
+                 f"copy={roof['copy_bytes_per_s'] / 1e12:.2f} TB/s torch={roof['torch']} "
+                 f"triton={roof['triton']} kv_blocks={eng['kv_blocks']} "
+                 f"startup={eng['startup_s']:.0f}s")
+    return "\n".join(lines)
+
+
+PARTS = {"roofline": part_roofline, "engine": part_engine, "hf": part_hf}
+
+
+def run_part(name: str, argv: list[str], timeout: float) -> dict:
+    """One part in a child process (a fresh CUDA context); {} with the error when it fails."""
+    path = f"/tmp/encore-gpu-{name}-{os.getpid()}.json"
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--part", name, "--json", path]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}"}
+    with open(path) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--ttft-len", type=int, default=4096)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--hf-attn", default="paged|sdpa")
+    ap.add_argument("--hf-timeout", type=float, default=300)
+    ap.add_argument("--parts", default="roofline,engine,hf")
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.part:
+        with open(args.json, "w") as f:
+            json.dump(PARTS[args.part](args), f)
+        return
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("part", "json", "parts")]
+    res = {name: run_part(name, argv, args.hf_timeout if name == "hf" else 900)
+           for name in args.parts.split(",")}
+    if "error" not in res.get("roofline", {"error": 1}) and "error" not in res.get(
+            "engine", {"error": 1}):
+        res["bounds"] = bounds(args, res["roofline"], res["engine"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res, indent=1))
+    if "bounds" in res:
+        print(table(res))
+
+
+if __name__ == "__main__":
+    main()

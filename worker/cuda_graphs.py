@@ -1,0 +1,114 @@
+"""CUDA graphs of the decode forward: one graph per padded batch size, captured at start-up.
+
+A decode-only step (every sequence brings exactly one token) has the same kernels in the same
+order for a given batch size; only the inputs change. So the runner keeps static device
+buffers, captures ``model(...)`` once per padded size, and per step copies the real rows into
+the buffers (one pinned staging buffer, a few async copies) and replays:
+
+    rows  [0, n)        real sequences: token, position, slot, seq_len, block table
+    rows  [n, padded)   padding: token 0, position 0, slot -1 (KV write skips it),
+                        seq_len 1 (attends to one key of block 0: finite, discarded)
+
+Attention metadata under capture carries host ints that must not depend on the step:
+``max_seq_len`` is the model's context limit (it picks the decode kernel's split count once per
+size), ``query_lens``/``start_pos`` are never read by the triton decode path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.attention.base import AttentionMetadata
+
+
+def padded_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to ``max_num_seqs`` (always included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    """Captured decode forwards of ``model`` over ``kv_caches``; ``run`` replays one."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                 max_num_seqs: int, max_model_len: int, block_size: int) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.sizes = padded_sizes(max_num_seqs)
+        dev = kv_caches[0].device
+        size, width = self.sizes[-1], (max_model_len + block_size - 1) // block_size
+        # One int64 staging row per scalar field: ids, positions, slots, seq_lens.
+        self.host_scalars = torch.zeros(4, size, dtype=torch.int64, pin_memory=True)
+        self.host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)
+        self.np_scalars = self.host_scalars.numpy()
+        self.np_tables = self.host_tables.numpy()
+        self.scalars = torch.zeros(4, size, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(size, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(size, width, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_lens=[1] * size, start_pos=[0] * size,
+            query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
+            block_tables=self.tables[:size], slot_mapping=self.scalars[2, :size],
+            max_query_len=1, max_seq_len=self.max_model_len)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.scalars[0, :size], self.scalars[1, :size], self.kv_caches,
+                          self._meta(size))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every padded size, largest first so smaller graphs reuse its memory pool.
+
+        The buffers hold padding rows while capturing (slot -1): no KV is written.
+        """
+        self.scalars.zero_()
+        self.scalars[2].fill_(-1)
+        self.seq_lens.fill_(1)
+        for size in reversed(self.sizes):
+            self._forward(size)  # warm-up: compiles Triton kernels, picks cuBLAS algorithms
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[size] = self._forward(size)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def padded(self, n: int) -> int | None:
+        """The smallest captured size holding ``n`` rows, or None when n is too large."""
+        for size in self.sizes:
+            if size >= n:
+                return size
+        return None
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states [n, d] of one decode step (n = len(ids) <= the largest size).
+
+        Mutates the KV caches at ``slots``. The returned tensor is the graph's static output:
+        read it before the next ``run``.
+        """
+        n = len(ids)
+        size = self.padded(n)
+        sc, tb = self.np_scalars, self.np_tables
+        sc[0, :n], sc[1, :n], sc[2, :n] = ids, positions, slots
+        sc[3, :n] = sc[1, :n] + 1
+        sc[:, n:size] = 0
+        sc[2, n:size] = -1
+        sc[3, n:size] = 1
+        for i, t in enumerate(tables):  # entries past a row's length are stale, never read
+            tb[i, :len(t)] = t
+        self.scalars.copy_(self.host_scalars, non_blocking=True)  # 4 x max rows: tiny
+        self.seq_lens[:size].copy_(self.scalars[3, :size])
+        self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
