@@ -98,6 +98,8 @@ def part_engine(args) -> dict:
     out["batch1_ms_per_token"] = min(1e3 / d["decode_tokens_per_s"][0] for d in decode)
     out["batch1_steps"] = summarize(steps)
     out["graph_replay_ms"] = graph_replay_ms(runner)
+    if args.profile:
+        profile_replay(runner, args.profile)
     ttft = [run_requests(core, [random_prompt(rng, args.ttft_len, 128256)], 1)["ttft_s"][0]
             for _ in range(3)]
     out["ttft_ms"] = 1e3 * min(ttft)
@@ -152,6 +154,20 @@ def graph_replay_ms(runner) -> dict:
     return {size: triton.testing.do_bench(graphs.graphs[size].replay, warmup=20, rep=100,
                                           return_mode="median")
             for size in (1, 8, 64, graphs.sizes[-1])}
+
+
+def profile_replay(runner, path: str) -> None:
+    """Kernel-time table of 20 batch-1 graph replays (where a decode step's time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = runner.graphs.graphs[1]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
 # ---------------------------------------------------------------- transformers
@@ -266,6 +282,7 @@ def main() -> None:
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-timeout", type=float, default=300)
     ap.add_argument("--parts", default="roofline,engine,hf")
+    ap.add_argument("--profile", default="", help="write a batch-1 kernel table here")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -79,6 +79,8 @@ class WorkerConfig:
     attention_backend: AttentionBackendName = opt("auto", "auto = triton on CUDA, torch on CPU")
     num_threads: int | None = opt(None, "CPU threads for torch; default: torch's choice")
     start_timeout_s: float = opt(600.0, "seconds to wait for the worker to load the model")
+    enforce_eager: bool = opt(False, "CUDA only: run decode steps eagerly instead of replaying "
+                                     "CUDA graphs")
 
     def __post_init__(self) -> None:
         check_range("worker", "num_threads", self.num_threads, lo=1)

@@ -8,9 +8,11 @@ seeded generators) lives here until the scheduler lists the sequence as finished
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from configs import EncoreConfig
@@ -43,9 +45,9 @@ class StepRows:
 class StepBatch(StepRows):
     """Host-side layout of one eager step, before it becomes tensors."""
 
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
+    input_ids: torch.Tensor  # [T] int64, on the CPU
+    positions: torch.Tensor  # [T] int64, on the CPU
+    slots: torch.Tensor  # [T] int64, on the CPU (meta.slot_mapping is its device copy)
     meta: AttentionMetadata
 
 
@@ -92,7 +94,7 @@ class ModelRunner:
 
     def _capture_graphs(self, backend: str) -> DecodeGraphs | None:
         """Decode CUDA graphs on CUDA with the triton backend, unless ``enforce_eager``."""
-        eager = getattr(self.config.worker, "enforce_eager", False)  # field: see cuda_graphs.py
+        eager = self.config.worker.enforce_eager
         if self.device.type != "cuda" or backend != "triton" or eager:
             return None
         graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
@@ -169,10 +171,8 @@ class ModelRunner:
                 and graphs.padded(len(seqs)) is not None:
             return self._graph_forward(graphs, seqs)
         batch = self._prepare(seqs)
-        hidden = self.model(
-            torch.tensor(batch.input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(batch.positions, dtype=torch.long, device=self.device),
-            self.kv_caches, batch.meta)
+        hidden = self.model(batch.input_ids.to(self.device), batch.positions.to(self.device),
+                            self.kv_caches, batch.meta)
         return hidden, batch
 
     def _graph_forward(self, graphs: DecodeGraphs, seqs: list[ScheduledSeq]
@@ -187,42 +187,36 @@ class ModelRunner:
         return hidden, StepRows(sampled, [seqs[i] for i in sampled], list(range(len(seqs))))
 
     def _prepare(self, seqs: list[ScheduledSeq]) -> StepBatch:
+        """The flat batch, built with numpy (per-token Python cost ~8 ms at 8k tokens)."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[ScheduledSeq] = []
-        row_starts: list[int] = []
-        for seq in seqs:
-            n = len(seq.token_ids)
-            row_starts.append(len(input_ids))
-            pos = range(seq.start_pos, seq.start_pos + n)
-            input_ids.extend(seq.token_ids)
-            positions.extend(pos)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if seq.sample:
-                sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        meta = self._metadata(seqs, slots)
-        return StepBatch(sample_rows, sample_seqs, row_starts, input_ids, positions, slots, meta)
-
-    def _metadata(self, seqs: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
-        dev = self.device
-        qlens = [len(s.token_ids) for s in seqs]
-        starts = [s.start_pos for s in seqs]
-        seq_lens = [a + b for a, b in zip(qlens, starts, strict=True)]
+        qlens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))
+        starts = np.fromiter((s.start_pos for s in seqs), np.int64, len(seqs))
+        ends = np.cumsum(qlens)
+        firsts = ends - qlens
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        qsl = [0]
-        for q in qlens:
-            qsl.append(qsl[-1] + q)
-        return AttentionMetadata(
-            query_lens=qlens, start_pos=starts,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            max_query_len=max(qlens), max_seq_len=max(seq_lens))
+        tables = np.zeros((len(seqs), width), np.int64)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        seq_of = np.repeat(np.arange(len(seqs)), qlens)
+        positions = np.arange(int(ends[-1])) - firsts[seq_of] + starts[seq_of]
+        slots = tables[seq_of, positions // bs] * bs + positions % bs
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
+                                np.int64, int(ends[-1]))
+        sampled = [i for i, s in enumerate(seqs) if s.sample]
+        meta = self._metadata(qlens, starts, tables, slots)
+        return StepBatch((ends[sampled] - 1).tolist(), [seqs[i] for i in sampled],
+                         firsts.tolist(), torch.from_numpy(input_ids),
+                         torch.from_numpy(positions), torch.from_numpy(slots), meta)
 
+    def _metadata(self, qlens: np.ndarray, starts: np.ndarray, tables: np.ndarray,
+                  slots: np.ndarray) -> AttentionMetadata:
+        dev = self.device
+        seq_lens = qlens + starts
+        qsl = np.concatenate(([0], np.cumsum(qlens)))
+        return AttentionMetadata(
+            query_lens=qlens.tolist(), start_pos=starts.tolist(),
+            query_start_loc=torch.from_numpy(qsl).to(dev, torch.int32),
+            seq_lens=torch.from_numpy(seq_lens).to(dev, torch.int32),
+            block_tables=torch.from_numpy(tables).to(dev, torch.int32),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
