@@ -78,6 +78,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
     start = time.perf_counter()
     last = start
     res = Result(ok=False)
+    chunks = 0
     try:
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
@@ -94,6 +95,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                 if _delta_text(chunk):
+                    chunks += 1
                     now = time.perf_counter()
                     if res.ttft == 0.0:
                         res.ttft = now - start
@@ -102,6 +104,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
                     last = now
         res.e2e = time.perf_counter() - start
         res.ok = True
+        if not res.output_tokens:  # no usage in the stream (some servers): one token a chunk
+            res.output_tokens = chunks
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"[:200]
     return res
