@@ -98,6 +98,10 @@ def part_engine(args) -> dict:
     out["batch1_ms_per_token"] = min(1e3 / d["decode_tokens_per_s"][0] for d in decode)
     out["batch1_steps"] = summarize(steps)
     out["graph_replay_ms"] = graph_replay_ms(runner)
+    ops = getattr(runner.model, "ops", None)
+    out["one_row_linear_us"] = {  # (gemv, cuBLAS) per weight shape, from the ops' warm-up
+        f"{k[0]}x{k[1]}": [round(1e3 * t, 1) for t in v]
+        for k, v in getattr(ops, "gemv_timings", {}).items()}
     if args.profile:
         profile_replay(runner, args.profile)
     ttft = [run_requests(core, [random_prompt(rng, args.ttft_len, 128256)], 1)["ttft_s"][0]

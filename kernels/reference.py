@@ -134,3 +134,18 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * rstd * weight.float()).to(x.dtype), residual
+
+
+# ----------------------------------------------------------------------------- activation
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up of gate_up [T, 2I] = [gate | up] -> [T, I], fp32 math."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+# ----------------------------------------------------------------------------- GEMV
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """One-row linear: x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N], fp32 math."""
+    y = x.float() @ weight.float().t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)

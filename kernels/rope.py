@@ -65,10 +65,12 @@ def _rope_qk_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _angles(tl.load(pos_ptr + t), inv_freq_ptr, half, BLOCK_HALF)
-    _rotate_tile(q_ptr + t * stride_qt, stride_qh, num_heads, cos, sin, half,
-                 BLOCK_H, BLOCK_HALF)
-    _rotate_tile(k_ptr + t * stride_kt, stride_kh, num_kv_heads, cos, sin, half,
-                 BLOCK_HK, BLOCK_HALF)
+    if tl.program_id(1) == 0:  # q and k of a token in two programs: half the latency
+        _rotate_tile(q_ptr + t * stride_qt, stride_qh, num_heads, cos, sin, half,
+                     BLOCK_H, BLOCK_HALF)
+    else:
+        _rotate_tile(k_ptr + t * stride_kt, stride_kh, num_kv_heads, cos, sin, half,
+                     BLOCK_HK, BLOCK_HALF)
 
 
 @triton.jit
@@ -109,12 +111,13 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     check(q.shape[0] == k.shape[0] == positions.shape[0] and q.shape[2] == k.shape[2],
           f"q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} disagree")
     check_int("positions", positions, (torch.int64, torch.int32))
+    check(positions.is_contiguous(), "positions must be contiguous")
     _check_inv_freq(inv_freq, q.shape[2])
     check_same_device(q=q, k=k, positions=positions, inv_freq=inv_freq)
     if q.shape[0] == 0:
         return
     half = q.shape[2] // 2
-    _rope_qk_kernel[(q.shape[0],)](
+    _rope_qk_kernel[(q.shape[0], 2)](
         q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q.shape[1], k.shape[1], half,
         BLOCK_H=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),

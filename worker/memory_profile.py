@@ -3,7 +3,9 @@
     budget = total * gpu_memory_utilization
              - peak bytes torch allocated (weights + the largest step's activations + logits)
              - bytes held outside torch's allocator (CUDA context, cuBLAS workspaces, ...)
-             - GRAPH_RESERVE (the decode graphs' memory pool, captured after the pool exists)
+             - GRAPH_RESERVE (the decode graphs' memory pool, captured after the pool exists,
+                              and their static fp32 logits: max_num_seqs x vocab, 131 MB
+                              for 256 x 128k)
 
 The profiling forward is the largest step the scheduler can send: ``max_num_batched_tokens``
 prefill tokens (split into sequences of at most ``max_model_len``), then logits and a

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class StepRows:
     sample_rows: list[int]  # flat index of the last token of each sampled sequence
     sample_seqs: list[ScheduledSeq]
     row_starts: list[int]  # flat index of each sequence's first token
+    # A decode graph's static fp32 logits [n, V] and their argmax [n], when it computed them.
+    logits: torch.Tensor | None = field(default=None, kw_only=True)
+    argmax: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -121,16 +124,26 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(step.seqs, batch.row_starts, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
-        if len(batch.sample_rows) < hidden.shape[0]:
-            rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
-            hidden = hidden.index_select(0, rows)
-        logits = self.model.compute_logits(hidden)
+        logits, argmax = self._sample_logits(hidden, batch)
         states = [self.states[s.seq_id] for s in batch.sample_seqs]
-        token_ids, logprobs = self.sampler(logits, states)
+        token_ids, logprobs = self.sampler(logits, states, argmax)
         return ModelRunnerOutput(step_id=step.step_id,
                                  seq_ids=[s.seq_id for s in batch.sample_seqs],
                                  sampled_token_ids=token_ids, logprobs=logprobs,
                                  prompt_logprobs=prompt_lps)
+
+    def _sample_logits(self, hidden: torch.Tensor, batch: StepRows
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 logits of the sampled rows, with their argmax when a decode graph made both."""
+        logits, argmax = batch.logits, batch.argmax
+        if len(batch.sample_rows) < hidden.shape[0]:
+            rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+            if logits is None or argmax is None:
+                return self.model.compute_logits(hidden.index_select(0, rows)), None
+            return logits.index_select(0, rows), argmax.index_select(0, rows)
+        if logits is None:
+            return self.model.compute_logits(hidden), None
+        return logits, argmax
 
     def _prompt_logprobs(self, seqs: list[ScheduledSeq], row_starts: list[int],
                          hidden: torch.Tensor) -> dict[str, list[TokenLogprobs | None]] | None:
@@ -184,7 +197,9 @@ class ModelRunner:
         hidden = graphs.run([s.token_ids[0] for s in seqs], positions, slots,
                             [s.block_table for s in seqs])
         sampled = [i for i, s in enumerate(seqs) if s.sample]
-        return hidden, StepRows(sampled, [seqs[i] for i in sampled], list(range(len(seqs))))
+        n = len(seqs)
+        return hidden, StepRows(sampled, [seqs[i] for i in sampled], list(range(n)),
+                                logits=graphs.logits[:n], argmax=graphs.argmax[:n])
 
     def _prepare(self, seqs: list[ScheduledSeq]) -> StepBatch:
         """The flat batch, built with numpy (per-token Python cost ~8 ms at 8k tokens)."""

@@ -46,11 +46,13 @@ def make_state(params: SamplingParams, prompt: list[int], output: list[int] | No
     return SeqSamplingState(params, list(prompt), list(output or []), stop_ids, gen)
 
 
-def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
-    """In place, row by row, only for rows that ask for a penalty."""
+def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> bool:
+    """In place, row by row, only for rows that ask for a penalty; True if any did."""
+    changed = False
     for i, st in enumerate(states):
         p = st.params
         if p.repetition_penalty != 1.0:
+            changed = True
             seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
                                 dtype=torch.long, device=logits.device)
             if seen.numel():
@@ -58,15 +60,21 @@ def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> No
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                               vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and st.output_token_ids:
+            changed = True
             out = torch.tensor(st.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return changed
 
 
-def _mask_min_tokens(logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
+def _mask_min_tokens(logits: torch.Tensor, states: list[SeqSamplingState]) -> bool:
+    """Mask stop ids of rows below min_tokens; True if any row was masked."""
+    changed = False
     for i, st in enumerate(states):
         if st.stop_ids and len(st.output_token_ids) < st.params.min_tokens:
             logits[i, st.stop_ids] = float("-inf")
+            changed = True
+    return changed
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -106,14 +114,19 @@ class Sampler:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState]
+    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState],
+                 argmax: torch.Tensor | None = None
                  ) -> tuple[list[int], list[TokenLogprobs] | None]:
-        """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs."""
-        _apply_penalties(logits, states)
-        _mask_min_tokens(logits, states)
+        """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs.
+
+        ``argmax`` [N] int64: the argmax of ``logits`` as given, already computed (inside a
+        decode CUDA graph); used, and mutated, unless a penalty or min-tokens mask applies.
+        """
+        changed = _apply_penalties(logits, states)
+        changed = _mask_min_tokens(logits, states) or changed
         want_lp = any(st.params.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-        chosen = torch.argmax(logits, dim=-1)
+        chosen = argmax if argmax is not None and not changed else torch.argmax(logits, dim=-1)
         for i, st in enumerate(states):
             if st.params.greedy:
                 continue

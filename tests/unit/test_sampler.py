@@ -100,3 +100,20 @@ def test_logprobs_report_chosen_token_and_top_alternatives():
     assert ids == [1, 1]
     assert [t.token_id for t in lps[0].top] == [1, 2] and lps[1].top == []
     assert abs(lps[0].logprob - float(logits[0, 1])) < 1e-5
+
+
+def test_precomputed_argmax_is_used_only_when_no_row_changes_its_logits():
+    """A decode graph's argmax stands in for the greedy pick, unless a penalty or the
+    min-tokens mask rewrites logits (then the sampler takes the argmax itself)."""
+    stale = torch.tensor([5, 5])  # deliberately not the argmax: shows which was used
+    plain = [state(SamplingParams(temperature=0.0)), state(SamplingParams(temperature=0.0))]
+    ids, _ = Sampler(0, CPU)(peaked(7, 8), plain, stale.clone())
+    assert ids == [5, 5]
+    penalized = [state(SamplingParams(temperature=0.0)),
+                 state(SamplingParams(temperature=0.0, repetition_penalty=1.5))]
+    ids, _ = Sampler(0, CPU)(peaked(7, 8), penalized, stale.clone())
+    assert ids == [7, 8]
+    masked = [state(SamplingParams(temperature=0.0, min_tokens=2), eos=(7,)),
+              state(SamplingParams(temperature=0.0))]
+    ids, _ = Sampler(0, CPU)(peaked(7, 8), masked, stale.clone())
+    assert ids == [0, 8]

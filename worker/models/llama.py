@@ -6,6 +6,13 @@ backend's job. Read top to bottom:
     input_ids [T] -> embed -> N x DecoderLayer -> final norm -> hidden [T, d]
     DecoderLayer:  x += o_proj(attn(rope(qkv(norm(x)))))  ;  x += down(silu(gate) * up)(norm(x))
 
+On CUDA (triton attention) the layers take a fused path instead (``worker/models/ops.py``):
+the residual stream is carried between layers so each add rides in a Triton RMSNorm, RoPE
+rotates q and k in place inside the qkv output, and SiLU x up is one kernel:
+
+    h, r = add_norm(x, r) -> qkv -> rope_qk (in place) -> attn -> o_proj = x
+    h, r = add_norm(x, r) -> gate_up -> silu_mul -> down = x        ... final: add_norm(x, r)
+
 Speed on a 2-core CPU comes from a few choices: q/k/v is one matmul and gate/up is one
 matmul; the RoPE cos/sin table is built once (in the model dtype, as HF casts it) and indexed
 by position once per forward; q and k are rotated together in one pass; RMSNorm is torch's
@@ -26,6 +33,7 @@ from torch import nn
 
 from worker.attention.base import AttentionBackend, AttentionMetadata
 from worker.models.arch import ModelArch, rope_type
+from worker.models.ops import TritonOps, select_ops
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,16 +173,67 @@ class DecoderLayer(nn.Module):
         gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.down_proj)
 
+    # ---- fused path (CUDA, TritonOps) ----------------------------------------------------
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embedding, residual None, at layer 0);
+        returns (this layer's output, the residual stream before it). Mutates residual."""
+        h, residual = ops.add_rmsnorm(x, residual, self.input_norm, self.eps)
+        x = self._attention_fused(h, positions, inv_freq, kv_cache, meta, ops)
+        h, residual = ops.add_rmsnorm(x, residual, self.post_norm, self.eps)
+        act = ops.silu_mul(ops.linear(h, self.gate_up_proj))
+        return ops.linear(act, self.down_proj), residual
+
+    def _attention_fused(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> torch.Tensor:
+        t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
+        qkv = ops.linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
+        if self.q_norm is not None:  # Qwen3 (rare here): torch norms, a new qk tensor
+            qk = torch.cat(
+                (
+                    rms_norm(qk[:, :nh], self.q_norm, self.eps),
+                    rms_norm(qk[:, nh:], self.k_norm, self.eps),
+                ),
+                dim=1,
+            )
+        q, k = qk[:, :nh], qk[:, nh:]
+        ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        return ops.linear(out.reshape(t, nh * self.head_dim), self.o_proj)
+
 
 class LlamaForCausalLM(nn.Module):
     """Decoder over a flat token batch; ``forward`` returns final-normed hidden states."""
 
     def __init__(
-        self, arch: ModelArch, attn: AttentionBackend, *, max_positions: int | None = None
+        self,
+        arch: ModelArch,
+        attn: AttentionBackend,
+        *,
+        max_positions: int | None = None,
+        ops: TritonOps | None | str = "auto",
     ) -> None:
         """Parameters are allocated uninitialised on torch's current default device and dtype
         (the loaders wrap this in ``torch.device(...)`` / default dtype); RoPE tables cover
-        ``max_positions`` (default: the model's max_position_embeddings)."""
+        ``max_positions`` (default: the model's max_position_embeddings). ``ops``: "auto"
+        picks by device and backend (``select_ops``); None forces the plain-torch layers."""
         super().__init__()
         self.arch, self.attn = arch, attn
         self.embed_tokens = _empty(arch.vocab_size, arch.hidden_size)
@@ -189,6 +248,9 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cache(arch, positions, self.embed_tokens.device, self.embed_tokens.dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        inv_freq = rope_inv_freq(arch).to(self.embed_tokens.device, torch.float32)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.ops = select_ops(self.embed_tokens.device, attn.name) if ops == "auto" else ops
 
     @torch.inference_mode()
     def forward(
@@ -199,6 +261,8 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: one per layer (mutated); -> hidden [T, d]."""
+        if isinstance(self.ops, TritonOps):
+            return self._forward_fused(input_ids, positions, kv_caches, meta, self.ops)
         x = F.embedding(input_ids, self.embed_tokens)
         cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers
         sin = self.rope_sin[positions].unsqueeze(1)
@@ -206,10 +270,27 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, kv_cache, meta)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> torch.Tensor:
+        """The same function on the fused kernels (positions must be contiguous)."""
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer.forward_fused(
+                x, residual, positions, self.rope_inv_freq, kv_cache, meta, ops
+            )
+        return ops.add_rmsnorm(x, residual, self.norm, self.arch.rms_norm_eps)[0]
+
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, vocab] in float32."""
-        return linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d] -> logits [N, vocab] in float32 (written into ``out`` if given)."""
+        logits = linear(hidden, self.lm_head)
+        return logits.float() if out is None else out.copy_(logits)
 
     # ---- weight loading (HF names) -------------------------------------------------------
 
