@@ -1,8 +1,9 @@
-"""CUDA graphs of the decode forward: one graph per padded batch size, captured at start-up.
+"""CUDA graphs of the decode forward: one graph per (padded batch size, context bucket),
+captured at start-up.
 
 A decode-only step (every sequence brings exactly one token) has the same kernels in the same
 order for a given batch size; only the inputs change. So the runner keeps static device
-buffers, captures ``model(...)`` once per padded size, and per step copies the real rows into
+buffers, captures ``model(...)`` once per (size, bucket), and per step copies the real rows into
 the buffers (one pinned staging buffer, a few async copies) and replays:
 
     rows  [0, n)        real sequences: token, position, slot, seq_len, block table
@@ -14,8 +15,23 @@ so a greedy step needs no kernel launch after the replay: the sampler reads ``ar
 device-to-host copy, the step's one sync) unless a row changes its logits or samples.
 
 Attention metadata under capture carries host ints that must not depend on the step:
-``max_seq_len`` is the model's context limit (it picks the decode kernel's split count once per
-size), ``query_lens``/``start_pos`` are never read by the triton decode path.
+``max_seq_len`` is the graph's context bucket (it picks the decode kernel's split count, fixed
+at capture), ``query_lens``/``start_pos`` are never read by the triton decode path. Small
+batches get one graph per bucket, so a short context runs the split count its length calls
+for instead of the one the model's context limit calls for (at batch 1 with an 8k limit:
+33 splits, 30 of them empty at 144 tokens, and a reduce over all 33):
+
+    sizes <= BUCKETED_MAX_SIZE   buckets 128, 256, 512, ..., max_model_len
+                                 (batch 1, llama-3-8b: 1, 2, 4, 8, 16, 32, 33 splits)
+    larger sizes                 max_model_len only (splits there are few: 264 programs
+                                 / (size x kv heads))
+
+Buckets are powers of two because the decode kernel's split count is a function of the
+power-of-two ceiling of the context: a replay and an eager step at the same context run the
+same kernels.
+
+A step replays the graph of the smallest bucket >= its longest context (start_pos + 1, known
+on the host). All graphs share one memory pool.
 """
 
 from __future__ import annotations
@@ -38,6 +54,19 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     vals, idx = logits.view(n, v // chunk, chunk).max(dim=-1)  # [n, C]
     best = vals.argmax(dim=-1, keepdim=True)  # [n, 1]
     return torch.add(best.squeeze(1) * chunk, idx.gather(1, best).squeeze(1), out=out)
+
+
+BUCKETED_MAX_SIZE = 8  # padded sizes up to this get one graph per context bucket
+SMALLEST_BUCKET = 128
+
+
+def context_buckets(max_model_len: int) -> list[int]:
+    """Powers of two from SMALLEST_BUCKET below ``max_model_len``, then ``max_model_len``."""
+    buckets, b = [], SMALLEST_BUCKET
+    while b < max_model_len:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_model_len]
 
 
 def padded_sizes(max_num_seqs: int) -> list[int]:
@@ -70,44 +99,65 @@ class DecodeGraphs:
         vocab = model.lm_head.shape[0]
         self.logits = torch.empty(size, vocab, dtype=torch.float32, device=dev)
         self.argmax = torch.zeros(size, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.buckets = context_buckets(max_model_len)
+        # (padded size, context bucket) -> graph and its static hidden-state output
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
 
-    def _meta(self, size: int) -> AttentionMetadata:
+    def buckets_for(self, size: int) -> list[int]:
+        """The context buckets captured for padded size ``size``."""
+        return self.buckets if size <= BUCKETED_MAX_SIZE else [self.max_model_len]
+
+    def bucket(self, size: int, context: int) -> int:
+        """The smallest bucket of ``size`` holding ``context`` tokens (<= max_model_len)."""
+        for b in self.buckets_for(size):
+            if b >= context:
+                return b
+        raise ValueError(f"context {context} exceeds max_model_len {self.max_model_len}")
+
+    def _meta(self, size: int, max_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_lens=[1] * size, start_pos=[0] * size,
             query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
             block_tables=self.tables[:size], slot_mapping=self.scalars[2, :size],
-            max_query_len=1, max_seq_len=self.max_model_len)
+            max_query_len=1, max_seq_len=max_len)
 
-    def _forward(self, size: int) -> torch.Tensor:
-        """Hidden states; logits and their argmax land in the static buffers."""
+    def _forward(self, size: int, max_len: int) -> torch.Tensor:
+        """Hidden states; logits and their argmax land in the static buffers. The int32
+        seq_lens are converted from the staged int64 row inside the graph (no extra launch
+        per step)."""
+        self.seq_lens[:size].copy_(self.scalars[3, :size])
         hidden = self.model(self.scalars[0, :size], self.scalars[1, :size], self.kv_caches,
-                            self._meta(size))
+                            self._meta(size, max_len))
         logits = self.model.compute_logits(hidden, out=self.logits[:size])
         argmax_rows(logits, self.argmax[:size])
         return hidden
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every padded size, largest first so smaller graphs reuse its memory pool.
+        """Capture every (padded size, bucket), largest first so smaller graphs reuse the
+        first one's memory pool.
 
-        The buffers hold padding rows while capturing (slot -1): no KV is written.
+        The buffers hold padding rows while capturing (slot -1, seq_len 1): no KV is written.
         """
         self.scalars.zero_()
         self.scalars[2].fill_(-1)
-        self.seq_lens.fill_(1)
+        self.scalars[3].fill_(1)
         for size in reversed(self.sizes):
-            self._forward(size)  # warm-up: compiles Triton kernels, picks cuBLAS algorithms
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[size] = self._forward(size)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[size] = graph
+            for max_len in reversed(self.buckets_for(size)):
+                self._capture_one(size, max_len)
         torch.cuda.synchronize()
+
+    def _capture_one(self, size: int, max_len: int) -> None:
+        self._forward(size, max_len)  # warm-up: compiles Triton kernels, picks cuBLAS algos
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[size, max_len] = self._forward(size, max_len)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[size, max_len] = graph
 
     def padded(self, n: int) -> int | None:
         """The smallest captured size holding ``n`` rows, or None when n is too large."""
@@ -125,6 +175,7 @@ class DecodeGraphs:
         """
         n = len(ids)
         size = self.padded(n)
+        key = (size, self.bucket(size, max(positions) + 1))
         sc, tb = self.np_scalars, self.np_tables
         sc[0, :n], sc[1, :n], sc[2, :n] = ids, positions, slots
         sc[3, :n] = sc[1, :n] + 1
@@ -134,7 +185,6 @@ class DecodeGraphs:
         for i, t in enumerate(tables):  # entries past a row's length are stale, never read
             tb[i, :len(t)] = t
         self.scalars.copy_(self.host_scalars, non_blocking=True)  # 4 x max rows: tiny
-        self.seq_lens[:size].copy_(self.scalars[3, :size])
         self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]

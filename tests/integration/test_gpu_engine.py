@@ -19,6 +19,7 @@ from configs.loading import build_config
 from scheduler.engine import EngineCore
 from scheduler.protocol import EngineRequest, SamplingParams
 from tests.helpers.tiny_models import make_tiny_model_dir
+from worker import cuda_graphs
 from worker.executor import InprocExecutor
 
 pytestmark = [
@@ -136,15 +137,30 @@ def test_prefix_reuse_gives_the_cold_tokens(tiny_dir):
     assert got == expected
 
 
-def test_graph_replay_equals_eager_in_bf16(tiny_dir):
-    """Same batch sizes (8 = a captured size), same kernels: bit-identical greedy tokens."""
+def test_graph_replay_equals_eager_in_bf16(tiny_dir, monkeypatch):
+    """Same batch sizes (8 = a captured size), same kernels: bit-identical greedy tokens,
+    with context buckets small enough (32..256) that steps use several of them: the batch of
+    8 (contexts up to ~180: bucket 256) and one request alone whose context crosses 64."""
+    monkeypatch.setattr(cuda_graphs, "SMALLEST_BUCKET", 32)
     batch = prompts(8, seed=4)
     graphed = start(tiny_dir, dtype="bfloat16", max_num_seqs=8)
-    with_graphs = generate(graphed, batch)
+    graphs = runner(graphed).graphs
+    assert graphs.buckets == [32, 64, 128, 256] and len(graphs.graphs) == 4 * 4
+    used = set()
+    real = graphs.bucket
+
+    def recording(size, context):
+        b = real(size, context)
+        used.add(b)
+        return b
+
+    graphs.bucket = recording
+    with_graphs = generate(graphed, batch) + generate(graphed, [batch[1]], tag="alone")
     graphed.shutdown()
+    assert {64, 256} <= used, used
     eager = start(tiny_dir, dtype="bfloat16", max_num_seqs=8)
     runner(eager).graphs = None
-    without = generate(eager, batch)
+    without = generate(eager, batch) + generate(eager, [batch[1]], tag="alone")
     eager.shutdown()
     assert with_graphs == without
 
