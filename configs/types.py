@@ -13,6 +13,8 @@ Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 QueuePolicyName = Literal["fcfs", "priority"]
 HashAlgorithm = Literal["blake2b", "sha256"]
+CacheWritePolicy = Literal["write_back", "write_through"]
+KVLoadPolicyName = Literal["cost", "always"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class CacheConfig:
     gpu_memory_utilization: float = opt(0.9, "CUDA only: fraction of GPU memory Encore may use "
                                              "(weights + activations + KV)")
     hash_algorithm: HashAlgorithm = opt("blake2b", "digest for block keys (keyed)")
+    host_cache_gib: float = opt(0.0, "GiB of CPU memory for the host KV tier (pinned on CUDA); "
+                                     "0 = off")
+    disk_cache_dir: str | None = opt(None, "directory of the disk KV tier (survives restarts; "
+                                           "holds the deployment secret); None = off")
+    disk_cache_gib: float = opt(10.0, "size cap of the disk KV tier in GiB")
+    cache_write_policy: CacheWritePolicy = opt("write_back", "write_back: save a block one tier "
+                                               "down when it is evicted; write_through: save "
+                                               "every computed block to every lower tier")
+    kv_load_policy: KVLoadPolicyName = opt("cost", "cost: load a tier hit only when the cost "
+                                           "model says it beats recomputing; always: load every "
+                                           "hit (tests, benchmarks)")
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -56,6 +69,13 @@ class CacheConfig:
         check_range("cache", "num_device_blocks", self.num_device_blocks, lo=2)
         check_range("cache", "kv_cache_gib", self.kv_cache_gib, lo=0.001)
         check_range("cache", "gpu_memory_utilization", self.gpu_memory_utilization, lo=0.05, hi=1.0)
+        check_range("cache", "host_cache_gib", self.host_cache_gib, lo=0.0)
+        check_range("cache", "disk_cache_gib", self.disk_cache_gib, lo=0.0)
+        if (self.host_cache_gib > 0 or self.disk_cache_dir) and not self.enable_prefix_caching:
+            from configs.fields import ConfigError
+
+            raise ConfigError("cache.host_cache_gib / cache.disk_cache_dir need "
+                              "enable_prefix_caching (the tiers hold prefix-cached blocks)")
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,9 @@ class ServerConfig:
 
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port to listen on")
-    api_keys: list[str] = opt([], "accepted API keys (Bearer); none = no authentication",
-                              repeat=True)
+    api_keys: list[str] = opt([], "accepted API keys (Bearer), one tenant each; none = no "
+                                  "authentication", repeat=True)
+    api_keys_file: str | None = opt(None, "file of more API keys, one per line (# comments)")
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest request body accepted (413 above)")
     max_waiting_requests: int = opt(1024, "requests queued beyond this get 429")
     drain_timeout_s: float = opt(30.0, "on SIGTERM, seconds to let running requests finish")

@@ -18,7 +18,7 @@ The pool therefore has ``num_blocks - 1`` usable blocks, ids ``1 .. num_blocks -
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 NULL_BLOCK = 0
 
@@ -26,7 +26,8 @@ NULL_BLOCK = 0
 class BlockPool:
     """Owns the ref count and the cache key of every device block (one truth per fact)."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True,
+                 on_evict: Callable[[bytes, int], None] | None = None) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks={num_blocks}: need >= 2 (block 0 is reserved)")
         self.num_blocks = num_blocks
@@ -37,6 +38,7 @@ class BlockPool:
         # LRU free queue: insertion order is eviction order (first = evicted first).
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.evictions = 0
+        self.on_evict = on_evict  # (key, block) of a cached block about to be reused
 
     # ------------------------------------------------------------------ queries
     @property
@@ -151,6 +153,8 @@ class BlockPool:
     def _evict(self, b: int) -> None:
         key = self._key[b]
         if key is not None:
+            if self.on_evict is not None:
+                self.on_evict(key, b)
             del self._cached[key]
             self._key[b] = None
             self.evictions += 1

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from kvmanager.block_pool import BlockPool
 from kvmanager.hashing import DEV_SECRET, BlockHasher, HashAlgorithm
+from kvmanager.tiered import TieredCache
 
 
 class KVSeq(Protocol):
@@ -48,16 +49,21 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         hash_algorithm: HashAlgorithm = "blake2b",
         secret: bytes = DEV_SECRET,
+        tiers: TieredCache | None = None,
     ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.tiers = tiers if enable_prefix_caching else None
+        on_evict = self.tiers.on_device_evict if self.tiers is not None else None
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, on_evict=on_evict)
         self.hasher = BlockHasher(secret, hash_algorithm)
         self._blocks: dict[str, list[int]] = {}
         self._keys: dict[str, list[bytes]] = {}  # keys of a sequence's leading full blocks
         self._num_registered: dict[str, int] = {}  # leading blocks already offered to the map
         self.prefix_queries = 0  # tokens looked up (cumulative)
-        self.prefix_hits = 0  # tokens found (cumulative)
+        self.prefix_hits = 0  # tokens found, on the device or loaded from a tier (cumulative)
+        self.device_hits = 0  # tokens found on the device (cumulative)
+        self._orphans: set[str] = set()  # freed while loads into their blocks are in flight
 
     # ------------------------------------------------------------------ queries
     @property
@@ -132,15 +138,80 @@ class KVCacheManager:
         return new
 
     def free(self, seq_id: str) -> None:
-        """Release a sequence's blocks (tail first into the LRU) and forget its keys."""
+        """Release a sequence's blocks (tail first into the LRU) and forget its keys.
+
+        While loads into its blocks are in flight the blocks stay held; they are released
+        when the loads complete (``collect_loaded``).
+        """
+        if self.tiers is not None and self.tiers.is_loading(seq_id):
+            self._orphans.add(seq_id)
+            return
         table = self._blocks.pop(seq_id, [])
         self._keys.pop(seq_id, None)
         self._num_registered.pop(seq_id, None)
         self.pool.free(table[::-1])
 
     def reset_cache(self) -> bool:
-        """Forget every cached prefix (the device KV is gone); only when no block is in use."""
+        """Forget every cached prefix (the device KV is gone, and with it the host tier and
+        every transfer); only when no block is in use apart from abandoned loads."""
+        if self.tiers is not None:
+            self.tiers.reset()
+        for seq_id in list(self._orphans):
+            self._orphans.discard(seq_id)
+            self.free(seq_id)
         return self.pool.reset_cache()
+
+    # ------------------------------------------------------------------ tier loads
+    def plan_tier_loads(self, seq: KVSeq, num_device_hits: int) -> list[str]:
+        """Tiers to load the blocks after the device hit from ("host"/"disk" each, in order),
+        as far as the load policy finds loading faster than recomputing. [] = none."""
+        if self.tiers is None:
+            return []
+        max_blocks = (len(seq.all_token_ids) - 1) // self.block_size
+        keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
+        return self.tiers.plan_loads(keys) if keys else []
+
+    def start_loads(self, seq: KVSeq, device_hits: Sequence[int], tiers: Sequence[str]) -> bool:
+        """Reference the device hits, allocate a block per tier hit and emit its load.
+
+        The sequence's table becomes ``device_hits + load blocks``; the load blocks are
+        registered in the prefix cache only once loaded. False (nothing changed) if no room.
+        """
+        assert self.tiers is not None and seq.seq_id not in self._blocks
+        evictable_hits = sum(1 for b in device_hits if self.pool.ref_count(b) == 0)
+        if len(tiers) > self.pool.num_free - evictable_hits:
+            return False
+        keys = self._keys[seq.seq_id][len(device_hits):len(device_hits) + len(tiers)]
+        slots = self.tiers.pin_loads(keys, tiers)
+        self.pool.touch(device_hits)
+        new = self.pool.allocate(len(tiers))
+        assert new is not None
+        self._blocks[seq.seq_id] = [*device_hits, *new]
+        self.tiers.start_loads(seq.seq_id, keys, tiers, slots, new)
+        self._num_registered[seq.seq_id] = len(device_hits)
+        self._record_lookup(seq, len(device_hits) * self.block_size)
+        return True
+
+    def collect_loaded(self) -> list[tuple[str, int]]:
+        """Sequences whose loads completed: (seq id, tokens now computed = device hit plus the
+        blocks loaded before the first failure). Loaded blocks join the prefix cache;
+        sequences freed meanwhile release their blocks now."""
+        if self.tiers is None:
+            return []
+        out = []
+        for seq_id, good, tiers in self.tiers.loads_done():
+            if seq_id in self._orphans:
+                self._orphans.discard(seq_id)
+                self.free(seq_id)
+                continue
+            done = self._num_registered[seq_id]
+            table, keys = self._blocks[seq_id], self._keys[seq_id]
+            self.pool.cache_full_blocks(table[done:done + good], keys[done:done + good])
+            self._num_registered[seq_id] = done + good
+            self.tiers.count_hits(tiers, self.block_size)
+            self.prefix_hits += good * self.block_size
+            out.append((seq_id, (done + good) * self.block_size))
+        return out
 
     def _seq_keys(self, seq: KVSeq, num_blocks: int) -> list[bytes]:
         known = self._keys.get(seq.seq_id, [])
@@ -163,16 +234,29 @@ class KVCacheManager:
         table = self._blocks[seq.seq_id]
         self.pool.cache_full_blocks(table[done:full], keys[done:full])
         self._num_registered[seq.seq_id] = full
+        if self.tiers is not None:
+            for b, key in zip(table[done:full], keys[done:full], strict=True):
+                if self.pool.key_of(b) == key:
+                    self.tiers.on_computed(key, b)
 
     def _record_lookup(self, seq: KVSeq, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:
             self.prefix_queries += len(seq.all_token_ids)
             self.prefix_hits += num_hit_tokens
+            self.device_hits += num_hit_tokens
+        if self.tiers is not None and num_hit_tokens:
+            # a hot prefix keeps its lower-tier copies too (no re-store when the device evicts)
+            self.tiers.touch(self._keys[seq.seq_id][: num_hit_tokens // self.block_size])
 
     # ------------------------------------------------------------------ invariants
     def check_integrity(self) -> None:
-        """Pool invariants, plus: every block's ref count equals the tables that hold it."""
+        """Pool invariants, plus: every block's ref count equals the tables that hold it; the
+        tier indexes agree with the transfers in flight."""
         self.pool.check_integrity()
+        if self.tiers is not None:
+            self.tiers.check_integrity()
+        if not self._orphans <= set(self._blocks):
+            raise AssertionError("an orphaned load holds no blocks")
         holders = [0] * self.pool.num_blocks
         for seq_id, table in self._blocks.items():
             if not table:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from scheduler.protocol import (
+    KV_LOAD_BUCKETS,
     AbortRequest,
     EngineOutputs,
     EngineReady,
@@ -61,7 +63,23 @@ class EngineClient(abc.ABC):
         """Stop the engine and its processes."""
 
 
-_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens")
+_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
+             "kv_disk_corrupt_files")
+_DICT_COUNTERS = ("kv_tier_hit_tokens", "kv_tier_transfer_bytes")
+
+
+class LoadHistogram:
+    """Cumulative bucket counts of ``kv_tier_load_seconds`` (bounds: ``KV_LOAD_BUCKETS``)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(KV_LOAD_BUCKETS) + 1)  # last bucket: +Inf
+        self.sum = 0.0
+
+    def observe(self, values: list[float]) -> None:
+        for v in values:
+            i = next((i for i, b in enumerate(KV_LOAD_BUCKETS) if v <= b), len(KV_LOAD_BUCKETS))
+            self.counts[i] += 1
+            self.sum += v
 
 
 class _Router:
@@ -70,6 +88,7 @@ class _Router:
     def __init__(self) -> None:
         self.queues: dict[str, asyncio.Queue] = {}
         self.totals = EngineStats()
+        self.kv_load_seconds = LoadHistogram()
 
     def dispatch(self, batch: EngineOutputs) -> None:
         for out in batch.outputs:
@@ -78,14 +97,24 @@ class _Router:
                 q.put_nowait(out)
         if batch.stats is not None:
             s, t = batch.stats, self.totals
+            self.kv_load_seconds.observe(s.kv_tier_load_seconds)
+            sums: dict[str, Any] = {c: getattr(t, c) + getattr(s, c) for c in _COUNTERS}
+            sums.update({c: _add(getattr(t, c), getattr(s, c)) for c in _DICT_COUNTERS})
             self.totals = EngineStats(
                 num_running=s.num_running, num_waiting=s.num_waiting,
                 kv_cache_usage=s.kv_cache_usage,
-                **{c: getattr(t, c) + getattr(s, c) for c in _COUNTERS})
+                kv_tier_usage_bytes=s.kv_tier_usage_bytes or t.kv_tier_usage_bytes, **sums)
 
     def fail_all(self, reason: str) -> None:
         for q in self.queues.values():
             q.put_nowait(EngineError(reason))
+
+
+def _add(total: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
+    out = dict(total)
+    for k, v in delta.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
 
 class BaseEngineClient(EngineClient):
@@ -102,6 +131,10 @@ class BaseEngineClient(EngineClient):
 
     def stats(self) -> EngineStats:
         return self.router.totals
+
+    def kv_load_histogram(self) -> LoadHistogram:
+        """Cumulative histogram of per-request KV staging times (seconds)."""
+        return self.router.kv_load_seconds
 
     def _send(self, msg: EngineRequest | AbortRequest | Shutdown) -> None:
         raise NotImplementedError

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable
 
 from configs import EncoreConfig
+from configs.secrets import block_key_secret
+from kvmanager.tiered import TierSetup
 from scheduler.executor import Executor, WorkerDiedError
 from scheduler.protocol import (
     AbortRequest,
@@ -48,12 +51,22 @@ class EngineCore:
         self.worker = self.executor.start()
         self._scheduler = Scheduler(self.config.cache, self.config.scheduler,
                                    num_device_blocks=self.worker.num_device_blocks,
-                                   max_model_len=self.worker.max_model_len)
+                                   max_model_len=self.worker.max_model_len,
+                                   secret=block_key_secret(self.config.cache.disk_cache_dir),
+                                   tiers=self._tier_setup(self.worker))
+        if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
+            self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files
         w = self.worker
         return EngineReady(model_name=self.model_name, max_model_len=w.max_model_len,
                            vocab_size=w.vocab_size, num_device_blocks=w.num_device_blocks,
                            block_size=self.config.cache.block_size, device=w.device,
                            dtype=w.dtype)
+
+    def _tier_setup(self, w: WorkerReady) -> TierSetup:
+        cache = self.config.cache
+        return TierSetup(block_bytes=w.kv_block_bytes, num_host_blocks=w.num_host_blocks,
+                         num_disk_blocks=w.num_disk_blocks, disk_keys=w.disk_keys,
+                         write_policy=cache.cache_write_policy, load_policy=cache.kv_load_policy)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -78,12 +91,16 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule one batch, run it, and return the new outputs."""
         sched_out = self.scheduler.schedule()
-        if not sched_out.seqs and not sched_out.finished:
+        tiers = self.scheduler.kv.tiers
+        if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
+                or (tiers is not None and tiers.num_inflight)):
             return []
+        start = time.perf_counter()
         try:
             result = self.executor.execute(sched_out)
         except WorkerDiedError as e:
             return self._recover(str(e))
+        self.scheduler.observe_step(sched_out, time.perf_counter() - start)
         return self.scheduler.update_from_output(sched_out, result)
 
     def _recover(self, reason: str) -> list[RequestOutput]:
@@ -98,6 +115,9 @@ class EngineCore:
         logger.info("restarting the model worker")
         self.worker = self.executor.start()
         self.worker_dead = False
+        tiers = self.scheduler.kv.tiers
+        if tiers is not None:  # the disk tier survived; the host tier died with the worker
+            tiers.load_disk_index(self.worker.disk_keys)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -14,6 +14,11 @@ from typing import Literal
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+Tier = Literal["device", "host", "disk"]
+
+# Upper bounds (seconds) of the kv_tier_load_seconds histogram buckets (P1 observes, P0 exports).
+KV_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -98,6 +103,11 @@ class EngineStats(msgspec.Struct, tag=True, omit_defaults=True):
     preemptions: int = 0  # increment
     prompt_tokens: int = 0  # increment: prompt tokens computed
     generation_tokens: int = 0  # increment
+    kv_tier_usage_bytes: dict[str, int] = {}  # gauge per tier: bytes of KV held
+    kv_tier_hit_tokens: dict[str, int] = {}  # increment per tier: prompt tokens reused
+    kv_tier_transfer_bytes: dict[str, int] = {}  # increment per "src>dst": bytes moved
+    kv_tier_load_seconds: list[float] = []  # new observations: a request's KV staging time
+    kv_disk_corrupt_files: int = 0  # increment: bad disk files found (deleted)
 
 
 class EngineOutputs(msgspec.Struct, tag=True, omit_defaults=True):
@@ -149,12 +159,48 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     eos_token_ids: list[int] | None = None  # with sampling: masked until min_tokens
 
 
+class KVTransfer(msgspec.Struct, array_like=True):
+    """Copy one block's KV from ``src`` to ``dst`` (the tier data plane, run by the worker).
+
+    Slots: device = block id, host = host-pool slot, disk = unused (files are named by
+    ``key``). The worker answers every transfer with one ``KVDone`` carrying ``op_id``.
+    """
+
+    op_id: int
+    key: bytes
+    src: Tier
+    src_slot: int
+    dst: Tier
+    dst_slot: int
+
+
+class KVDone(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A transfer finished (``ok``) or failed (``error``: why; the data is unusable)."""
+
+    op_id: int
+    ok: bool
+    error: str | None = None
+    seconds: float = 0.0  # time the copy or the file I/O itself took (feeds the cost model)
+
+
 class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
-    """One step for the worker. ``finished`` lists seq ids whose worker state can go."""
+    """One step for the worker. ``finished`` lists seq ids whose worker state can go.
+
+    Before the forward pass the worker runs, in this order: ``kv_deletes`` (disk files to
+    remove), ``kv_stores`` whose source is the host tier, the other ``kv_stores``, then
+    ``kv_loads``. A transfer may complete in a later step; its ``KVDone`` says when.
+    """
 
     step_id: int
     seqs: list[ScheduledSeq] = []
     finished: list[str] = []
+    kv_stores: list[KVTransfer] = []
+    kv_loads: list[KVTransfer] = []
+    kv_deletes: list[bytes] = []
+
+    @property
+    def has_kv_ops(self) -> bool:
+        return bool(self.kv_stores or self.kv_loads or self.kv_deletes)
 
 
 class ModelRunnerOutput(msgspec.Struct, tag=True, omit_defaults=True):
@@ -166,6 +212,8 @@ class ModelRunnerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] | None = None
     error: str | None = None
+    kv_done: list[KVDone] = []
+    kv_disk_corrupt_files: int = 0  # bad disk files found (and deleted) during this step
 
 
 class WorkerReady(msgspec.Struct, tag=True):
@@ -176,6 +224,11 @@ class WorkerReady(msgspec.Struct, tag=True):
     vocab_size: int
     device: str
     dtype: str
+    kv_block_bytes: int = 0  # bytes of one block across layers (K and V)
+    num_host_blocks: int = 0  # host tier slots (0 = off)
+    num_disk_blocks: int = 0  # disk tier capacity in blocks (0 = off)
+    disk_keys: list[bytes] = []  # valid blocks found on disk at start-up, oldest first
+    kv_disk_corrupt_files: int = 0  # bad files found (and deleted) by the start-up scan
 
 
 class Shutdown(msgspec.Struct, tag=True):

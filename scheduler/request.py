@@ -16,6 +16,7 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again after its blocks were taken (recompute)
+    WAITING_FOR_KV = "waiting_for_kv"  # its prefix KV is being loaded from the host/disk tier
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"

@@ -9,6 +9,11 @@ Each sequence has ``num_computed_tokens`` chasing ``num_tokens``. A step hands o
        waiting queue's front. Repeat until it fits, or the sequence preempts itself.
     2. if nothing was preempted, waiting sequences in queue order: prefix-cache lookup, then
        a (chunked) prefill under the token budget, while fewer than ``max_num_seqs`` run.
+       With host/disk tiers, a sequence whose lower-tier hit is worth loading (the load
+       policy decides) gets device blocks for it and waits in WAITING_FOR_KV
+       (``self.loading``, no tokens this step) while the worker stages its KV; once every
+       load is done it joins the running batch with those tokens computed (step 0 of the
+       next ``schedule``). Loads and stores travel in ``SchedulerOutput.kv_*``.
 
 ``schedule()`` advances ``num_computed_tokens`` at once; ``update_from_output()`` appends the
 sampled tokens. The two must alternate: every scheduled step runs before the next is planned
@@ -29,13 +34,16 @@ Worker contract (``ScheduledSeq``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from configs.types import CacheConfig, SchedulerConfig
 from kvmanager.hashing import DEV_SECRET
 from kvmanager.manager import KVCacheManager
+from kvmanager.tiered import StepOps, TieredCache, TierSetup, Transfer
 from scheduler.protocol import (
     EngineRequest,
     EngineStats,
+    KVTransfer,
     ModelRunnerOutput,
     RequestOutput,
     ScheduledSeq,
@@ -63,21 +71,27 @@ class Scheduler:
         num_device_blocks: int,
         max_model_len: int,
         secret: bytes = DEV_SECRET,
+        tiers: TierSetup | None = None,
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
+        tiered = None
+        if tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks):
+            tiered = TieredCache(tiers, cache_config.block_size)
         self.kv = KVCacheManager(
             num_device_blocks,
             cache_config.block_size,
             cache_config.enable_prefix_caching,
             cache_config.hash_algorithm,
             secret,
+            tiered,
         )
         self.max_model_len = max_model_len
         # No sequence can outgrow the pool: past this it finishes with "length".
         self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
         self.waiting = make_queue(scheduler_config.policy)
         self.running: list[Seq] = []
+        self.loading: dict[str, Seq] = {}  # WAITING_FOR_KV, in admission order
         self.requests: dict[str, list[Seq]] = {}  # request id -> its children (until all end)
         self._seqs: dict[str, Seq] = {}  # unfinished sequences by seq id
         self._finished_ids: list[str] = []  # for the next SchedulerOutput.finished
@@ -87,6 +101,7 @@ class Scheduler:
         self._step_preempted = False
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
         self._reported = dict.fromkeys(_COUNTERS, 0)
+        self._device_hits_reported = 0
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, req: EngineRequest) -> list[RequestOutput]:
@@ -166,14 +181,19 @@ class Scheduler:
         return bool(self._seqs)
 
     def has_work(self) -> bool:
-        """Unfinished sequences, or finished ids the worker has not been told about yet."""
-        return bool(self._seqs) or bool(self._finished_ids)
+        """Unfinished sequences, finished ids the worker has not been told about yet, or
+        tier transfers still in flight."""
+        tiers = self.kv.tiers
+        return bool(self._seqs) or bool(self._finished_ids) or bool(tiers and tiers.num_inflight)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         """Plan one step: which tokens of which sequences to compute (see module docstring)."""
         self._step_id += 1
         self._step_preempted = False
+        if self.kv.tiers is not None:
+            self.kv.tiers.begin_step()
+        self._promote_loaded()
         budget = _Budget(self.config.max_num_batched_tokens)
         planned: list[tuple[Seq, int]] = []
         self._schedule_running(budget, planned)
@@ -181,7 +201,19 @@ class Scheduler:
             self._schedule_waiting(budget, planned)
         seqs = [self._to_wire(seq, n) for seq, n in planned]
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
+        out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
+        if self.kv.tiers is not None:
+            _attach_ops(out, self.kv.tiers.take_ops())
+        return out
+
+    def _promote_loaded(self) -> None:
+        """Sequences whose KV finished loading join the running batch with it computed."""
+        for seq_id, computed in self.kv.collect_loaded():
+            seq = self.loading.pop(seq_id)
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed_tokens = computed
+            seq.num_cached_tokens = computed
+            self.running.append(seq)
 
     def _schedule_running(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
         self.running.sort(key=self.waiting.key)
@@ -215,8 +247,17 @@ class Scheduler:
         self._step_preempted = True
 
     def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
-        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget.tokens > 0
+               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             seq = self.waiting.peek()
+            loads = self._start_loads(seq)
+            if loads is not None:
+                if not loads:
+                    break  # no room for the load blocks: keep queue order, retry next step
+                self.waiting.pop()
+                seq.status = SeqStatus.WAITING_FOR_KV
+                self.loading[seq.seq_id] = seq
+                continue
             n = self._admit(seq, budget.tokens)
             if n == 0:
                 break  # no room: keep queue order, retry next step
@@ -225,6 +266,20 @@ class Scheduler:
             self.running.append(seq)
             planned.append((seq, n))
             budget.tokens -= n
+
+    def _start_loads(self, seq: Seq) -> bool | None:
+        """Stage ``seq``'s tier hits into device blocks if the load policy wants any.
+
+        None: nothing to load (admit it normally); True: loads started (it waits in
+        WAITING_FOR_KV); False: worth loading but no room now.
+        """
+        if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
+            return None
+        hits, _ = self.kv.get_computed_blocks(seq)
+        tiers = self.kv.plan_tier_loads(seq, len(hits))
+        if not tiers:
+            return None
+        return self.kv.start_loads(seq, hits, tiers)
 
     def _admit(self, seq: Seq, token_budget: int) -> int:
         """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
@@ -273,6 +328,11 @@ class Scheduler:
             return self.fail_all(
                 f"the worker answered step {runner_out.step_id} for step {sched_out.step_id}"
             )
+        tiers = self.kv.tiers
+        if tiers is not None:
+            for done in runner_out.kv_done:
+                tiers.apply_done(done.op_id, done.ok, done.error, done.seconds)
+            tiers.corrupt_files += runner_out.kv_disk_corrupt_files
         row = {seq_id: i for i, seq_id in enumerate(runner_out.seq_ids)}
         self._collect_prompt_logprobs(runner_out)
         outputs = []
@@ -319,6 +379,8 @@ class Scheduler:
         """Mark finished, free its blocks, tell the worker next step, forget it."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING_FOR_KV:
+            del self.loading[seq.seq_id]
         else:
             self.waiting.remove(seq)
         seq.status, seq.error = status, error
@@ -347,19 +409,38 @@ class Scheduler:
         totals = dict(
             self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits
         )
-        delta = {k: totals[k] - self._reported[k] for k in _COUNTERS}
+        delta: dict[str, Any] = {k: totals[k] - self._reported[k] for k in _COUNTERS}
         self._reported = {k: totals[k] for k in _COUNTERS}
         return EngineStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting),
+            num_waiting=len(self.waiting) + len(self.loading),
             kv_cache_usage=self.kv.usage,
             **delta,
+            **self._tier_stats(),
         )
+
+    def _tier_stats(self) -> dict[str, Any]:
+        """Tier gauges and increments since the last call (empty without tiers)."""
+        tiers = self.kv.tiers
+        device_hits = self.kv.device_hits - self._device_hits_reported
+        self._device_hits_reported = self.kv.device_hits
+        if tiers is None:
+            return {}
+        stats = tiers.take_stats()
+        stats["kv_tier_hit_tokens"]["device"] = device_hits
+        stats["kv_tier_usage_bytes"]["device"] = self.kv.pool.num_cached * tiers.block_bytes
+        return stats
+
+    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """Feed the load-vs-recompute policy with how long a step took."""
+        if self.kv.tiers is not None and sched_out.seqs:
+            prefill = sum(len(s.token_ids) for s in sched_out.seqs if len(s.token_ids) > 1)
+            self.kv.tiers.policy.observe_step(prefill, seconds)
 
     def check_integrity(self) -> None:
         """KV invariants plus: every unfinished seq is in exactly one queue, in a sane state."""
         self.kv.check_integrity()
-        queued = list(self.waiting) + self.running
+        queued = list(self.waiting) + self.running + list(self.loading.values())
         ids = [s.seq_id for s in queued]
         _require(len(set(ids)) == len(ids), f"a sequence is queued twice: {ids}")
         _require(set(ids) == set(self._seqs), "queues and the sequence table disagree")
@@ -367,12 +448,26 @@ class Scheduler:
         for s in self.running:
             blocks = len(self.kv.block_table(s.seq_id))
             _require(s.status is SeqStatus.RUNNING, f"{s} in running")
-            _require(0 < s.num_computed_tokens <= s.num_tokens, f"{s} progress out of range")
+            # 0 only for a sequence promoted from WAITING_FOR_KV whose loads all failed
+            _require(0 <= s.num_computed_tokens <= s.num_tokens, f"{s} progress out of range")
             _require(blocks * self.block_size >= s.num_computed_tokens, f"{s} lacks blocks")
         for s in self.waiting:
             _require(s.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED), f"{s} in waiting")
             _require(s.num_computed_tokens == 0, f"{s} waiting with computed tokens")
             _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
+        for s in self.loading.values():
+            _require(s.status is SeqStatus.WAITING_FOR_KV, f"{s} in loading")
+            _require(bool(self.kv.block_table(s.seq_id)), f"{s} loading without blocks")
+
+
+def _attach_ops(out: SchedulerOutput, ops: StepOps) -> None:
+    out.kv_stores = [_wire(t) for t in ops.stores]
+    out.kv_loads = [_wire(t) for t in ops.loads]
+    out.kv_deletes = ops.deletes
+
+
+def _wire(t: Transfer) -> KVTransfer:
+    return KVTransfer(t.op_id, t.key, t.src, t.src_slot, t.dst, t.dst_slot)  # type: ignore[arg-type]
 
 
 def _require(cond: bool, message: str) -> None:

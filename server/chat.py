@@ -45,7 +45,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     sampling = sampling_params(req, max_tokens, req.num_logprobs())
     admit(ctx)
     rid = new_id("chatcmpl")
-    ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time())
+    ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time(),
+                          tenant=getattr(request.state, "tenant", None))
     trackers = [SequenceTracker(i, ctx.tokenizer, prompt_ids, req.stop_strings())
                 for i in range(req.n)]
     deltas = stream_request(ctx, ereq, trackers, arrival)

@@ -99,9 +99,17 @@ def resolve_config(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         config = build_config(load_preset(getattr(args, "config", None)),
                               os.environ if env is None else env, overrides)
         resolve_model(config.model)  # a missing or unsupported model is a one-line error now
-    except (ConfigError, ModelLoadError) as e:
+        _check_keys_file(config)
+    except (ConfigError, ModelLoadError, ValueError) as e:
         fail(str(e))
     return config
+
+
+def _check_keys_file(config: EncoreConfig) -> None:
+    """An unreadable ``api_keys_file`` is a one-line error at start-up (ValueError)."""
+    from server.serving import api_keys
+
+    api_keys(config.server)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,8 @@ async def create_completion(ctx: ServingContext, request: Request, body: Any,
         max_tokens = resolve_max_tokens(ctx, len(prompt.token_ids), req.requested_max_tokens(),
                                         "max_tokens", "prompt")
         sampling = sampling_params(req, max_tokens, req.num_logprobs(), prompt_lps)
-        ereq = engine_request(ctx, req, f"{rid}-{p}", prompt.token_ids, sampling, time.time())
+        ereq = engine_request(ctx, req, f"{rid}-{p}", prompt.token_ids, sampling, time.time(),
+                              tenant=getattr(request.state, "tenant", None))
         trackers = [SequenceTracker(p * req.n + i, ctx.tokenizer, prompt.token_ids,
                                     req.stop_strings()) for i in range(req.n)]
         streams.append(stream_request(ctx, ereq, trackers, arrival))

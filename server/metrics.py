@@ -9,12 +9,18 @@ current gauges and counters accumulated since the engine started.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from scheduler.protocol import EngineStats
+from scheduler.protocol import KV_LOAD_BUCKETS, EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -28,11 +34,14 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 class EngineStatsCollector(Collector):
     """Exposes the engine's gauges and cumulative counters at scrape time."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None],
+                 kv_load_histogram: Callable[[], Any] | None = None) -> None:
         self._stats = stats
+        self._kv_load = kv_load_histogram
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats() or EngineStats()
+        yield from self._tier_metrics(s)
         yield _gauge("encore:num_requests_running", "Requests in the running batch",
                      s.num_running)
         yield _gauge("encore:num_requests_waiting", "Requests waiting to be scheduled",
@@ -47,6 +56,36 @@ class EngineStatsCollector(Collector):
                        s.preemptions)
 
 
+    def _tier_metrics(self, s: EngineStats) -> Iterator[Metric]:
+        usage = GaugeMetricFamily("encore:kv_tier_usage_bytes", "Bytes of KV cache held per "
+                                  "tier (device, host, disk)", labels=["tier"])
+        for tier, value in sorted(s.kv_tier_usage_bytes.items()):
+            usage.add_metric([tier], value)
+        yield usage
+        hits = CounterMetricFamily("encore:kv_tier_hit_tokens", "Prompt tokens reused, by the "
+                                   "tier they came from", labels=["tier"])
+        for tier, value in sorted(s.kv_tier_hit_tokens.items()):
+            hits.add_metric([tier], value)
+        yield hits
+        moved = CounterMetricFamily("encore:kv_tier_transfer_bytes", "KV bytes copied between "
+                                    "tiers", labels=["src", "dst"])
+        for route, value in sorted(s.kv_tier_transfer_bytes.items()):
+            moved.add_metric(route.split(">", 1), value)
+        yield moved
+        yield _counter("encore:kv_disk_corrupt_files", "Bad disk KV files found (and "
+                       "deleted): short, corrupt or of another model", s.kv_disk_corrupt_files)
+        hist = self._kv_load() if self._kv_load is not None else None
+        if hist is not None:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, KV_LOAD_BUCKETS), "+Inf"), hist.counts,
+                                    strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            yield HistogramMetricFamily("encore:kv_tier_load_seconds", "Time a request waited "
+                                        "for its KV to load from the host or disk tier",
+                                        buckets=buckets, sum_value=hist.sum)
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
@@ -58,10 +97,11 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 class ServerMetrics:
     """All of P0's metrics on one registry (one per app, so tests can build many apps)."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None],
+                 kv_load_histogram: Callable[[], Any] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(EngineStatsCollector(stats))
+        r.register(EngineStatsCollector(stats, kv_load_histogram))
         self.prompt_tokens = Counter("encore:prompt_tokens", "Prompt tokens received",
                                      registry=r)
         self.generation_tokens = Counter("encore:generation_tokens", "Tokens generated",

@@ -26,7 +26,7 @@ async def _serve(request: Request, handler: Handler) -> Response:
     arrival = time.monotonic()
     ctx = _ctx(request)
     try:
-        check_api_key(ctx, request)
+        request.state.tenant = check_api_key(ctx, request)
         check_ready(ctx)
         body = await read_json(ctx, request)
         return await handler(ctx, request, body, arrival)

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from configs.types import EncoreConfig
+from configs.secrets import deployment_secret, tenant_salt
+from configs.types import EncoreConfig, ServerConfig
 from scheduler.client import EngineClient
 from scheduler.protocol import EngineReady, EngineRequest, SamplingParams
 from server.errors import APIError, invalid
@@ -39,8 +40,14 @@ class ServingContext:
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
+    tenants: dict[str, str] = field(default_factory=dict)  # API key -> its cache salt
+
     def __post_init__(self) -> None:
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        keys = api_keys(self.config.server)
+        if keys:
+            secret = deployment_secret(self.config.cache.disk_cache_dir)
+            self.tenants = {k: tenant_salt(secret, k) for k in keys}
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -60,20 +67,38 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_api_key(ctx: ServingContext, request: Request) -> None:
-    """401 unless the Bearer token is one of the configured keys (constant-time compare)."""
-    keys = ctx.config.server.api_keys
-    if not keys:
-        return
+def api_keys(server: ServerConfig) -> list[str]:
+    """``api_keys`` plus the keys in ``api_keys_file`` (one per line; blank lines and lines
+    starting with # are skipped). Raises ValueError naming the file if it cannot be read."""
+    keys = list(server.api_keys)
+    if server.api_keys_file:
+        try:
+            with open(server.api_keys_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except OSError as e:
+            raise ValueError(f"api_keys_file {server.api_keys_file!r}: {e.strerror}") from None
+        keys += [line for line in lines if line and not line.startswith("#")]
+    return list(dict.fromkeys(keys))
+
+
+def check_api_key(ctx: ServingContext, request: Request) -> str | None:
+    """401 unless the Bearer token is one of the configured keys (constant-time compare).
+
+    Returns the caller's tenant salt (None when authentication is off)."""
+    if not ctx.tenants:
+        return None
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    ok = False
+    salt = None
     if scheme.lower() == "bearer" and token:
-        for key in keys:  # compare against every key so timing does not reveal which matched
-            ok |= hmac.compare_digest(token.strip().encode(), key.encode())
-    if not ok:
+        given = token.strip().encode()
+        for key, key_salt in ctx.tenants.items():  # compare every key: timing hides which
+            if hmac.compare_digest(given, key.encode()):
+                salt = key_salt
+    if salt is None:
         raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                        code="invalid_api_key")
+    return salt
 
 
 def check_ready(ctx: ServingContext) -> None:
@@ -161,13 +186,23 @@ def sampling_params(req: Any, max_tokens: int, logprobs: int | None,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
+def cache_salt(tenant: str | None, client: str | None) -> str | None:
+    """The salt of a request's cache namespace: its tenant's, refined by the client's own
+    ``cache_salt`` (already checked to be allowed). With API keys every salt starts with the
+    tenant's part, so no client salt can reach another tenant's namespace."""
+    if tenant is None:
+        return client
+    return f"t:{tenant}" if client is None else f"t:{tenant}|c:{client}"
+
+
 def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    prompt_ids: list[int], sampling: SamplingParams,
-                   arrival: float) -> EngineRequest:
+                   arrival: float, tenant: str | None = None) -> EngineRequest:
     return EngineRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
         arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
-        priority=req.priority, cache_salt=req.cache_salt, prompt_cache_key=req.program_key())
+        priority=req.priority, cache_salt=cache_salt(tenant, req.cache_salt),
+        prompt_cache_key=req.program_key())
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

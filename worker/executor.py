@@ -13,11 +13,11 @@ class InprocExecutor(Executor):
         self.runner = None
 
     def start(self) -> WorkerReady:
-        from worker.model_runner import ModelRunner
+        from worker.kv_tiers import TieredRunner
 
         if self.runner is None:
             try:
-                self.runner = ModelRunner(self.config)
+                self.runner = TieredRunner(self.config)
             except Exception as e:
                 raise WorkerDiedError(f"{type(e).__name__}: {e}") from e
         return self.runner.ready_message()
@@ -31,4 +31,6 @@ class InprocExecutor(Executor):
             raise WorkerDiedError(f"worker failed a step: {type(e).__name__}: {e}") from e
 
     def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.runner = None

@@ -59,16 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     inbox.connect(args.inbox)
     outbox.connect(args.outbox)
     try:
-        from worker.model_runner import ModelRunner
+        from worker.kv_tiers import TieredRunner
 
-        runner = ModelRunner(config)
+        runner = TieredRunner(config)
     except Exception as e:
         logger.error("worker failed to start: %s", e)
         outbox.send(encode(EngineDead(reason=f"{type(e).__name__}: {e}")))
         outbox.close(linger=2000)
         return 1
     outbox.send(encode(runner.ready_message()))
-    serve(runner, inbox, outbox)
+    try:
+        serve(runner, inbox, outbox)
+    finally:
+        runner.close()  # let disk writes in flight finish
     return 0
 
 

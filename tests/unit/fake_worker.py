@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from scheduler.protocol import (
     EngineRequest,
+    KVDone,
+    KVTransfer,
     ModelRunnerOutput,
     RequestOutput,
     SamplingParams,
@@ -66,11 +68,20 @@ class FakeWorker:
         ]
         self.state: dict[str, _SeqState] = {}
         self.resumes: list[tuple[str, list[int]]] = []  # (seq id, output_token_ids) received
+        # The tier data plane: host slots, disk files by key, disk ops finishing later.
+        self.host: dict[int, list[tuple[int, int] | None]] = {}
+        self.disk: dict[bytes, list[tuple[int, int] | None]] = {}
+        self.disk_delay = 0  # steps a disk op takes before its KVDone
+        self.corrupt: set[bytes] = set()  # disk keys whose next read fails as corrupt
+        self.full = False  # disk writes fail (disk full)
+        self._later: list[tuple[int, KVDone]] = []  # (steps left, done)
+        self.corrupt_found = 0
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for seq_id in out.finished:
             assert seq_id in self.state, f"finished {seq_id} was never sent"
             del self.state[seq_id]
+        done = self._run_kv_ops(out)
         for ss in out.seqs:  # all K/V of the step is written before anyone attends
             self._register(ss)
             self._write(ss)
@@ -81,7 +92,48 @@ class FakeWorker:
                 self.state[ss.seq_id].tokens.append(token)
                 seq_ids.append(ss.seq_id)
                 tokens.append(token)
-        return ModelRunnerOutput(step_id=out.step_id, seq_ids=seq_ids, sampled_token_ids=tokens)
+        corrupt, self.corrupt_found = self.corrupt_found, 0
+        return ModelRunnerOutput(step_id=out.step_id, seq_ids=seq_ids, sampled_token_ids=tokens,
+                                 kv_done=done, kv_disk_corrupt_files=corrupt)
+
+    # ------------------------------------------------------------------ tier data plane
+    def _run_kv_ops(self, out: SchedulerOutput) -> list[KVDone]:
+        """Deletes, host-source stores, device-source stores, loads; disk ops finish after
+        ``disk_delay`` steps (a disk load lands in its device block when it finishes)."""
+        for key in out.kv_deletes:
+            self.disk.pop(key, None)
+        done: list[KVDone] = []
+        for t in sorted(out.kv_stores, key=lambda t: t.src != "host"):
+            data = list(self._src(t))
+            if t.dst == "host":
+                self.host[t.dst_slot] = data
+                done.append(KVDone(t.op_id, True))
+            elif self.full:
+                self._later.append((self.disk_delay, KVDone(t.op_id, False, "disk full")))
+            else:
+                self.disk[t.key] = data
+                self._later.append((self.disk_delay, KVDone(t.op_id, True)))
+        for t in out.kv_loads:
+            if t.src == "host":
+                self.slots[t.dst_slot] = list(self.host[t.src_slot])
+                done.append(KVDone(t.op_id, True))
+            else:
+                self._later.append((self.disk_delay, self._disk_load(t)))
+        ready = [d for n, d in self._later if n <= 0]
+        self._later = [(n - 1, d) for n, d in self._later if n > 0]
+        return done + ready
+
+    def _src(self, t: KVTransfer) -> list[tuple[int, int] | None]:
+        return self.host[t.src_slot] if t.src == "host" else self.slots[t.src_slot]
+
+    def _disk_load(self, t: KVTransfer) -> KVDone:
+        if t.key in self.corrupt:
+            self.corrupt.discard(t.key)
+            self.disk.pop(t.key, None)
+            self.corrupt_found += 1
+            return KVDone(t.op_id, False, "checksum mismatch")
+        self.slots[t.dst_slot] = list(self.disk[t.key])
+        return KVDone(t.op_id, True)
 
     def _register(self, ss: ScheduledSeq) -> None:
         if ss.sampling is not None:
@@ -152,7 +204,7 @@ def step(sched, worker: FakeWorker, run: Run | None = None) -> list[RequestOutpu
 def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 10_000) -> Run:
     """Step until no sequence is unfinished; then flush ``finished`` to the worker."""
     run = Run() if run is None else run
-    while sched.has_unfinished():
+    while sched.has_unfinished() or (sched.kv.tiers and sched.kv.tiers.num_inflight):
         assert len(run.steps) < max_steps, "no progress"
         step(sched, worker, run)
     worker.execute(sched.schedule())  # deliver the last finished ids

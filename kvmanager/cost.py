@@ -1,0 +1,106 @@
+"""Load or recompute: per tier hit, is staging the KV faster than computing it again?
+
+    load(n blocks from tier)  ≈ step_s + latency_s[tier] + n · block_bytes / bandwidth[tier]
+    recompute(n blocks)       ≈ n · block_size / prefill_tokens_per_s
+
+A load costs at least one engine step (the request waits in WAITING_FOR_KV while others run),
+so short hits are recomputed. Bandwidths, latencies, step time and prefill speed start from
+priors and follow measurements (exponential moving averages); tests inject their own numbers.
+Policies are chosen by name (``cache.kv_load_policy``): ``cost`` or ``always``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_EWMA = 0.2  # weight of a new observation
+
+
+@dataclass
+class CostNumbers:
+    """Current estimates (priors until measured). Bandwidths in bytes/s."""
+
+    bandwidth: dict[str, float] = field(
+        default_factory=lambda: {"host": 2e9, "disk": 2e8})
+    latency_s: dict[str, float] = field(default_factory=lambda: {"host": 1e-4, "disk": 1e-3})
+    prefill_tokens_per_s: float = 2000.0
+    step_s: float = 0.02
+
+
+class LoadPolicy:
+    """Decides how many of a request's tier-hit blocks to load (the rest is recomputed)."""
+
+    name = "base"
+
+    def __init__(self, block_size: int, block_bytes: int,
+                 numbers: CostNumbers | None = None) -> None:
+        self.block_size = block_size
+        self.block_bytes = max(block_bytes, 1)
+        self.numbers = numbers or CostNumbers()
+
+    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
+        """``hits``: consecutive (tier, num_blocks) runs after the device hit, nearest first.
+        Returns how many leading blocks to load (a prefix of the runs)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ measurements
+    def observe_transfer(self, tier: str, nbytes: int, seconds: float) -> None:
+        if seconds > 0 and nbytes > 0 and tier in self.numbers.bandwidth:
+            bw = self.numbers.bandwidth
+            bw[tier] += _EWMA * (nbytes / seconds - bw[tier])
+
+    def observe_step(self, prefill_tokens: int, seconds: float) -> None:
+        """One engine step took ``seconds``; it computed ``prefill_tokens`` prompt tokens."""
+        n = self.numbers
+        if seconds <= 0:
+            return
+        n.step_s += _EWMA * (seconds - n.step_s)
+        if prefill_tokens >= 4 * self.block_size:  # only prefill-heavy steps say much
+            n.prefill_tokens_per_s += _EWMA * (prefill_tokens / seconds
+                                               - n.prefill_tokens_per_s)
+
+
+class AlwaysLoad(LoadPolicy):
+    """Load every hit (tests, benchmarks of the data plane)."""
+
+    name = "always"
+
+    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
+        return sum(n for _, n in hits)
+
+
+class CostLoad(LoadPolicy):
+    """Load the prefix of the hit that minimises load + recompute time; never load when
+    recomputing everything is at least as fast (a hit never makes TTFT worse)."""
+
+    name = "cost"
+
+    def load_seconds(self, runs: list[tuple[str, int]]) -> float:
+        n = self.numbers
+        total = n.step_s
+        for tier, blocks in runs:
+            total += n.latency_s[tier] + blocks * self.block_bytes / n.bandwidth[tier]
+        return total
+
+    def recompute_seconds(self, blocks: int) -> float:
+        return blocks * self.block_size / self.numbers.prefill_tokens_per_s
+
+    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
+        best, best_saving = 0, 0.0
+        for i in range(1, len(hits) + 1):
+            blocks = sum(n for _, n in hits[:i])
+            saving = self.recompute_seconds(blocks) - self.load_seconds(hits[:i])
+            if saving > best_saving:
+                best, best_saving = blocks, saving
+        return best
+
+
+_POLICIES: dict[str, type[LoadPolicy]] = {"cost": CostLoad, "always": AlwaysLoad}
+
+
+def make_load_policy(name: str, block_size: int, block_bytes: int,
+                     numbers: CostNumbers | None = None) -> LoadPolicy:
+    if name not in _POLICIES:
+        raise ValueError(f"kv_load_policy={name!r} is not supported; choose one of "
+                         f"{sorted(_POLICIES)}")
+    return _POLICIES[name](block_size, block_bytes, numbers)

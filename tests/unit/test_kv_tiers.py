@@ -1,0 +1,291 @@
+"""Host/disk KV tiers in the engine (no model): tier index, load policy, scheduler + fake worker.
+
+The fake worker holds real (fake) KV per block; host slots and disk files copy it. A wrong
+slot, a load of a block whose store never completed, or a stale block changes the sampled
+tokens, so every test compares against ``reference_tokens`` and ends with a leak check.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
+
+from configs.types import CacheConfig, SchedulerConfig
+from kvmanager.cost import AlwaysLoad, CostLoad, CostNumbers
+from kvmanager.tiered import TierSetup
+from kvmanager.tiers import TierIndex
+from scheduler.request import SeqStatus
+from scheduler.scheduler import Scheduler
+
+BS = 4
+
+
+# ----------------------------------------------------------------------------- TierIndex
+def test_tier_index_two_phase_store_lru_and_pins() -> None:
+    t = TierIndex("host", 2)
+    plan = t.prepare_store([b"a", b"b"])
+    assert plan is not None and plan.stored == [(b"a", 0), (b"b", 1)] and plan.evicted == []
+    assert t.lookup([b"a"]) == 0, "a block is loadable only after its store completed"
+    assert t.prepare_store([b"c"]) is None, "storing entries are never evicted"
+    t.complete_store(b"a", ok=True)
+    t.complete_store(b"b", ok=False)  # a failed store disappears
+    assert t.lookup([b"a", b"b"]) == 1 and b"b" not in t
+    assert t.prepare_load([b"a"]) == [0]
+    plan = t.prepare_store([b"c", b"d"])
+    assert plan is None, "a pinned entry is not evicted; all or nothing"
+    t.complete_load(b"a")
+    plan = t.prepare_store([b"c", b"d"])
+    assert plan is not None and plan.evicted == [(b"a", 0)]
+    assert sorted(s for _, s in plan.stored) == [0, 1]
+    t.check_integrity()
+    for k in (b"c", b"d"):
+        t.complete_store(k, ok=True)
+    t.touch([b"c"])
+    assert t.lru_order() == [b"d", b"c"]
+    assert t.prepare_store([b"c"]) is not None  # already present: nothing to do
+    t.check_integrity()
+    assert t.num_busy() == 0
+
+
+def test_failed_load_drops_the_entry() -> None:
+    t = TierIndex("disk", 4)
+    t.insert_ready(b"k")
+    t.prepare_load([b"k"])
+    t.complete_load(b"k", ok=False)
+    assert b"k" not in t
+    t.check_integrity()
+
+
+# ----------------------------------------------------------------------------- load policy
+def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
+    numbers = CostNumbers(bandwidth={"host": 1e9, "disk": 1e8},
+                          latency_s={"host": 0.0, "disk": 0.001},
+                          prefill_tokens_per_s=1000.0, step_s=0.01)
+    policy = CostLoad(block_size=16, block_bytes=1_000_000, numbers=numbers)
+    # one 16-token block: recompute 16 ms; load 10 ms step + 1 ms copy -> load
+    assert policy.blocks_to_load([("host", 1)]) == 1
+    # from disk: 10 ms + 1 ms + 10 ms read = 21 ms > 16 ms -> recompute
+    assert policy.blocks_to_load([("disk", 1)]) == 0
+    # a long disk run pays off: 10 blocks = 160 ms of prefill vs 111 ms of reading
+    assert policy.blocks_to_load([("disk", 10)]) == 10
+    # host run worth it, disk tail not: load only the host part
+    slow = CostNumbers(bandwidth={"host": 1e9, "disk": 1e7}, latency_s={"host": 0.0, "disk": 0},
+                       prefill_tokens_per_s=1000.0, step_s=0.01)
+    policy = CostLoad(16, 1_000_000, slow)
+    assert policy.blocks_to_load([("host", 4), ("disk", 4)]) == 4
+    numbers.step_s = 1.0  # a step is slow: waiting for it never beats a short recompute
+    assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("host", 4)]) == 0
+    assert AlwaysLoad(16, 1).blocks_to_load([("host", 2), ("disk", 3)]) == 5
+
+
+# ----------------------------------------------------------------------------- scheduler
+def make(num_blocks: int, host: int = 0, disk: int = 0, *, policy: str = "write_back",
+         disk_keys: tuple[bytes, ...] = (), budget: int = 64,
+         max_num_seqs: int = 8) -> tuple[Scheduler, FakeWorker]:
+    setup = TierSetup(block_bytes=1024, num_host_blocks=host, num_disk_blocks=disk,
+                      disk_keys=disk_keys, write_policy=policy, load_policy="always")
+    sched = Scheduler(CacheConfig(block_size=BS),
+                      SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+                      num_device_blocks=num_blocks, max_model_len=256, tiers=setup)
+    return sched, FakeWorker(num_blocks, BS)
+
+
+def prompts(n: int, length: int = 24) -> list[list[int]]:
+    return [[(100 * i + j) % 997 + 1 for j in range(length)] for i in range(n)]
+
+
+def serve_one(sched: Scheduler, worker: FakeWorker, rid: str, prompt: list[int]):
+    assert sched.add_request(make_request(rid, prompt, max_tokens=3)) == []
+    run = run_all(sched, worker)
+    assert_clean(sched)
+    return run.tokens[(rid, 0)], run.finals[(rid, 0)]
+
+
+def assert_clean(sched: Scheduler) -> None:
+    """No block leaked in any tier; nothing pinned or in flight once idle."""
+    sched.check_integrity()
+    assert not sched.has_unfinished() and not sched.loading
+    assert sched.kv.usage == 0.0
+    tiers = sched.kv.tiers
+    assert tiers is not None and tiers.num_inflight == 0
+    for t in tiers.tiers.values():
+        t.check_integrity()
+        assert t.num_busy() == 0
+
+
+def fill(sched: Scheduler, worker: FakeWorker, ps: list[list[int]]) -> None:
+    for i, p in enumerate(ps):
+        tokens, _ = serve_one(sched, worker, f"fill{i}", p)
+        assert tokens == reference_tokens(p, 3)
+
+
+def test_evicted_blocks_come_back_from_host() -> None:
+    """Fill a 12-block device pool past capacity; the first prompt's blocks return from host."""
+    sched, worker = make(num_blocks=13, host=32)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    stats = sched.stats()
+    assert stats.kv_tier_transfer_bytes.get("device>host", 0) > 0
+    tokens, final = serve_one(sched, worker, "again", ps[0])
+    assert tokens == reference_tokens(ps[0], 3)
+    assert final.num_cached_tokens == 20  # 5 full blocks of the 24-token prompt (1 token left)
+    stats = sched.stats()
+    assert stats.kv_tier_hit_tokens["host"] == 20
+    assert stats.kv_tier_transfer_bytes["host>device"] == 5 * 1024
+    assert len(stats.kv_tier_load_seconds) == 1
+
+
+def test_disk_tier_behind_a_small_host_and_slow_disk() -> None:
+    """Host holds 4 blocks; evicted host blocks go to disk; disk loads take 3 steps, during
+    which the request waits in WAITING_FOR_KV while another request keeps decoding."""
+    sched, worker = make(num_blocks=13, host=4, disk=64)
+    worker.disk_delay = 3
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    assert worker.disk, "host evictions were written back to disk"
+    sched.add_request(make_request("busy", prompts(9)[8][:8], max_tokens=12))
+    step(sched, worker)
+    sched.add_request(make_request("again", ps[0], max_tokens=3))
+    seen_waiting = False
+    outputs = []
+    while sched.has_unfinished() or sched.kv.tiers.num_inflight:
+        statuses = {s.seq_id: s.status for s in sched._seqs.values()}
+        if statuses.get("again#0") is SeqStatus.WAITING_FOR_KV:
+            seen_waiting = True
+            assert statuses.get("busy#0") is SeqStatus.RUNNING
+        outputs += step(sched, worker)
+    worker.execute(sched.schedule())
+    assert seen_waiting
+    got = [t for o in outputs if o.request_id == "again" for t in o.new_token_ids]
+    assert got == reference_tokens(ps[0], 3)
+    final = [o for o in outputs if o.request_id == "again" and o.finish_reason][0]
+    assert final.num_cached_tokens == 20
+    assert sched.stats().kv_tier_hit_tokens.get("disk", 0) > 0
+    assert_clean(sched)
+
+
+def test_corrupt_disk_block_is_a_miss_and_recomputed() -> None:
+    sched, worker = make(num_blocks=13, disk=64)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    keys = sched.kv.hasher.prefix_keys(ps[0], BS, None)
+    assert all(k in worker.disk for k in keys[:5])
+    worker.corrupt.add(keys[2])
+    tokens, final = serve_one(sched, worker, "again", ps[0])
+    assert tokens == reference_tokens(ps[0], 3)
+    assert final.num_cached_tokens == 8  # blocks 0 and 1 loaded; 2 failed; the rest recomputed
+    stats = sched.stats()
+    assert stats.kv_disk_corrupt_files == 1
+    disk = sched.kv.tiers.tiers["disk"]
+    assert keys[2] not in disk and keys[2] not in worker.disk, "the bad file is gone"
+    assert set(disk.lru_order()) == set(worker.disk), "the index and the files agree"
+
+
+def test_abort_while_loading_frees_blocks_after_the_load() -> None:
+    sched, worker = make(num_blocks=13, disk=64)
+    worker.disk_delay = 2
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    sched.add_request(make_request("gone", ps[0], max_tokens=3))
+    step(sched, worker)
+    assert sched.loading
+    sched.abort(["gone"])
+    assert sched.kv.usage > 0, "blocks stay held while the disk read is in flight"
+    run_all(sched, worker)
+    assert_clean(sched)
+
+
+def test_disk_full_turns_the_tier_off_without_errors() -> None:
+    sched, worker = make(num_blocks=13, disk=64)
+    worker.full = True
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    assert not sched.kv.tiers.tiers["disk"].enabled
+    tokens, final = serve_one(sched, worker, "again", ps[0])
+    assert tokens == reference_tokens(ps[0], 3) and final.finish_reason == "length"
+
+
+def test_write_through_stores_every_computed_block() -> None:
+    sched, worker = make(num_blocks=64, host=32, disk=64, policy="write_through")
+    p = prompts(1)[0]
+    serve_one(sched, worker, "a", p)
+    keys = sched.kv.hasher.prefix_keys(p, BS, None)
+    host = sched.kv.tiers.tiers["host"]
+    assert all(k in host for k in keys) and all(k in worker.disk for k in keys)
+
+
+def test_tenant_salts_never_share_tier_blocks() -> None:
+    sched, worker = make(num_blocks=13, host=64)
+    p = prompts(1)[0]
+    assert sched.add_request(make_request("a", p, max_tokens=3, cache_salt="A")) == []
+    run_all(sched, worker)
+    fill(sched, worker, prompts(7)[1:])  # push tenant A's blocks out to host
+    assert sched.add_request(make_request("b", p, max_tokens=3, cache_salt="B")) == []
+    run = run_all(sched, worker)
+    assert run.finals[("b", 0)].num_cached_tokens == 0
+    assert_clean(sched)
+
+
+def test_disk_index_rebuilt_from_worker_keys() -> None:
+    sched, worker = make(num_blocks=13, disk=64)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    keys = list(worker.disk)
+    restarted, worker2 = make(num_blocks=13, disk=64, disk_keys=tuple(keys))
+    worker2.disk = dict(worker.disk)
+    tokens, final = serve_one(restarted, worker2, "again", ps[0])
+    assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens == 20
+
+
+@pytest.mark.parametrize("host,disk", [(8, 0), (0, 16), (4, 16)])
+def test_random_workload_keeps_every_invariant(host: int, disk: int) -> None:
+    import random
+
+    rng = random.Random(host * 100 + disk)
+    sched, worker = make(num_blocks=11, host=host, disk=disk, budget=16, max_num_seqs=4)
+    worker.disk_delay = 1
+    base = prompts(5, 16)
+    expected = {}
+    run = Run()
+    for i in range(30):
+        p = rng.choice(base)[: rng.randrange(6, 16)] + [rng.randrange(1, 900)]
+        rid = f"r{i}"
+        sched.add_request(make_request(rid, p, max_tokens=3))
+        expected[rid] = reference_tokens(p, 3)
+        for _ in range(rng.randrange(0, 3)):
+            step(sched, worker, run)
+        if rng.random() < 0.1:
+            run.collect(sched.abort([rid]))
+            expected.pop(rid)
+    run_all(sched, worker, run)
+    for rid, want in expected.items():
+        assert run.tokens[(rid, 0)] == want
+    assert sched.stats().prefix_hits > 0
+    assert_clean(sched)
+
+
+def test_worker_death_forgets_transfers_and_host_then_disk_index_is_rebuilt() -> None:
+    sched, worker = make(num_blocks=13, host=4, disk=64)
+    worker.disk_delay = 2
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    sched.add_request(make_request("inflight", ps[0], max_tokens=3))
+    step(sched, worker)
+    assert sched.loading
+    outs = sched.fail_all("worker died")
+    assert [o.finish_reason for o in outs] == ["error"]
+    sched.check_integrity()
+    tiers = sched.kv.tiers
+    assert tiers.num_inflight == 0 and all(len(t) == 0 for t in tiers.tiers.values())
+    fresh = FakeWorker(13, BS)
+    fresh.disk = dict(worker.disk)
+    tiers.load_disk_index(list(fresh.disk))
+    tokens, final = serve_one(sched, fresh, "after", ps[0])
+    assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens > 0
+
+
+def test_tiers_without_prefix_caching_are_refused() -> None:
+    from configs.fields import ConfigError
+
+    with pytest.raises(ConfigError, match="enable_prefix_caching"):
+        CacheConfig(enable_prefix_caching=False, host_cache_gib=1.0)
