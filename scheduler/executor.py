@@ -58,6 +58,22 @@ def ipc_address(tag: str) -> str:
     return f"ipc://{tempfile.mkdtemp(prefix='encore-')}/{tag}"
 
 
+def spawn_child(ctx: zmq.Context, module: str, config: EncoreConfig, *extra_args: str
+                ) -> tuple[subprocess.Popen, zmq.Socket, zmq.Socket]:
+    """Start ``python -m module`` wired to a fresh PUSH (to it) / PULL (from it) socket pair.
+
+    The sockets are bound here on private ``ipc://`` addresses; the child connects to them
+    (``--in`` / ``--out``) and gets the config as JSON. Works with sync or asyncio contexts.
+    """
+    to_child, from_child = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    out_addr, in_addr = ipc_address("to-child"), ipc_address("from-child")
+    to_child.bind(out_addr)
+    from_child.bind(in_addr)
+    cmd = [sys.executable, "-m", module, "--in", out_addr, "--out", in_addr, *extra_args,
+           "--config-json", msgspec.json.encode(config).decode()]
+    return subprocess.Popen(cmd, env=os.environ.copy()), to_child, from_child
+
+
 class MPExecutor(Executor):
     """The worker as a child process; notices its death within ``POLL_MS``."""
 
@@ -74,14 +90,8 @@ class MPExecutor(Executor):
 
     def start(self) -> WorkerReady:
         self.shutdown()
-        out_addr, in_addr = ipc_address("to-worker"), ipc_address("from-worker")
-        self.to_worker = self.ctx.socket(zmq.PUSH)
-        self.to_worker.bind(out_addr)
-        self.from_worker = self.ctx.socket(zmq.PULL)
-        self.from_worker.bind(in_addr)
-        cmd = [sys.executable, "-m", "worker.main", "--in", out_addr, "--out", in_addr,
-               "--config-json", msgspec.json.encode(self.config).decode()]
-        self.proc = subprocess.Popen(cmd, env=os.environ.copy())
+        self.proc, self.to_worker, self.from_worker = spawn_child(self.ctx, "worker.main",
+                                                                  self.config)
         msg = self._recv(timeout_s=self.config.worker.start_timeout_s)
         if isinstance(msg, EngineDead):
             self.shutdown()

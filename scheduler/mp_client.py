@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import subprocess
-import sys
+from typing import cast
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from configs import EncoreConfig
 from scheduler.client import BaseEngineClient, EngineError
-from scheduler.executor import ipc_address
+from scheduler.executor import spawn_child
 from scheduler.protocol import EngineDead, EngineOutputs, EngineReady, Shutdown, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -45,15 +43,10 @@ class MPEngineClient(BaseEngineClient):
         self.to_engine.send(encode(msg), copy=False)
 
     def _spawn(self) -> None:
-        out_addr, in_addr = ipc_address("to-engine"), ipc_address("from-engine")
-        self.to_engine = self.ctx.socket(zmq.PUSH)
-        self.to_engine.bind(out_addr)
-        self.from_engine = self.ctx.socket(zmq.PULL)
-        self.from_engine.bind(in_addr)
-        cmd = [sys.executable, "-m", "scheduler.engine_main", "--in", out_addr, "--out", in_addr,
-               "--model-name", self.model_name,
-               "--config-json", msgspec.json.encode(self.config).decode()]
-        self.proc = subprocess.Popen(cmd, env=os.environ.copy())
+        self.proc, to_engine, from_engine = spawn_child(
+            self.ctx, "scheduler.engine_main", self.config, "--model-name", self.model_name)
+        self.to_engine = cast(zmq.asyncio.Socket, to_engine)  # made by an asyncio context
+        self.from_engine = cast(zmq.asyncio.Socket, from_engine)
 
     async def _handshake(self) -> EngineReady:
         assert self.proc is not None, "_spawn first"
