@@ -11,7 +11,7 @@ LoadFormat = Literal["auto", "gguf", "safetensors", "dummy"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
-QueuePolicyName = Literal["fcfs", "priority"]
+QueuePolicyName = Literal["fcfs", "priority", "program_fcfs"]
 HashAlgorithm = Literal["blake2b", "sha256"]
 CacheWritePolicy = Literal["write_back", "write_through"]
 KVLoadPolicyName = Literal["cost", "always"]
@@ -84,7 +84,10 @@ class SchedulerConfig:
 
     max_num_seqs: int = opt(64, "most sequences in one step")
     max_num_batched_tokens: int = opt(2048, "token budget of one step (prefill chunks + decodes)")
-    policy: QueuePolicyName = opt("fcfs", "waiting-queue order: fcfs or priority (lower first)")
+    policy: QueuePolicyName = opt("fcfs", "waiting-queue order: fcfs, priority (lower first), or "
+                                          "program_fcfs (a program's later turns keep the "
+                                          "place of its first request; programs are named by "
+                                          "prompt_cache_key)")
 
     def __post_init__(self) -> None:
         check_range("scheduler", "max_num_seqs", self.max_num_seqs, lo=1)

@@ -7,13 +7,16 @@ that key, so the last running sequence is always the first to be preempted.
 - ``fcfs``: engine arrival order (``Seq.order``). A preempted sequence goes back to the front.
 - ``priority``: lower ``priority`` first, then arrival order. A preempted sequence goes back to
   its priority place (which is also near the front of its class, since it arrived earlier).
+- ``program_fcfs`` (Continuum): a program's (``prompt_cache_key``'s) later turns are ordered by
+  the arrival of its first request, so an agent's next turn after a tool call is not queued
+  behind programs that started after it. Requests without a program are plain FCFS.
 """
 
 from __future__ import annotations
 
 import abc
 import bisect
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 from scheduler.request import Seq
@@ -91,17 +94,11 @@ class FCFSQueue(WaitingQueue):
         return len(self._q)
 
 
-class PriorityQueue(WaitingQueue):
+class SortedQueue(WaitingQueue):
     """Kept sorted by ``key``; insertion is O(n), which is fine at queue sizes we serve."""
-
-    name = "priority"
 
     def __init__(self) -> None:
         self._q: list[Seq] = []
-
-    @staticmethod
-    def key(seq: Seq) -> tuple[int, ...]:
-        return (seq.priority, seq.order)
 
     def add(self, seq: Seq) -> None:
         bisect.insort(self._q, seq, key=self.key)
@@ -125,7 +122,39 @@ class PriorityQueue(WaitingQueue):
         return len(self._q)
 
 
-QUEUE_POLICIES: dict[str, type[WaitingQueue]] = {"fcfs": FCFSQueue, "priority": PriorityQueue}
+class PriorityQueue(SortedQueue):
+    name = "priority"
+
+    @staticmethod
+    def key(seq: Seq) -> tuple[int, ...]:
+        return (seq.priority, seq.order)
+
+
+class ProgramFCFSQueue(SortedQueue):
+    """Orders by the first arrival of each sequence's program (then by its own arrival)."""
+
+    name = "program_fcfs"
+    MAX_PROGRAMS = 65_536  # first arrivals remembered (least recently seen forgotten first)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first: OrderedDict[str, int] = OrderedDict()
+
+    @staticmethod
+    def key(seq: Seq) -> tuple[int, ...]:
+        return (seq.program_order, seq.order)
+
+    def add(self, seq: Seq) -> None:
+        if seq.program is not None:
+            seq.program_order = self._first.setdefault(seq.program, seq.order)
+            self._first.move_to_end(seq.program)
+            if len(self._first) > self.MAX_PROGRAMS:
+                self._first.popitem(last=False)
+        super().add(seq)
+
+
+QUEUE_POLICIES: dict[str, type[WaitingQueue]] = {
+    "fcfs": FCFSQueue, "priority": PriorityQueue, "program_fcfs": ProgramFCFSQueue}
 
 
 def make_queue(name: str) -> WaitingQueue:

@@ -39,7 +39,9 @@ def seq_id_of(request_id: str, index: int) -> str:
 class Seq:
     """One sequence: its tokens, progress, status and what the worker has been told.
 
-    ``order`` is the engine's arrival counter (the FCFS key and the priority tie-break).
+    ``order`` is the engine's arrival counter (the FCFS key and the priority tie-break);
+    ``program_order`` is the order of the first request of the same ``program``
+    (``prompt_cache_key``), set by the ``program_fcfs`` queue.
     ``num_cached_tokens`` is the prefix hit at the first schedule (None before that).
     ``sent_to_worker``: the worker holds this sequence's sampling state (sampling params and
     prompt are sent once, and dropped by the worker when the id appears in ``finished``).
@@ -51,6 +53,8 @@ class Seq:
         self.index = index
         self.seq_id = seq_id_of(req.request_id, index)
         self.order = order
+        self.program = req.prompt_cache_key  # agent program / conversation identity, if any
+        self.program_order = order  # program_fcfs: the order of the program's first request
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.sampling: SamplingParams = req.sampling

@@ -360,3 +360,27 @@ def test_random_load_with_pressure_and_aborts(seed: int) -> None:
             assert run.finals[key].finish_reason == "length"
     assert sched.stats().preemptions > 0
     assert_no_leaks(sched)
+
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("program_fcfs", ["x1", "x2", "y1", "z1"]),  # the agent's next turn keeps X's place
+    ("fcfs", ["x1", "y1", "z1", "x2"]),
+])
+def test_program_fcfs_serves_a_returning_turn_before_newer_programs(policy, expected) -> None:
+    sched, worker = make(max_num_seqs=1, policy=policy)
+    for rid, program in (("x1", "job-x"), ("y1", "job-y"), ("z1", "job-z")):
+        sched.add_request(make_request(rid, [3, 1, 4, 1, 5], max_tokens=3,
+                                       prompt_cache_key=program))
+    finished: list[str] = []
+    returned = False
+    while sched.has_unfinished():
+        finished += [o.request_id for o in step(sched, worker) if o.finish_reason]
+        if finished == ["x1"] and not returned:
+            # x1 ended in a tool call; the tool returned: X's next turn arrives now, after
+            # y1 and z1 (y1 has not been scheduled yet: x1 finished in this very step).
+            sched.add_request(make_request("x2", [3, 1, 4, 1, 5, 9], max_tokens=3,
+                                           prompt_cache_key="job-x"))
+            returned = True
+    assert finished == expected
+    assert_no_leaks(sched)
