@@ -59,6 +59,10 @@ class CacheConfig:
     kv_load_policy: KVLoadPolicyName = opt("cost", "cost: load a tier hit only when the cost "
                                            "model says it beats recomputing; always: load every "
                                            "hit (tests, benchmarks)")
+    enable_ttl_pins: bool = opt(True, "pin an agent program's KV between turns (programs are "
+                                      "named by prompt_cache_key / job_id) for a chosen TTL")
+    max_pin_ttl_s: float = opt(600.0, "longest TTL a pin may get, chosen or requested (seconds)")
+    max_pinned_fraction: float = opt(0.5, "most device blocks that TTL pins may hold (0-1)")
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -71,6 +75,8 @@ class CacheConfig:
         check_range("cache", "gpu_memory_utilization", self.gpu_memory_utilization, lo=0.05, hi=1.0)
         check_range("cache", "host_cache_gib", self.host_cache_gib, lo=0.0)
         check_range("cache", "disk_cache_gib", self.disk_cache_gib, lo=0.0)
+        check_range("cache", "max_pin_ttl_s", self.max_pin_ttl_s, lo=1.0)
+        check_range("cache", "max_pinned_fraction", self.max_pinned_fraction, lo=0.0, hi=1.0)
         if (self.host_cache_gib > 0 or self.disk_cache_dir) and not self.enable_prefix_caching:
             from configs.fields import ConfigError
 
@@ -124,6 +130,9 @@ class ServerConfig:
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "log level")
     allow_client_cache_salt: bool = opt(False, "honour a request's cache_salt (tenant "
                                                "isolation chosen by clients); else reject it")
+    tool_call_parser: Literal["hermes", "llama3_json"] = opt(
+        "hermes", "how chat output is parsed for tool calls: hermes (<tool_call>{json}"
+                  "</tool_call>) or llama3_json (the whole output is one JSON call)")
 
     def __post_init__(self) -> None:
         check_range("server", "port", self.port, lo=0, hi=65535)

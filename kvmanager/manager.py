@@ -18,11 +18,12 @@ The manager never imports the scheduler: a sequence is anything with the ``KVSeq
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kvmanager.block_pool import BlockPool
 from kvmanager.hashing import DEV_SECRET, BlockHasher, HashAlgorithm
+from kvmanager.pins import PinTable
 from kvmanager.tiered import TieredCache
 
 
@@ -64,6 +65,14 @@ class KVCacheManager:
         self.prefix_hits = 0  # tokens found, on the device or loaded from a tier (cumulative)
         self.device_hits = 0  # tokens found on the device (cumulative)
         self._orphans: set[str] = set()  # freed while loads into their blocks are in flight
+        self.pins: PinTable | None = None  # TTL pins of agent programs (``enable_pins``)
+
+    def enable_pins(self, make: Callable[[BlockPool], PinTable]) -> None:
+        """Attach a pin table (built on this pool); its pins yield when allocation needs room."""
+        if self.enable_prefix_caching:
+            self.pins = make(self.pool)
+            if self.tiers is not None:
+                self.pins.on_demote = self.tiers.on_device_evict
 
     # ------------------------------------------------------------------ queries
     @property
@@ -120,8 +129,7 @@ class KVCacheManager:
         num_hit_tokens = len(computed_blocks) * self.block_size
         total = seq.num_computed_tokens + num_hit_tokens + num_new_tokens
         need = max(0, -(-total // self.block_size) - len(table) - len(computed_blocks))
-        evictable_hits = sum(1 for b in computed_blocks if self.pool.ref_count(b) == 0)
-        if need > self.pool.num_free - evictable_hits:
+        if not self._has_room(need, computed_blocks):
             if not table:
                 del self._blocks[seq.seq_id]
             return None
@@ -136,6 +144,27 @@ class KVCacheManager:
             self._num_registered[seq.seq_id] = len(computed_blocks)
         self._register_full_blocks(seq, total)
         return new
+
+    def _has_room(self, need: int, hits: Sequence[int]) -> bool:
+        """Whether ``need`` blocks fit besides the unreferenced ``hits``; releases TTL pins,
+        lowest value first, only when it would otherwise fail."""
+        while True:
+            evictable_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+            if need <= self.pool.num_free - evictable_hits:
+                return True
+            if self.pins is None or not self.pins.release_lowest():
+                return False
+
+    def pin_prefix(self, seq: KVSeq, program: str, ttl_s: float | None) -> float:
+        """Pin the leading cached full blocks of ``seq`` (still held) for ``program``; returns
+        the TTL chosen (0 = not pinned)."""
+        if self.pins is None:
+            return 0.0
+        table, keys = self._blocks.get(seq.seq_id, []), self._keys.get(seq.seq_id, [])
+        n = 0
+        while n < min(len(table), len(keys)) and self.pool.key_of(table[n]) == keys[n]:
+            n += 1
+        return self.pins.pin(program, table[:n], keys[:n], ttl_s)
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks (tail first into the LRU) and forget its keys.
@@ -156,6 +185,8 @@ class KVCacheManager:
         every transfer); only when no block is in use apart from abandoned loads."""
         if self.tiers is not None:
             self.tiers.reset()
+        if self.pins is not None:
+            self.pins.clear()
         for seq_id in list(self._orphans):
             self._orphans.discard(seq_id)
             self.free(seq_id)
@@ -178,8 +209,7 @@ class KVCacheManager:
         registered in the prefix cache only once loaded. False (nothing changed) if no room.
         """
         assert self.tiers is not None and seq.seq_id not in self._blocks
-        evictable_hits = sum(1 for b in device_hits if self.pool.ref_count(b) == 0)
-        if len(tiers) > self.pool.num_free - evictable_hits:
+        if not self._has_room(len(tiers), device_hits):
             return False
         keys = self._keys[seq.seq_id][len(device_hits):len(device_hits) + len(tiers)]
         slots = self.tiers.pin_loads(keys, tiers)
@@ -255,6 +285,8 @@ class KVCacheManager:
         self.pool.check_integrity()
         if self.tiers is not None:
             self.tiers.check_integrity()
+        if self.pins is not None:
+            self.pins.check_integrity()
         if not self._orphans <= set(self._blocks):
             raise AssertionError("an orphaned load holds no blocks")
         holders = [0] * self.pool.num_blocks
@@ -263,8 +295,12 @@ class KVCacheManager:
                 raise AssertionError(f"{seq_id} has an empty block table entry")
             for b in table:
                 holders[b] += 1
+        for pinned in self.pins.holders() if self.pins is not None else []:
+            for b in pinned:
+                holders[b] += 1
         for b in range(1, self.pool.num_blocks):
             if holders[b] != self.pool.ref_count(b):
                 raise AssertionError(
-                    f"block {b}: ref_cnt {self.pool.ref_count(b)} but held by {holders[b]} seqs"
+                    f"block {b}: ref_cnt {self.pool.ref_count(b)} but held by {holders[b]} "
+                    "seqs and pins"
                 )

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from scheduler.protocol import (
+    JOB_BUCKETS,
     KV_LOAD_BUCKETS,
+    PIN_TTL_BUCKETS,
     AbortRequest,
     EngineOutputs,
     EngineReady,
@@ -64,20 +66,21 @@ class EngineClient(abc.ABC):
 
 
 _COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
-             "kv_disk_corrupt_files")
+             "kv_disk_corrupt_files", "pin_hits", "pin_expired")
 _DICT_COUNTERS = ("kv_tier_hit_tokens", "kv_tier_transfer_bytes")
 
 
 class LoadHistogram:
     """Cumulative bucket counts of ``kv_tier_load_seconds`` (bounds: ``KV_LOAD_BUCKETS``)."""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(KV_LOAD_BUCKETS) + 1)  # last bucket: +Inf
+    def __init__(self, bounds: tuple[float, ...] = KV_LOAD_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last bucket: +Inf
         self.sum = 0.0
 
     def observe(self, values: list[float]) -> None:
         for v in values:
-            i = next((i for i, b in enumerate(KV_LOAD_BUCKETS) if v <= b), len(KV_LOAD_BUCKETS))
+            i = next((i for i, b in enumerate(self.bounds) if v <= b), len(self.bounds))
             self.counts[i] += 1
             self.sum += v
 
@@ -89,6 +92,8 @@ class _Router:
         self.queues: dict[str, asyncio.Queue] = {}
         self.totals = EngineStats()
         self.kv_load_seconds = LoadHistogram()
+        self.pin_ttl_seconds = LoadHistogram(PIN_TTL_BUCKETS)
+        self.job_seconds = LoadHistogram(JOB_BUCKETS)
 
     def dispatch(self, batch: EngineOutputs) -> None:
         for out in batch.outputs:
@@ -98,12 +103,19 @@ class _Router:
         if batch.stats is not None:
             s, t = batch.stats, self.totals
             self.kv_load_seconds.observe(s.kv_tier_load_seconds)
+            self.pin_ttl_seconds.observe(s.pin_ttl_seconds)
+            self.job_seconds.observe(s.job_completion_seconds)
             sums: dict[str, Any] = {c: getattr(t, c) + getattr(s, c) for c in _COUNTERS}
             sums.update({c: _add(getattr(t, c), getattr(s, c)) for c in _DICT_COUNTERS})
             self.totals = EngineStats(
                 num_running=s.num_running, num_waiting=s.num_waiting,
                 kv_cache_usage=s.kv_cache_usage,
-                kv_tier_usage_bytes=s.kv_tier_usage_bytes or t.kv_tier_usage_bytes, **sums)
+                kv_tier_usage_bytes=s.kv_tier_usage_bytes or t.kv_tier_usage_bytes,
+                pinned_blocks=s.pinned_blocks,
+                pin_ttl_bucket_counts=list(self.pin_ttl_seconds.counts),
+                pin_ttl_sum=self.pin_ttl_seconds.sum,
+                job_completion_bucket_counts=list(self.job_seconds.counts),
+                job_completion_sum=self.job_seconds.sum, **sums)
 
     def fail_all(self, reason: str) -> None:
         for q in self.queues.values():

@@ -19,6 +19,11 @@ Tier = Literal["device", "host", "disk"]
 # Upper bounds (seconds) of the kv_tier_load_seconds histogram buckets (P1 observes, P0 exports).
 KV_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
+# Upper bounds (seconds) of the pin_ttl_seconds histogram buckets (TTLs chosen for pins).
+PIN_TTL_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# Upper bounds (seconds) of the job_completion_seconds histogram (agent programs, first request
+# to the end of the is_last_step turn).
+JOB_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -55,7 +60,9 @@ class EngineRequest(msgspec.Struct, tag=True, omit_defaults=True):
     eos_token_ids: list[int] = []
     priority: int = 0
     cache_salt: str | None = None  # tenant salt, resolved by the server
-    prompt_cache_key: str | None = None
+    prompt_cache_key: str | None = None  # program identity (TTL pins, program_fcfs)
+    pin_ttl_s: float | None = None  # explicit pin TTL of this turn's KV (None: the policy picks)
+    is_last_step: bool | None = None  # Continuum: true on a program's last turn (no pin after)
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -108,6 +115,17 @@ class EngineStats(msgspec.Struct, tag=True, omit_defaults=True):
     kv_tier_transfer_bytes: dict[str, int] = {}  # increment per "src>dst": bytes moved
     kv_tier_load_seconds: list[float] = []  # new observations: a request's KV staging time
     kv_disk_corrupt_files: int = 0  # increment: bad disk files found (deleted)
+    pinned_blocks: int = 0  # gauge: device blocks held by TTL pins
+    pin_hits: int = 0  # increment: pins claimed by their program's next turn
+    pin_expired: int = 0  # increment: pins whose TTL ran out
+    pin_ttl_seconds: list[float] = []  # new observations: TTLs chosen for new pins
+    # cumulative over PIN_TTL_BUCKETS (+Inf last) and sum: filled by P0's stats router only
+    pin_ttl_bucket_counts: list[int] = []
+    pin_ttl_sum: float = 0.0
+    job_completion_seconds: list[float] = []  # new observations: programs that finished
+    # cumulative over JOB_BUCKETS (+Inf last) and sum: filled by P0's stats router only
+    job_completion_bucket_counts: list[int] = []
+    job_completion_sum: float = 0.0
 
 
 class EngineOutputs(msgspec.Struct, tag=True, omit_defaults=True):

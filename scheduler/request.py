@@ -54,6 +54,8 @@ class Seq:
         self.seq_id = seq_id_of(req.request_id, index)
         self.order = order
         self.program = req.prompt_cache_key  # agent program / conversation identity, if any
+        self.pin_ttl_s = req.pin_ttl_s  # explicit TTL for pinning this turn's KV
+        self.is_last_step = bool(req.is_last_step)  # no pin after the program's last turn
         self.program_order = order  # program_fcfs: the order of the program's first request
         self.arrival_time = req.arrival_time
         self.priority = req.priority

@@ -15,6 +15,10 @@ Each sequence has ``num_computed_tokens`` chasing ``num_tokens``. A step hands o
        load is done it joins the running batch with those tokens computed (step 0 of the
        next ``schedule``). Loads and stores travel in ``SchedulerOutput.kv_*``.
 
+Agent programs (``scheduler/programs.py``): a finished turn of a program keeps its KV pinned
+for a TTL (released when allocation would otherwise fail, claimed by the next turn, expired at
+the start of a later ``schedule``); all times come from the injectable ``clock``.
+
 ``schedule()`` advances ``num_computed_tokens`` at once; ``update_from_output()`` appends the
 sampled tokens. The two must alternate: every scheduled step runs before the next is planned
 (the KV manager's same-step block sharing and abort-time freeing rely on it).
@@ -33,6 +37,8 @@ Worker contract (``ScheduledSeq``):
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +46,7 @@ from configs.types import CacheConfig, SchedulerConfig
 from kvmanager.hashing import DEV_SECRET
 from kvmanager.manager import KVCacheManager
 from kvmanager.tiered import StepOps, TieredCache, TierSetup, Transfer
+from scheduler.programs import Programs
 from scheduler.protocol import (
     EngineRequest,
     EngineStats,
@@ -72,12 +79,14 @@ class Scheduler:
         max_model_len: int,
         secret: bytes = DEV_SECRET,
         tiers: TierSetup | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = scheduler_config
+        self.clock = clock
         self.block_size = cache_config.block_size
         tiered = None
         if tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks):
-            tiered = TieredCache(tiers, cache_config.block_size)
+            tiered = TieredCache(tiers, cache_config.block_size, clock)
         self.kv = KVCacheManager(
             num_device_blocks,
             cache_config.block_size,
@@ -86,6 +95,7 @@ class Scheduler:
             secret,
             tiered,
         )
+        self.programs = Programs(self.kv, cache_config, clock)  # TTL pins, job times
         self.max_model_len = max_model_len
         # No sequence can outgrow the pool: past this it finishes with "length".
         self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
@@ -119,6 +129,8 @@ class Scheduler:
                 )
                 for i in range(n)
             ]
+        if req.prompt_cache_key is not None:
+            self.programs.started(req.prompt_cache_key)
         seqs = [Seq(req, i, self._next_order + i) for i in range(req.sampling.n)]
         self._next_order += len(seqs)
         self.requests[req.request_id] = seqs
@@ -193,6 +205,7 @@ class Scheduler:
         self._step_preempted = False
         if self.kv.tiers is not None:
             self.kv.tiers.begin_step()
+        self.programs.expire()  # before anything allocates: demotions go out this step
         self._promote_loaded()
         budget = _Budget(self.config.max_num_batched_tokens)
         planned: list[tuple[Seq, int]] = []
@@ -279,7 +292,10 @@ class Scheduler:
         tiers = self.kv.plan_tier_loads(seq, len(hits))
         if not tiers:
             return None
-        return self.kv.start_loads(seq, hits, tiers)
+        started = self.kv.start_loads(seq, hits, tiers)
+        if started:
+            self.programs.claim(seq, hits)
+        return started
 
     def _admit(self, seq: Seq, token_budget: int) -> int:
         """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
@@ -288,8 +304,12 @@ class Scheduler:
         if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
             hits, hit_tokens = self.kv.get_computed_blocks(seq)
         n = min(seq.num_tokens - hit_tokens, token_budget)
-        if self.kv.allocate_slots(seq, n, hits) is None:
+        self.programs.admitting(seq)
+        allocated = self.kv.allocate_slots(seq, n, hits)
+        self.programs.admitting(None)
+        if allocated is None:
             return 0
+        self.programs.claim(seq, hits)
         seq.num_computed_tokens = hit_tokens
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = hit_tokens
@@ -384,6 +404,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status, seq.error = status, error
+        self.programs.turn_ended(seq, status)
         self.kv.free(seq.seq_id)
         if seq.sent_to_worker:
             self._finished_ids.append(seq.seq_id)
@@ -417,6 +438,7 @@ class Scheduler:
             kv_cache_usage=self.kv.usage,
             **delta,
             **self._tier_stats(),
+            **self.programs.stats(),
         )
 
     def _tier_stats(self) -> dict[str, Any]:

@@ -12,6 +12,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from scheduler.client import EngineError
+from server.chat_tools import (
+    check_tools,
+    render_messages,
+    template_supports_tools,
+    tool_names,
+    tools_enabled,
+)
 from server.errors import APIError, error_body, invalid
 from server.generation import SeqDelta, SequenceTracker, stream_request
 from server.logprobs import chat_logprobs
@@ -29,6 +36,7 @@ from server.serving import (
     until_disconnect,
 )
 from server.sse import DONE, SSEResponse, sse_event
+from server.tool_parsers import StreamingToolParser, parse_tool_calls
 
 
 async def create_chat_completion(ctx: ServingContext, request: Request, body: Any,
@@ -38,6 +46,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     check_common(ctx, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
+    check_tools(req)
     prompt_ids = await render_chat(ctx, req)
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.requested_max_tokens(), param,
@@ -59,11 +68,11 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
 
 async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
     """Apply the model's chat template and tokenize (off the event loop)."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     tok = ctx.tokenizer
+    messages, tools = render_messages(req, native=template_supports_tools(tok))
 
     def run() -> list[int]:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         return tok.encode(text, add_special_tokens=False)
 
     try:
@@ -98,10 +107,23 @@ async def _collect(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
         logprobs = None
         if req.logprobs:
             logprobs = {"content": chat_logprobs(ctx.token_text, lps[i], req.top_logprobs or 0)}
-        choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                        "logprobs": logprobs, "finish_reason": reasons[i] or "abort"})
+        message, reason = _message(ctx, req, texts[i], reasons[i] or "abort")
+        choices.append({"index": i, "message": message, "logprobs": logprobs,
+                        "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": ctx.model_name, "choices": choices, "usage": usage.body()}
+
+
+def _message(ctx: ServingContext, req: ChatCompletionRequest, text: str,
+             reason: str) -> tuple[dict[str, Any], str]:
+    """The assistant message of one choice and its finish reason (tool calls parsed out)."""
+    if not tools_enabled(req):
+        return {"role": "assistant", "content": text}, reason
+    parsed = parse_tool_calls(ctx.config.server.tool_call_parser, text, tool_names(req))
+    if not parsed.tool_calls:
+        return {"role": "assistant", "content": text}, reason
+    return {"role": "assistant", "content": parsed.content,
+            "tool_calls": [c.to_api() for c in parsed.tool_calls]}, "tool_calls"
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
@@ -128,12 +150,42 @@ async def _stream_events(ctx: ServingContext, req: ChatCompletionRequest, base: 
     for i in range(req.n):
         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
                      "logprobs": None, "finish_reason": None})
+    parsers = _stream_parsers(ctx, req)
     async for d in deltas:
         usage.observe(d)
-        if not (d.text or d.finish_reason or (req.logprobs and d.logprobs)):
+        delta = _delta(parsers, d)
+        if not (delta or d.finish_reason or (req.logprobs and d.logprobs)):
             continue
-        yield chunk({"index": d.index, "delta": {"content": d.text} if d.text else {},
-                     "logprobs": _choice_logprobs(ctx, req, d),
-                     "finish_reason": d.finish_reason})
+        reason = d.finish_reason
+        if reason and parsers and parsers[d.index].num_calls:
+            reason = "tool_calls"
+        yield chunk({"index": d.index, "delta": delta,
+                     "logprobs": _choice_logprobs(ctx, req, d), "finish_reason": reason})
     if req.include_usage():
         yield sse_event({**base, "choices": [], "usage": usage.body()})
+
+
+def _stream_parsers(ctx: ServingContext,
+                    req: ChatCompletionRequest) -> list[StreamingToolParser] | None:
+    if not tools_enabled(req):
+        return None
+    names = tool_names(req)
+    return [StreamingToolParser(ctx.config.server.tool_call_parser, names)
+            for _ in range(req.n)]
+
+
+def _delta(parsers: list[StreamingToolParser] | None, d: SeqDelta) -> dict[str, Any]:
+    """The ``delta`` of one chunk: content, and completed tool calls (held text released at
+    the end of the choice)."""
+    if parsers is None:
+        return {"content": d.text} if d.text else {}
+    parser = parsers[d.index]
+    first = parser.num_calls
+    text, calls = parser.feed(d.text)
+    if d.finish_reason:
+        more_text, more_calls = parser.finish()
+        text, calls = text + more_text, calls + more_calls
+    delta: dict[str, Any] = {"content": text} if text else {}
+    if calls:
+        delta["tool_calls"] = [{"index": first + k, **c.to_api()} for k, c in enumerate(calls)]
+    return delta

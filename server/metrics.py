@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from scheduler.protocol import KV_LOAD_BUCKETS, EngineStats
+from scheduler.protocol import JOB_BUCKETS, KV_LOAD_BUCKETS, PIN_TTL_BUCKETS, EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -54,6 +54,7 @@ class EngineStatsCollector(Collector):
                        s.prefix_hits)
         yield _counter("encore:num_preemptions", "Sequences preempted by the scheduler",
                        s.preemptions)
+        yield from _pin_metrics(s)
 
 
     def _tier_metrics(self, s: EngineStats) -> Iterator[Metric]:
@@ -84,6 +85,30 @@ class EngineStatsCollector(Collector):
             yield HistogramMetricFamily("encore:kv_tier_load_seconds", "Time a request waited "
                                         "for its KV to load from the host or disk tier",
                                         buckets=buckets, sum_value=hist.sum)
+
+
+def _pin_metrics(s: EngineStats) -> Iterator[Metric]:
+    """TTL pins of agent programs (Continuum)."""
+    yield _gauge("encore:pinned_blocks", "Device KV blocks held by TTL pins", s.pinned_blocks)
+    yield _counter("encore:pin_hits", "Pins claimed by their program's next turn", s.pin_hits)
+    yield _counter("encore:pin_expired", "Pins whose TTL ran out", s.pin_expired)
+    yield HistogramMetricFamily("encore:pin_ttl_seconds", "TTLs chosen for new KV pins",
+                                buckets=_buckets(PIN_TTL_BUCKETS, s.pin_ttl_bucket_counts),
+                                sum_value=s.pin_ttl_sum)
+    yield HistogramMetricFamily("encore:job_completion_seconds", "Agent programs: first "
+                                "request to the end of the is_last_step turn",
+                                buckets=_buckets(JOB_BUCKETS, s.job_completion_bucket_counts),
+                                sum_value=s.job_completion_sum)
+
+
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Prometheus (le, cumulative count) pairs from per-bucket counts (+Inf last)."""
+    counts = counts or [0] * (len(bounds) + 1)
+    cumulative, out = 0, []
+    for bound, count in zip((*map(str, bounds), "+Inf"), counts, strict=True):
+        cumulative += count
+        out.append((bound, cumulative))
+    return out
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -41,11 +41,68 @@ class ContentPart(_Model):
             raise ValueError("only 'text' content parts are supported")
         return v
 
+    @field_validator("prompt_cache_breakpoint")
+    @classmethod
+    def _breakpoint(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Prefix caching is implicit and always on; what a breakpoint could ask beyond it is
+        refused rather than silently ignored."""
+        if v is None:
+            return v
+        mode = v.get("mode", "implicit")
+        if mode == "chunk":
+            raise ValueError("prompt_cache_breakpoint mode 'chunk' (position-independent chunk "
+                             "reuse) is not supported yet")
+        if mode not in ("implicit", "explicit"):
+            raise ValueError(f"prompt_cache_breakpoint mode {str(mode)[:20]!r} is not one of "
+                             "'implicit', 'explicit'")
+        if "ttl" in v:
+            raise ValueError("a ttl on a prompt_cache_breakpoint is not supported yet; pin the "
+                             "whole prompt with prompt_cache_options.ttl and prompt_cache_key")
+        return v
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    """An OpenAI function tool: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Model):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -111,6 +168,8 @@ class ChatCompletionRequest(_CommonRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -202,7 +202,45 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
         arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
         priority=req.priority, cache_salt=cache_salt(tenant, req.cache_salt),
-        prompt_cache_key=req.program_key())
+        prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
+        is_last_step=req.is_last_step)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration like "90s", "30m" or "12h"; None if malformed or not > 0."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    try:
+        value = float(text[:-1]) * unit if unit is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value < float("inf") else None
+
+
+def pin_ttl(ctx: ServingContext, req: _CommonRequest) -> float | None:
+    """The explicit pin TTL of ``prompt_cache_options.ttl`` (None: the engine's policy picks);
+    400 when malformed, above ``cache.max_pin_ttl_s``, without a program key, or pins are off."""
+    opts = req.prompt_cache_options or {}
+    if opts.get("ttl") is None:
+        return None
+    param = "prompt_cache_options.ttl"
+    cache = ctx.config.cache
+    if not cache.enable_ttl_pins or not cache.enable_prefix_caching:
+        raise invalid("prompt_cache_options.ttl is not supported: TTL pins are turned off on "
+                      "this server (cache.enable_ttl_pins)", param)
+    ttl = parse_duration(opts["ttl"]) if isinstance(opts["ttl"], str) else None
+    if ttl is None:
+        raise invalid(f"{param} must be a duration like \"90s\", \"30m\" or \"12h\"", param)
+    if ttl > cache.max_pin_ttl_s:
+        raise invalid(f"{param}={opts['ttl']!r} exceeds this server's limit of "
+                      f"{cache.max_pin_ttl_s:g}s (cache.max_pin_ttl_s)", param)
+    if req.program_key() is None:
+        raise invalid(f"{param} needs a prompt_cache_key (or job_id) naming the program whose "
+                      "KV to pin", param)
+    return ttl
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -144,3 +144,24 @@ def test_extensions_and_unknown_model(client, model) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=MESSAGES,
                                        extra_body={"cache_salt": "t"})
+
+
+def test_tool_conversation_renders_through_the_fallback(client, model) -> None:
+    """SmolLM2's template has no tool support: the Hermes fallback must render a whole tool
+    turn. What the model answers is not asserted, only that the response is well formed."""
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object",
+                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(model=model, messages=messages, tools=tools,
+                                       max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert choice.message.content or choice.message.tool_calls
+    assert r.usage.prompt_tokens > 60  # the tool section was rendered

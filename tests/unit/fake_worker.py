@@ -214,6 +214,7 @@ def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 
 def make_request(rid: str, prompt: list[int], max_tokens: int = 4, **kw) -> EngineRequest:
     """An EngineRequest with greedy sampling; extra SamplingParams / request fields by name."""
     req_fields = {k: kw.pop(k) for k in ("priority", "cache_salt", "eos_token_ids",
-                                         "prompt_cache_key") if k in kw}
+                                         "prompt_cache_key", "pin_ttl_s", "is_last_step")
+                  if k in kw}
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
     return EngineRequest(rid, prompt, sampling, arrival_time=0.0, **req_fields)

@@ -41,6 +41,12 @@ def _err(r, status: int, param: str | None = None) -> dict:
     ("min_p", 2, "min_p"),
     ("stream_options", {"include_usage": "maybe"}, "stream_options.include_usage"),
     ("seed", 2**70, "seed"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "doc",
+                   "prompt_cache_breakpoint": {"mode": "chunk"}}]}],
+     "messages[0].content[0].prompt_cache_breakpoint"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "doc",
+                   "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}]}],
+     "messages[0].content[0].prompt_cache_breakpoint"),
 ])
 def test_chat_bad_values_name_the_param(field, value, param) -> None:
     with serve() as (client, _, _):

@@ -1,0 +1,253 @@
+"""TTL pins for agent programs (Continuum): the TTL policy, and pins in the scheduler driven by
+the fake worker with a fake clock. Every scheduler test compares tokens with the cache-free
+reference and ends with a leak check (pins released, then every block free)."""
+
+from __future__ import annotations
+
+from fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
+
+from configs.types import CacheConfig, SchedulerConfig
+from kvmanager.pins import TTLPolicy
+from kvmanager.tiered import TierSetup
+from scheduler.scheduler import Scheduler
+from server.serving import parse_duration
+
+BS = 4
+A_PROMPT = list(range(1, 13))  # 3 full blocks
+B_PROMPT = list(range(101, 113))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(num_blocks: int = 17, host: int = 0, **cache_kw) -> tuple[Scheduler, FakeWorker, Clock]:
+    clock = Clock()
+    setup = None
+    if host:
+        setup = TierSetup(block_bytes=1024, num_host_blocks=host, load_policy="always")
+    sched = Scheduler(CacheConfig(block_size=BS, **cache_kw),
+                      SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                      num_device_blocks=num_blocks, max_model_len=256, tiers=setup, clock=clock)
+    return sched, FakeWorker(num_blocks, BS), clock
+
+
+def turn(sched: Scheduler, worker: FakeWorker, rid: str, prompt: list[int], max_tokens: int = 1,
+         **kw) -> Run:
+    assert sched.add_request(make_request(rid, prompt, max_tokens=max_tokens, **kw)) == []
+    run = run_all(sched, worker)
+    assert run.tokens[(rid, 0)] == reference_tokens(prompt, max_tokens)
+    return run
+
+
+def assert_no_leaks(sched: Scheduler) -> None:
+    sched.check_integrity()
+    assert not sched.has_unfinished() and not sched.requests
+    assert sched.kv.pins is not None
+    sched.kv.pins.clear()
+    sched.check_integrity()
+    assert sched.kv.num_free_blocks == sched.kv.num_usable_blocks
+
+
+# ----------------------------------------------------------------------------- TTL policy
+def test_ttl_policy_gives_slower_programs_longer_ttls() -> None:
+    policy = TTLPolicy(max_ttl_s=600, block_size=BS)
+    for g in (2.0, 3.0, 2.5, 3.5, 2.0, 3.0, 2.8, 3.1):
+        policy.observe_gap("fast", g)
+    for g in (40.0, 55.0, 48.0, 60.0, 45.0, 52.0, 58.0, 50.0):
+        policy.observe_gap("slow", g)
+    fast, slow = policy.choose("fast", 4, 0.5), policy.choose("slow", 4, 0.5)
+    assert 3.5 <= fast < 20 and 60 <= slow < 120 and fast * 3 < slow, (fast, slow)
+    assert policy.choose("slow", 4, 1.0) <= slow, "more pressure never lengthens a TTL"
+    cold = TTLPolicy(max_ttl_s=600, block_size=BS)
+    assert 0 < cold.choose("new", 4, 0.5) <= 600, "the exponential prior pins cold programs"
+
+
+def test_gaps_are_measured_with_the_engine_clock() -> None:
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A")
+    clock.t = 7.0
+    turn(sched, worker, "a2", A_PROMPT + [5, 6, 7, 8], prompt_cache_key="A")
+    assert sched.kv.pins is not None
+    assert list(sched.kv.pins.policy._gaps["A"]) == [7.0]
+    assert_no_leaks(sched)
+
+
+# ----------------------------------------------------------------------------- scheduler
+def test_pin_survives_pressure_and_the_next_turn_hits_it() -> None:
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
+    turn(sched, worker, "b1", B_PROMPT)  # unpinned: only LRU-cached
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 3
+    assert sched.stats().pin_ttl_seconds == [60.0]
+    turn(sched, worker, "c", list(range(200, 251)), max_tokens=2)  # 13 blocks: evicts b1's
+    clock.t = 30.0
+    probe = make_request("probe", B_PROMPT, max_tokens=1)
+    assert sched.kv.get_computed_blocks(_Probe(probe))[1] == 0, "unpinned blocks were evicted"
+    run = turn(sched, worker, "a2", A_PROMPT + [1, 2, 3, 4, 9], prompt_cache_key="A")
+    assert run.finals[("a2", 0)].num_cached_tokens == 12, "the returning turn hit its pin"
+    assert pins.hits == 1 and sched.stats().pin_hits == 1
+    assert_no_leaks(sched)
+
+
+class _Probe:
+    """A KVSeq view of a request that is never scheduled (prefix lookups only)."""
+
+    def __init__(self, req) -> None:
+        self.seq_id = "probe#0"
+        self.all_token_ids = req.prompt_token_ids
+        self.num_computed_tokens = 0
+        self.cache_salt = None
+
+
+def test_pin_expires_on_time() -> None:
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0)
+    pins = sched.kv.pins
+    assert pins is not None
+    clock.t = 9.9
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 3
+    clock.t = 10.0
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 0 and pins.expired == 1
+    stats = sched.stats()
+    assert (stats.pinned_blocks, stats.pin_expired) == (0, 1)
+    # the blocks stay LRU-cached: a later turn still hits them while nothing evicts them
+    run = turn(sched, worker, "a2", A_PROMPT + [7], prompt_cache_key="A")
+    assert run.finals[("a2", 0)].num_cached_tokens == 12 and pins.hits == 0
+    assert_no_leaks(sched)
+
+
+def test_expired_pin_is_demoted_to_the_host_tier() -> None:
+    sched, worker, clock = make(host=8)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0)
+    keys = list(sched.kv.pins.pin_of("A").keys)  # type: ignore[union-attr]
+    clock.t = 11.0
+    out = sched.schedule()
+    assert sorted(t.key for t in out.kv_stores) == sorted(keys)
+    assert {t.dst for t in out.kv_stores} == {"host"}
+    sched.update_from_output(out, worker.execute(out))
+    host = sched.kv.tiers.tiers["host"]  # type: ignore[union-attr]
+    assert host.lookup(keys) == 3, "the demoted blocks are loadable from the host tier"
+    turn(sched, worker, "c", list(range(200, 261)), max_tokens=2)  # 16 blocks: evicts a1's
+    run = turn(sched, worker, "a2", A_PROMPT + [7], prompt_cache_key="A")
+    assert run.finals[("a2", 0)].num_cached_tokens == 12, "reloaded from host"
+    assert_no_leaks(sched)
+
+
+def test_pressure_releases_the_lowest_value_pin_instead_of_failing() -> None:
+    sched, worker, _ = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=5.0)
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=300.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 6
+    turn(sched, worker, "c", list(range(200, 245)), max_tokens=2)  # needs 12 of 16 blocks
+    assert pins.pin_of("A") is None and pins.pin_of("B") is not None
+    assert pins.released == 1
+    assert_no_leaks(sched)
+
+
+def test_an_admitted_turn_keeps_its_own_pin_under_pressure() -> None:
+    sched, worker, _ = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=5.0)  # lowest value
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=300.0)
+    pins = sched.kv.pins
+    assert pins is not None
+    # a2 hits A's 3 pinned blocks and needs 11 more: only 10 are free, so B's pin must go
+    run = turn(sched, worker, "a2", A_PROMPT + list(range(500, 541)), prompt_cache_key="A")
+    assert run.finals[("a2", 0)].num_cached_tokens == 12 and pins.hits == 1
+    assert pins.pin_of("B") is None and pins.released == 1
+    assert_no_leaks(sched)
+
+
+def test_no_pin_after_the_last_step_and_cap_respected() -> None:
+    sched, worker, _ = make(max_pinned_fraction=0.25)  # 4 of 16 blocks
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 3
+    turn(sched, worker, "a2", A_PROMPT + [3], prompt_cache_key="A", is_last_step=True)
+    assert pins.num_pinned_blocks == 0, "the program is done: nothing to keep"
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=60.0)
+    turn(sched, worker, "d1", list(range(300, 312)), prompt_cache_key="D", pin_ttl_s=60.0)
+    assert pins.num_pinned_blocks <= 4
+    assert_no_leaks(sched)
+
+
+def test_job_completion_time_from_first_request_to_last_step() -> None:
+    sched, worker, clock = make()
+    clock.t = 100.0
+    turn(sched, worker, "j1", A_PROMPT, prompt_cache_key="J")
+    clock.t = 112.5
+    turn(sched, worker, "j2", A_PROMPT + [4], prompt_cache_key="J", is_last_step=True)
+    stats = sched.stats()
+    assert stats.job_completion_seconds == [12.5] and stats.pinned_blocks == 0
+    assert sched.stats().job_completion_seconds == []
+    assert_no_leaks(sched)
+
+
+def test_pins_off() -> None:
+    sched, worker, _ = make(enable_ttl_pins=False)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
+    assert sched.kv.pins is None and sched.stats().pinned_blocks == 0
+    assert sched.kv.num_free_blocks == sched.kv.num_usable_blocks
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("90s") == 90 and parse_duration("30m") == 1800
+    assert parse_duration("12h") == 43200
+    for bad in ("", "m", "10", "-5s", "xs", "nans"):
+        assert parse_duration(bad) is None, bad
+
+
+# ----------------------------------------------------------------------------- API fields
+def test_api_maps_pin_fields_onto_the_engine_request() -> None:
+    from server_helpers import chat_body, serve
+
+    with serve() as (client, engine, _):
+        r = client.post("/v1/chat/completions", json=chat_body(
+            max_tokens=2, job_id="job-1", is_last_step=True,
+            prompt_cache_options={"mode": "explicit", "ttl": "90s"}))
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                 "prompt_cache_key": "k", "job_id": "job-2"})
+        assert r.status_code == 200, r.text
+        for ttl in ("12h", "soon", 30):
+            r = client.post("/v1/chat/completions", json=chat_body(
+                max_tokens=2, prompt_cache_key="k", prompt_cache_options={"ttl": ttl}))
+            assert r.status_code == 400, ttl
+            assert r.json()["error"]["param"] == "prompt_cache_options.ttl"
+        r = client.post("/v1/chat/completions", json=chat_body(
+            max_tokens=2, prompt_cache_options={"ttl": "5m"}))
+        assert r.status_code == 400 and "prompt_cache_key" in r.json()["error"]["message"]
+    first, second = engine.requests[:2]
+    assert (first.prompt_cache_key, first.pin_ttl_s, first.is_last_step) == ("job-1", 90.0, True)
+    assert (second.prompt_cache_key, second.pin_ttl_s, second.is_last_step) == ("k", None, None)
+    with serve(enable_ttl_pins=False) as (client, _, _):
+        r = client.post("/v1/chat/completions", json=chat_body(
+            max_tokens=2, prompt_cache_key="k", prompt_cache_options={"ttl": "30m"}))
+        assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+
+
+def test_pin_metrics_are_exported() -> None:
+    from scheduler.client import _Router
+    from scheduler.protocol import EngineOutputs, EngineStats
+    from server.metrics import ServerMetrics
+
+    router = _Router()
+    router.dispatch(EngineOutputs(stats=EngineStats(pinned_blocks=3, pin_hits=2, pin_expired=1,
+                                                    pin_ttl_seconds=[4.0, 90.0],
+                                                    job_completion_seconds=[42.0])))
+    router.dispatch(EngineOutputs(stats=EngineStats(pinned_blocks=1, pin_hits=1)))
+    text = ServerMetrics(lambda: router.totals).exposition().decode()
+    assert "encore:pinned_blocks 1.0" in text
+    assert "encore:pin_hits_total 3.0" in text and "encore:pin_expired_total 1.0" in text
+    assert 'encore:pin_ttl_seconds_bucket{le="5.0"} 1.0' in text
+    assert 'encore:pin_ttl_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "encore:pin_ttl_seconds_sum 94.0" in text
+    assert 'encore:job_completion_seconds_bucket{le="60.0"} 1.0' in text
