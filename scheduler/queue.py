@@ -17,15 +17,20 @@ from __future__ import annotations
 import abc
 import bisect
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableSequence
 
 from scheduler.request import Seq
 
 
 class WaitingQueue(abc.ABC):
-    """Sequences waiting for their (first or resumed) admission."""
+    """Sequences waiting for their (first or resumed) admission, best first in ``_q``.
+
+    Subclasses choose the container (a deque or a sorted list) and how to add and pop;
+    peeking, removal, iteration and length are the same for both.
+    """
 
     name: str
+    _q: MutableSequence[Seq]
 
     @staticmethod
     @abc.abstractmethod
@@ -41,22 +46,22 @@ class WaitingQueue(abc.ABC):
         """Re-enqueue a preempted sequence ahead of those that arrived after it."""
 
     @abc.abstractmethod
-    def peek(self) -> Seq:
-        """The next sequence to admit (IndexError when empty)."""
-
-    @abc.abstractmethod
     def pop(self) -> Seq:
         """Remove and return the next sequence (IndexError when empty)."""
 
-    @abc.abstractmethod
+    def peek(self) -> Seq:
+        """The next sequence to admit (IndexError when empty)."""
+        return self._q[0]
+
     def remove(self, seq: Seq) -> None:
         """Remove ``seq`` (ValueError when absent)."""
+        self._q.remove(seq)
 
-    @abc.abstractmethod
-    def __iter__(self) -> Iterator[Seq]: ...
+    def __iter__(self) -> Iterator[Seq]:
+        return iter(self._q)
 
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        return len(self._q)
 
     def __bool__(self) -> bool:
         return len(self) > 0
@@ -78,20 +83,8 @@ class FCFSQueue(WaitingQueue):
     def prepend(self, seq: Seq) -> None:
         self._q.appendleft(seq)
 
-    def peek(self) -> Seq:
-        return self._q[0]
-
     def pop(self) -> Seq:
         return self._q.popleft()
-
-    def remove(self, seq: Seq) -> None:
-        self._q.remove(seq)
-
-    def __iter__(self) -> Iterator[Seq]:
-        return iter(self._q)
-
-    def __len__(self) -> int:
-        return len(self._q)
 
 
 class SortedQueue(WaitingQueue):
@@ -106,20 +99,8 @@ class SortedQueue(WaitingQueue):
     def prepend(self, seq: Seq) -> None:
         self.add(seq)
 
-    def peek(self) -> Seq:
-        return self._q[0]
-
     def pop(self) -> Seq:
         return self._q.pop(0)
-
-    def remove(self, seq: Seq) -> None:
-        self._q.remove(seq)
-
-    def __iter__(self) -> Iterator[Seq]:
-        return iter(self._q)
-
-    def __len__(self) -> int:
-        return len(self._q)
 
 
 class PriorityQueue(SortedQueue):
