@@ -15,6 +15,8 @@ QueuePolicyName = Literal["fcfs", "priority", "program_fcfs"]
 HashAlgorithm = Literal["blake2b", "sha256"]
 CacheWritePolicy = Literal["write_back", "write_through"]
 KVLoadPolicyName = Literal["cost", "always"]
+ChunkReuseMode = Literal["off", "marked", "parts"]
+ChunkRecomputePolicy = Literal["fixed", "adaptive"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,22 @@ class CacheConfig:
                                       "named by prompt_cache_key / job_id) for a chosen TTL")
     max_pin_ttl_s: float = opt(600.0, "longest TTL a pin may get, chosen or requested (seconds)")
     max_pinned_fraction: float = opt(0.5, "most device blocks that TTL pins may hold (0-1)")
+    max_pinned_gib_per_tenant: float = opt(0.0, "most KV (GiB, device) that one tenant's TTL "
+                                               "pins may hold; 0 = no per-tenant quota")
+    chunk_reuse: ChunkReuseMode = opt("marked", "position-independent chunk reuse: marked = "
+                                      "content parts with prompt_cache_breakpoint mode chunk; "
+                                      "parts = also every text part of at least "
+                                      "chunk_min_tokens; off = refuse chunk marks")
+    chunk_min_tokens: int = opt(256, "with chunk_reuse=parts: shortest text part that is a chunk")
+    chunk_recompute_policy: ChunkRecomputePolicy = opt("fixed", "how many tokens of a reused "
+                                                       "chunk to recompute: fixed = "
+                                                       "chunk_recompute_fraction; adaptive = "
+                                                       "from the chunk's measured context "
+                                                       "impact (Cache-Craft)")
+    chunk_recompute_fraction: float = opt(0.15, "fixed policy: fraction of a reused chunk's "
+                                                "tokens recomputed (CacheBlend)")
+    chunk_check_layer: int = opt(1, "layer at which blended tokens are scored by KV deviation; "
+                                    "layers up to it are recomputed for every token")
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -77,6 +95,11 @@ class CacheConfig:
         check_range("cache", "disk_cache_gib", self.disk_cache_gib, lo=0.0)
         check_range("cache", "max_pin_ttl_s", self.max_pin_ttl_s, lo=1.0)
         check_range("cache", "max_pinned_fraction", self.max_pinned_fraction, lo=0.0, hi=1.0)
+        check_range("cache", "max_pinned_gib_per_tenant", self.max_pinned_gib_per_tenant, lo=0.0)
+        check_range("cache", "chunk_min_tokens", self.chunk_min_tokens, lo=1)
+        check_range("cache", "chunk_recompute_fraction", self.chunk_recompute_fraction, lo=0.0,
+                    hi=1.0)
+        check_range("cache", "chunk_check_layer", self.chunk_check_layer, lo=0)
         if (self.host_cache_gib > 0 or self.disk_cache_dir) and not self.enable_prefix_caching:
             from configs.fields import ConfigError
 

@@ -63,6 +63,12 @@ class EngineRequest(msgspec.Struct, tag=True, omit_defaults=True):
     prompt_cache_key: str | None = None  # program identity (TTL pins, program_fcfs)
     pin_ttl_s: float | None = None  # explicit pin TTL of this turn's KV (None: the policy picks)
     is_last_step: bool | None = None  # Continuum: true on a program's last turn (no pin after)
+    # Position-independent chunks of the prompt (CacheBlend): sorted, disjoint token spans
+    # [start, end) whose tokens were tokenized on their own (the same in every request).
+    chunks: list[tuple[int, int]] = []
+    chunk_recompute: float | None = None  # recompute fraction for this request (None: config)
+    # Explicit pins at content-part breakpoints: (prefix length in tokens, ttl seconds).
+    pin_breakpoints: list[tuple[int, float]] = []
 
 
 class AbortRequest(msgspec.Struct, tag=True):

@@ -56,6 +56,9 @@ class Seq:
         self.program = req.prompt_cache_key  # agent program / conversation identity, if any
         self.pin_ttl_s = req.pin_ttl_s  # explicit TTL for pinning this turn's KV
         self.is_last_step = bool(req.is_last_step)  # no pin after the program's last turn
+        self.pin_breakpoints = list(req.pin_breakpoints)  # (prefix tokens, ttl s) to pin
+        self.chunks = list(req.chunks)  # position-independent chunk spans of the prompt
+        self.chunk_recompute = req.chunk_recompute
         self.program_order = order  # program_fcfs: the order of the program's first request
         self.arrival_time = req.arrival_time
         self.priority = req.priority
