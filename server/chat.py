@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from scheduler.client import EngineError
+from server.chat_parts import ChatPrompt, part_marks, render_marked
 from server.chat_tools import (
     check_tools,
     render_messages,
@@ -47,7 +48,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
     check_tools(req)
-    prompt_ids = await render_chat(ctx, req)
+    prompt = await render_chat(ctx, req)
+    prompt_ids = prompt.token_ids
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.requested_max_tokens(), param,
                                     "messages")
@@ -55,7 +57,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     admit(ctx)
     rid = new_id("chatcmpl")
     ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time(),
-                          tenant=getattr(request.state, "tenant", None))
+                          tenant=getattr(request.state, "tenant", None), chunks=prompt.chunks,
+                          pin_breakpoints=prompt.pin_breakpoints)
     trackers = [SequenceTracker(i, ctx.tokenizer, prompt_ids, req.stop_strings())
                 for i in range(req.n)]
     deltas = stream_request(ctx, ereq, trackers, arrival)
@@ -66,17 +69,25 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     return JSONResponse(await until_disconnect(request, _collect(ctx, req, rid, deltas, usage)))
 
 
-async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
-    """Apply the model's chat template and tokenize (off the event loop)."""
+async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPrompt:
+    """Apply the model's chat template and tokenize (off the event loop). Chunk parts and
+    explicit breakpoints are tokenized part by part (server.chat_parts)."""
     tok = ctx.tokenizer
-    messages, tools = render_messages(req, native=template_supports_tools(tok))
+    cache = ctx.config.cache
+    marks = part_marks(ctx, req)
+    native = template_supports_tools(tok)
 
-    def run() -> list[int]:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
-        return tok.encode(text, add_special_tokens=False)
+    def render(r: ChatCompletionRequest) -> str:
+        messages, tools = render_messages(r, native=native)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+
+    def run() -> ChatPrompt:
+        return render_marked(tok, render, req, marks, cache.chunk_reuse, cache.chunk_min_tokens)
 
     try:
         return await anyio.to_thread.run_sync(run)
+    except APIError:
+        raise
     except Exception as e:  # a template may reject a conversation (e.g. role order)
         raise invalid(f"could not apply the chat template: {str(e)[:200]}", "messages") from None
 

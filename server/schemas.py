@@ -27,8 +27,18 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+BREAKPOINT_MODES = ("implicit", "explicit", "chunk")
+
+
+def _breakpoint_mode(bp: dict[str, Any]) -> Any:
+    """The breakpoint's mode; without one, ``explicit`` if it has a ttl, else ``implicit``."""
+    return bp.get("mode", "explicit" if bp.get("ttl") is not None else "implicit")
+
+
 class ContentPart(_Model):
-    """A content part; only ``text`` parts are supported (cache breakpoints are accepted)."""
+    """A content part; only ``text`` parts are supported. ``prompt_cache_breakpoint`` may mark
+    it: ``implicit`` (a no-op: prefix caching is always on), ``explicit`` with a ``ttl`` (pin
+    the prefix up to this part's end), or ``chunk`` (Encore: a position-independent chunk)."""
 
     type: str
     text: str | None = None
@@ -44,21 +54,27 @@ class ContentPart(_Model):
     @field_validator("prompt_cache_breakpoint")
     @classmethod
     def _breakpoint(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Prefix caching is implicit and always on; what a breakpoint could ask beyond it is
-        refused rather than silently ignored."""
+        """The mode must be known, and a ``ttl`` belongs to mode ``explicit`` only (its value
+        is checked against the server's config when the prompt is built)."""
         if v is None:
             return v
-        mode = v.get("mode", "implicit")
-        if mode == "chunk":
-            raise ValueError("prompt_cache_breakpoint mode 'chunk' (position-independent chunk "
-                             "reuse) is not supported yet")
-        if mode not in ("implicit", "explicit"):
+        mode = _breakpoint_mode(v)
+        if mode not in BREAKPOINT_MODES:
             raise ValueError(f"prompt_cache_breakpoint mode {str(mode)[:20]!r} is not one of "
-                             "'implicit', 'explicit'")
-        if "ttl" in v:
-            raise ValueError("a ttl on a prompt_cache_breakpoint is not supported yet; pin the "
-                             "whole prompt with prompt_cache_options.ttl and prompt_cache_key")
+                             "'implicit', 'explicit', 'chunk'")
+        if v.get("ttl") is not None and mode != "explicit":
+            raise ValueError(f"a ttl on a prompt_cache_breakpoint needs mode 'explicit', not "
+                             f"{mode!r}")
         return v
+
+    def breakpoint_mode(self) -> str | None:
+        """``implicit``, ``explicit`` or ``chunk``; None without a breakpoint."""
+        bp = self.prompt_cache_breakpoint
+        return None if bp is None else _breakpoint_mode(bp)
+
+    def breakpoint_ttl(self) -> Any:
+        """The raw ``ttl`` of an explicit breakpoint (None when absent)."""
+        return (self.prompt_cache_breakpoint or {}).get("ttl")
 
 
 class FunctionDef(_Model):

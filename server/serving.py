@@ -197,13 +197,18 @@ def cache_salt(tenant: str | None, client: str | None) -> str | None:
 
 def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    prompt_ids: list[int], sampling: SamplingParams,
-                   arrival: float, tenant: str | None = None) -> EngineRequest:
+                   arrival: float, tenant: str | None = None,
+                   chunks: list[tuple[int, int]] | None = None,
+                   pin_breakpoints: list[tuple[int, float]] | None = None) -> EngineRequest:
+    """The engine's request; ``chunks`` and ``pin_breakpoints`` are token positions of the
+    prompt's marked content parts (chat only, see server.chat_parts)."""
     return EngineRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
         arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
         priority=req.priority, cache_salt=cache_salt(tenant, req.cache_salt),
         prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
-        is_last_step=req.is_last_step)
+        is_last_step=req.is_last_step, chunks=list(chunks or []),
+        pin_breakpoints=list(pin_breakpoints or []))
 
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -222,20 +227,26 @@ def parse_duration(text: str) -> float | None:
 
 def pin_ttl(ctx: ServingContext, req: _CommonRequest) -> float | None:
     """The explicit pin TTL of ``prompt_cache_options.ttl`` (None: the engine's policy picks);
-    400 when malformed, above ``cache.max_pin_ttl_s``, without a program key, or pins are off."""
+    400 as :func:`checked_pin_ttl` says."""
     opts = req.prompt_cache_options or {}
     if opts.get("ttl") is None:
         return None
-    param = "prompt_cache_options.ttl"
+    return checked_pin_ttl(ctx, req, opts["ttl"], "prompt_cache_options.ttl")
+
+
+def checked_pin_ttl(ctx: ServingContext, req: _CommonRequest, value: Any, param: str) -> float:
+    """Seconds of a requested pin TTL (``prompt_cache_options.ttl`` or a content part's
+    breakpoint ``ttl``, named by ``param``); 400 when malformed, above
+    ``cache.max_pin_ttl_s``, without a program key, or pins are off."""
     cache = ctx.config.cache
     if not cache.enable_ttl_pins or not cache.enable_prefix_caching:
-        raise invalid("prompt_cache_options.ttl is not supported: TTL pins are turned off on "
-                      "this server (cache.enable_ttl_pins)", param)
-    ttl = parse_duration(opts["ttl"]) if isinstance(opts["ttl"], str) else None
+        raise invalid(f"{param} is not supported: TTL pins are turned off on this server "
+                      "(cache.enable_ttl_pins)", param)
+    ttl = parse_duration(value) if isinstance(value, str) else None
     if ttl is None:
         raise invalid(f"{param} must be a duration like \"90s\", \"30m\" or \"12h\"", param)
     if ttl > cache.max_pin_ttl_s:
-        raise invalid(f"{param}={opts['ttl']!r} exceeds this server's limit of "
+        raise invalid(f"{param}={value!r} exceeds this server's limit of "
                       f"{cache.max_pin_ttl_s:g}s (cache.max_pin_ttl_s)", param)
     if req.program_key() is None:
         raise invalid(f"{param} needs a prompt_cache_key (or job_id) naming the program whose "

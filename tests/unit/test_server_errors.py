@@ -42,10 +42,16 @@ def _err(r, status: int, param: str | None = None) -> dict:
     ("stream_options", {"include_usage": "maybe"}, "stream_options.include_usage"),
     ("seed", 2**70, "seed"),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": "doc",
-                   "prompt_cache_breakpoint": {"mode": "chunk"}}]}],
+                   "prompt_cache_breakpoint": {"mode": "magic"}}]}],
      "messages[0].content[0].prompt_cache_breakpoint"),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": "doc",
-                   "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}]}],
+                   "prompt_cache_breakpoint": {"mode": "chunk", "ttl": "30m"}}]}],
+     "messages[0].content[0].prompt_cache_breakpoint"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "doc",
+                   "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "5m"}}]}],
+     "messages[0].content[0].prompt_cache_breakpoint.ttl"),  # no prompt_cache_key
+    ("messages", [{"role": "assistant", "content": [{"type": "text", "text": "doc",
+                   "prompt_cache_breakpoint": {"mode": "chunk"}}]}],
      "messages[0].content[0].prompt_cache_breakpoint"),
 ])
 def test_chat_bad_values_name_the_param(field, value, param) -> None:
