@@ -7,6 +7,11 @@
         │      allocation would fail    └──release_lowest──► the lowest-value pin goes first
         └── the gap "turn end → next request" feeds the TTL policy
 
+A prompt-cache breakpoint (``prompt_cache_breakpoint: {"mode": "explicit", "ttl": ...}``) is
+an *explicit* pin of a prefix: it lasts its TTL whatever turns come (no claim ends it) and
+yields to pressure only after every turn pin. Each tenant's pins may hold at most
+``max_tenant_blocks`` distinct blocks (``PinTable._fit`` says what gives way).
+
 A pin holds one reference on each of its blocks in the ``BlockPool``, so pinned blocks are "in
 use" for every pool invariant. The TTL policy picks the TTL that maximizes
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -109,11 +114,19 @@ def _bound(d: dict) -> None:
 
 @dataclass
 class Pin:
+    """Leading blocks of a sequence, held for ``program`` (of ``tenant``) until ``expires``.
+
+    A turn pin (``explicit`` False) ends when the program's next turn claims it; an explicit
+    pin (a prompt-cache breakpoint) lasts its TTL whatever turns come.
+    """
+
     program: str
     blocks: list[int]
     keys: list[bytes]
     start: float
     expires: float
+    tenant: str | None = None  # the sequence's cache salt
+    explicit: bool = False
 
     @property
     def ttl(self) -> float:
@@ -121,29 +134,52 @@ class Pin:
 
 
 class PinTable:
-    """The pins of every program: each holds one pool reference per block until it ends."""
+    """Every pin; each holds one pool reference per block until it ends.
+
+    Turn pins are kept per program (a turn's pin replaces its previous one); explicit pins per
+    prefix, named by their last block's key (pinning a pinned prefix again keeps the later
+    expiry). Pins may overlap (a breakpoint inside a turn, nested breakpoints): a block stays
+    until its last pin ends, and counts once against ``max_pinned_blocks`` and against its
+    tenant's ``max_tenant_blocks``. Which pin yields first (pressure, caps, quota): see
+    ``_rank``.
+    """
 
     def __init__(self, pool: BlockPool, policy: TTLPolicy, max_pinned_blocks: int,
                  clock: Callable[[], float] = time.monotonic,
-                 on_demote: Callable[[bytes, int], None] | None = None) -> None:
+                 on_demote: Callable[[bytes, int], None] | None = None,
+                 max_tenant_blocks: int | None = None) -> None:
         self.pool = pool
         self.policy = policy
         self.max_pinned_blocks = max_pinned_blocks
+        self.max_tenant_blocks = max_tenant_blocks  # per tenant (cache salt); None = no quota
         self.clock = clock
         self.on_demote = on_demote  # (key, block): save a block one tier down
-        self._pins: dict[str, Pin] = {}
+        self._turns: dict[str, Pin] = {}  # program -> its last turn's pin
+        self._prefixes: dict[bytes, Pin] = {}  # last block's key -> explicit pin
+        self._held: Counter[int] = Counter()  # block -> pins holding it
+        self._tenant_blocks: Counter[str | None] = Counter()  # tenant -> distinct pinned blocks
         self.hits = 0  # pins claimed by their program's next turn (cumulative)
         self.expired = 0  # pins that ran out (cumulative)
-        self.released = 0  # pins released early under memory pressure (cumulative)
+        self.released = 0  # pins released early under memory pressure or a cap (cumulative)
         self.ttls: list[float] = []  # chosen TTLs, drained by take_ttls()
-        self.protected: str | None = None  # the program being admitted: its pin goes last
+        self.protected: str | None = None  # the program being admitted: its pins go last
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(p.blocks) for p in self._pins.values())
+        """Distinct blocks held by pins."""
+        return len(self._held)
+
+    def tenant_blocks(self, tenant: str | None) -> int:
+        """Distinct blocks held by the pins of ``tenant``."""
+        return self._tenant_blocks[tenant]
 
     def pin_of(self, program: str) -> Pin | None:
-        return self._pins.get(program)
+        """The program's turn pin, if any."""
+        return self._turns.get(program)
+
+    def all_pins(self) -> list[Pin]:
+        """Turn pins, then explicit pins."""
+        return [*self._turns.values(), *self._prefixes.values()]
 
     def take_ttls(self) -> list[float]:
         ttls, self.ttls = self.ttls, []
@@ -151,111 +187,215 @@ class PinTable:
 
     # ------------------------------------------------------------------ mutations
     def pin(self, program: str, blocks: Sequence[int], keys: Sequence[bytes],
-            ttl_s: float | None = None) -> float:
-        """Pin ``blocks`` (full, cached, held by the caller) for ``program``; returns the TTL
-        (0 = not pinned: not worth it, or no room under ``max_pinned_blocks``). Replaces the
-        program's previous pin."""
+            ttl_s: float | None = None, tenant: str | None = None) -> float:
+        """Pin a finished turn's ``blocks`` (full, cached, held by the caller) for ``program``;
+        returns the TTL (0 = not pinned: not worth it, or no room). Replaces the program's
+        previous turn pin. Caps and quota may release other pins or cut the tail (``_fit``)."""
         now = self.clock()
         self.policy.turn_ended(program, now)
-        old = self._pins.pop(program, None)
+        old = self._turns.get(program)
+        if old is not None:
+            self._unhold(old)  # its references go after the new pin's: shared blocks stay held
         ttl = 0.0
         if blocks:
             ttl = ttl_s if ttl_s is not None else self.policy.choose(
                 program, len(blocks), self.pool.usage)
             ttl = min(ttl, self.policy.max_ttl_s)
-        if ttl > 0 and self._make_room(len(blocks), ttl, program):
-            self.pool.touch(blocks)
-            self._pins[program] = Pin(program, list(blocks), list(keys), now, now + ttl)
+        pin = None
+        if ttl > 0:
+            pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant))
+        if pin is not None:
+            self._hold(pin)
             self.ttls.append(ttl)
-        else:
-            ttl = 0.0
         if old is not None:
-            self.pool.free(old.blocks[::-1])  # after the new touch: shared blocks stay held
+            self.pool.free(old.blocks[::-1])
+        return ttl if pin is not None else 0.0
+
+    def pin_breakpoint(self, program: str, blocks: Sequence[int], keys: Sequence[bytes],
+                       ttl_s: float, tenant: str | None = None) -> float:
+        """Explicitly pin the prefix ``blocks`` (full, cached, held by the caller) for ``ttl_s``
+        (at most the policy's max TTL); no claim ends it. Pinning a pinned prefix again keeps
+        the later expiry. Returns the TTL (0 = not pinned: empty, or no room)."""
+        now = self.clock()
+        ttl = min(ttl_s, self.policy.max_ttl_s)
+        if not blocks or ttl <= 0:
+            return 0.0
+        pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant, True))
+        if pin is None:
+            return 0.0
+        same = self._prefixes.get(pin.keys[-1])
+        if same is not None:  # the same prefix (the same blocks): extend, never shorten
+            same.expires = max(same.expires, pin.expires)
+        else:
+            self._hold(pin)
+        self.ttls.append(ttl)
         return ttl
 
     def claim(self, program: str | None, hit_blocks: Sequence[int]) -> bool:
-        """The program's next turn was admitted holding ``hit_blocks``: end its pin (the
-        sequence holds the blocks now). True (a pin hit) if the hit covered pinned blocks."""
+        """The program's next turn was admitted holding ``hit_blocks``: end its turn pin (the
+        sequence holds the blocks now; explicit pins stay). True (a pin hit) if the hit
+        covered blocks of that pin."""
         if program is None:
             return False
-        pin = self._pins.pop(program, None)
+        pin = self._turns.get(program)
         if pin is None:
             return False
         hit = bool(set(hit_blocks) & set(pin.blocks))
         self.hits += hit
-        self.pool.free(pin.blocks[::-1])
+        self._release(pin, demote=False)
         return hit
 
     def drop(self, program: str) -> None:
-        """Release the program's pin without counting anything (its last step is done)."""
-        pin = self._pins.pop(program, None)
+        """Release the program's turn pin without counting anything (its last step is done);
+        its explicit pins run out their TTLs."""
+        pin = self._turns.get(program)
         if pin is not None:
-            self.pool.free(pin.blocks[::-1])
+            self._release(pin, demote=False)
 
     def expire(self) -> int:
-        """Release every pin past its expiry, demoting blocks only the pin held. Returns how
+        """Release every pin past its expiry, demoting blocks no one else holds. Returns how
         many expired."""
         now = self.clock()
-        done = [p for p in self._pins.values() if p.expires <= now]
+        done = [p for p in self.all_pins() if p.expires <= now]
         for pin in done:
-            del self._pins[pin.program]
             self._release(pin, demote=True)
         self.expired += len(done)
         return len(done)
 
     def release_lowest(self) -> bool:
-        """Memory pressure: release the pin least likely to pay off. False if none."""
-        if not self._pins:
+        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none."""
+        pins = self.all_pins()
+        if not pins:
             return False
-        pin = min(self._pins.values(),
-                  key=lambda p: (p.program == self.protected, self._value(p)))
-        del self._pins[pin.program]
-        self._release(pin, demote=True)
+        self._release(min(pins, key=self._rank), demote=True)
         self.released += 1
         return True
 
     def clear(self) -> None:
         """Forget every pin (the device KV is gone)."""
-        for pin in self._pins.values():
-            self.pool.free(pin.blocks[::-1])
-        self._pins.clear()
+        for pin in self.all_pins():
+            self._release(pin, demote=False)
+
+    # ------------------------------------------------------------------ internals
+    def _hold(self, pin: Pin) -> None:
+        """Register ``pin`` and take its pool references."""
+        if pin.explicit:
+            self._prefixes[pin.keys[-1]] = pin
+        else:
+            self._turns[pin.program] = pin
+        self.pool.touch(pin.blocks)
+        for b in pin.blocks:
+            if not self._held[b]:
+                self._tenant_blocks[pin.tenant] += 1
+            self._held[b] += 1
+
+    def _unhold(self, pin: Pin) -> None:
+        """Unregister ``pin``; its pool references stay for the caller to free."""
+        if pin.explicit:
+            del self._prefixes[pin.keys[-1]]
+        else:
+            del self._turns[pin.program]
+        for b in pin.blocks:
+            self._held[b] -= 1
+            if not self._held[b]:
+                del self._held[b]
+                self._tenant_blocks[pin.tenant] -= 1
+        if self._tenant_blocks[pin.tenant] <= 0:
+            self._tenant_blocks.pop(pin.tenant, None)
 
     def _release(self, pin: Pin, demote: bool) -> None:
+        self._unhold(pin)
         if demote and self.on_demote is not None:
             for b, key in zip(pin.blocks, pin.keys, strict=True):
                 if self.pool.ref_count(b) == 1 and self.pool.key_of(b) == key:
                     self.on_demote(key, b)
         self.pool.free(pin.blocks[::-1])
 
-    def _value(self, pin: Pin) -> float:
-        """Expected prefill tokens the pin still saves."""
-        now = self.clock()
-        p = self.policy.p_return(pin.program, now - pin.start, pin.expires - pin.start)
-        return p * len(pin.blocks) * self.policy.block_size
+    def _rank(self, pin: Pin) -> tuple[bool, bool, float]:
+        """Lowest yields first: pins of other programs than the one being admitted, then turn
+        pins before explicit ones (a client asked for those), then the least value."""
+        return pin.program == self.protected, pin.explicit, self._value(pin)
 
-    def _make_room(self, num_blocks: int, ttl: float, program: str) -> bool:
-        """Fit ``num_blocks`` more under the cap, releasing lower-value pins if needed."""
-        value = self.policy.p_within(program, ttl) * num_blocks * self.policy.block_size
-        while self.num_pinned_blocks + num_blocks > self.max_pinned_blocks:
-            if not self._pins:
-                return False
-            lowest = min(self._pins.values(), key=self._value)
-            if self._value(lowest) >= value:
-                return False
-            del self._pins[lowest.program]
+    def _value(self, pin: Pin) -> float:
+        """Expected prefill tokens the pin still saves (an explicit pin's are certain)."""
+        tokens = len(pin.blocks) * self.policy.block_size
+        if pin.explicit:
+            return float(tokens)
+        now = self.clock()
+        return self.policy.p_return(pin.program, now - pin.start, pin.expires - pin.start) * tokens
+
+    def _fit(self, pin: Pin) -> Pin | None:
+        """Make room for the new ``pin``: returns it, its tail perhaps cut, or None (no room).
+
+        Tenant quota: a pin alone over the quota keeps its leading blocks; then the tenant's
+        pins that rank below it go, lowest first, until it fits; what still does not fit is
+        cut off its tail (a prefix's head is what later requests hit). Other tenants' pins
+        never go for a tenant's quota. Global cap (``max_pinned_blocks``): pins of any tenant
+        that rank below it go, lowest first; if that is not enough it is not pinned.
+        """
+        quota, tenant = self.max_tenant_blocks, pin.tenant
+        if quota is not None:
+            pin.blocks, pin.keys = pin.blocks[:quota], pin.keys[:quota]
+            self._release_below(pin, lambda: self._tenant_blocks[tenant], quota,
+                                lambda p: p.tenant == tenant)
+            n = self._fitting(pin.blocks, quota - self._tenant_blocks[tenant])
+            if n == 0:
+                return None
+            pin.blocks, pin.keys = pin.blocks[:n], pin.keys[:n]
+        self._release_below(pin, lambda: len(self._held), self.max_pinned_blocks,
+                            lambda p: True)
+        if len(self._held) + self._num_new(pin.blocks) > self.max_pinned_blocks:
+            return None
+        return pin
+
+    def _release_below(self, pin: Pin, used: Callable[[], int], cap: int,
+                       among: Callable[[Pin], bool]) -> None:
+        """Release pins ``among`` that rank below ``pin``, lowest first, until ``used()`` plus
+        its new blocks fits under ``cap``."""
+        rank = self._rank(pin)
+        while used() + self._num_new(pin.blocks) > cap:
+            others = [p for p in self.all_pins() if among(p)]
+            lowest = min(others, key=self._rank, default=None)
+            if lowest is None or self._rank(lowest) >= rank:
+                return
             self._release(lowest, demote=True)
             self.released += 1
-        return True
+
+    def _num_new(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks`` no pin holds yet."""
+        return sum(1 for b in blocks if b not in self._held)
+
+    def _fitting(self, blocks: Sequence[int], room: int) -> int:
+        """How many leading ``blocks`` fit when ``room`` more distinct blocks may be pinned."""
+        n = 0
+        for b in blocks:
+            if b not in self._held:
+                if room <= 0:
+                    break
+                room -= 1
+            n += 1
+        return n
 
     # ------------------------------------------------------------------ invariants
     def holders(self) -> list[list[int]]:
         """The block lists the pins hold (one pool reference each), for leak checks."""
-        return [p.blocks for p in self._pins.values()]
+        return [p.blocks for p in self.all_pins()]
 
     def check_integrity(self) -> None:
-        for pin in self._pins.values():
+        """Keys still match, the counts agree with the pins, the caps and quota hold."""
+        held: Counter[int] = Counter()
+        owner: dict[int, str | None] = {}
+        for pin in self.all_pins():
             for b, key in zip(pin.blocks, pin.keys, strict=True):
                 if self.pool.key_of(b) != key:
                     raise AssertionError(f"pin of {pin.program}: block {b} lost its key")
+                if owner.setdefault(b, pin.tenant) != pin.tenant:
+                    raise AssertionError(f"block {b} is pinned by two tenants")
+            held.update(pin.blocks)
+        if held != self._held or Counter(owner.values()) != self._tenant_blocks:
+            raise AssertionError("pin counts disagree with the pins")
         if self.num_pinned_blocks > self.max_pinned_blocks:
             raise AssertionError("more pinned blocks than max_pinned_blocks")
+        quota = self.max_tenant_blocks
+        if quota is not None and any(n > quota for n in self._tenant_blocks.values()):
+            raise AssertionError("a tenant's pins hold more than max_tenant_blocks")

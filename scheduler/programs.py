@@ -6,7 +6,11 @@ A program is named by ``prompt_cache_key`` (the server maps Continuum's ``job_id
     turn of P admitted   ──claim────► P's pin released (its sequence holds the blocks now)
     turn of P ends       ──turn_ended─► pin its KV (TTL from the policy or the request),
                                         or, on P's ``is_last_step``, drop the pin and record
-                                        the job's completion time
+                                        the job's completion time; and, on every turn, pin
+                                        each explicit breakpoint's prefix for its own TTL
+
+Pins belong to the sequence's tenant (its cache salt); with ``max_pinned_gib_per_tenant`` a
+tenant's pins hold at most that much device KV (see ``PinTable._fit``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ class Programs:
     """The scheduler's per-program bookkeeping; owns the KV manager's pin table, if on."""
 
     def __init__(self, kv: KVCacheManager, cache: CacheConfig,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], block_bytes: int = 0) -> None:
+        """``block_bytes``: device bytes of one KV block (all layers), from the worker; needed
+        only for ``max_pinned_gib_per_tenant``."""
         self.kv = kv
         self.clock = clock
         if cache.enable_ttl_pins:
             cap = int(cache.max_pinned_fraction * kv.num_usable_blocks)
+            quota = _tenant_quota_blocks(cache, block_bytes)
             policy = TTLPolicy(cache.max_pin_ttl_s, cache.block_size)
-            kv.enable_pins(lambda pool: PinTable(pool, policy, cap, clock))
+            kv.enable_pins(lambda pool: PinTable(pool, policy, cap, clock,
+                                                 max_tenant_blocks=quota))
         self._start: OrderedDict[str, float] = OrderedDict()  # first request's arrival
         self._job_seconds: list[float] = []  # completion times, drained by stats()
         self._reported = dict.fromkeys(("hits", "expired"), 0)
@@ -65,7 +73,9 @@ class Programs:
             self.kv.pins.claim(seq.program, hits)
 
     def turn_ended(self, seq: Seq, status: SeqStatus) -> None:
-        """Call before ``seq``'s blocks are freed: pin them unless it was the last step."""
+        """Call before ``seq``'s blocks are freed: pin them unless it was the last step, and
+        pin its explicit breakpoints' prefixes (also on the last step). A turn that was
+        aborted or failed pins nothing."""
         pins, program = self.kv.pins, seq.program
         if program is None or seq.index != 0:
             return
@@ -79,6 +89,9 @@ class Programs:
                 pins.policy.forget(program)
         elif pins is not None and done:
             self.kv.pin_prefix(seq, program, seq.pin_ttl_s)
+        if pins is not None and done:
+            for num_tokens, ttl_s in seq.pin_breakpoints:
+                self.kv.pin_prefix(seq, program, ttl_s, num_tokens)
 
     def stats(self) -> dict[str, Any]:
         """``EngineStats`` fields: pinned blocks now, increments and observations since the
@@ -93,3 +106,13 @@ class Programs:
         return dict(pinned_blocks=pins.num_pinned_blocks, pin_hits=delta["hits"],
                     pin_expired=delta["expired"], pin_ttl_seconds=pins.take_ttls(),
                     job_completion_seconds=jobs)
+
+
+def _tenant_quota_blocks(cache: CacheConfig, block_bytes: int) -> int | None:
+    """``max_pinned_gib_per_tenant`` in whole blocks (None = no quota)."""
+    if cache.max_pinned_gib_per_tenant <= 0:
+        return None
+    if block_bytes <= 0:
+        raise ValueError("cache.max_pinned_gib_per_tenant needs the KV block size in bytes "
+                         "(the engine passes it from the worker)")
+    return int(cache.max_pinned_gib_per_tenant * 2**30) // block_bytes

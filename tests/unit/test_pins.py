@@ -4,6 +4,8 @@ reference and ends with a leak check (pins released, then every block free)."""
 
 from __future__ import annotations
 
+import msgspec
+import pytest
 from fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
 from configs.types import CacheConfig, SchedulerConfig
@@ -25,11 +27,13 @@ class Clock:
         return self.t
 
 
-def make(num_blocks: int = 17, host: int = 0, **cache_kw) -> tuple[Scheduler, FakeWorker, Clock]:
+def make(num_blocks: int = 17, host: int = 0, block_bytes: int = 0,
+         **cache_kw) -> tuple[Scheduler, FakeWorker, Clock]:
     clock = Clock()
     setup = None
-    if host:
-        setup = TierSetup(block_bytes=1024, num_host_blocks=host, load_policy="always")
+    if host or block_bytes:
+        setup = TierSetup(block_bytes=block_bytes or 1024, num_host_blocks=host,
+                          load_policy="always")
     sched = Scheduler(CacheConfig(block_size=BS, **cache_kw),
                       SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
                       num_device_blocks=num_blocks, max_model_len=256, tiers=setup, clock=clock)
@@ -37,8 +41,10 @@ def make(num_blocks: int = 17, host: int = 0, **cache_kw) -> tuple[Scheduler, Fa
 
 
 def turn(sched: Scheduler, worker: FakeWorker, rid: str, prompt: list[int], max_tokens: int = 1,
-         **kw) -> Run:
-    assert sched.add_request(make_request(rid, prompt, max_tokens=max_tokens, **kw)) == []
+         pin_breakpoints: list[tuple[int, float]] | None = None, **kw) -> Run:
+    req = make_request(rid, prompt, max_tokens=max_tokens, **kw)
+    req = msgspec.structs.replace(req, pin_breakpoints=pin_breakpoints or [])
+    assert sched.add_request(req) == []
     run = run_all(sched, worker)
     assert run.tokens[(rid, 0)] == reference_tokens(prompt, max_tokens)
     return run
@@ -196,6 +202,122 @@ def test_pins_off() -> None:
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
     assert sched.kv.pins is None and sched.stats().pinned_blocks == 0
     assert sched.kv.num_free_blocks == sched.kv.num_usable_blocks
+
+
+# ----------------------------------------------------------------------------- breakpoints
+def cached_prefix(sched: Scheduler, prompt: list[int], salt: str | None = None) -> int:
+    """Tokens of ``prompt`` a new request would find on the device now."""
+    probe = _Probe(make_request("probe", prompt, max_tokens=1))
+    probe.cache_salt = salt
+    return sched.kv.get_computed_blocks(probe)[1]
+
+
+def test_breakpoint_pins_its_prefix_for_its_ttl_even_on_the_last_step() -> None:
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", is_last_step=True,
+         pin_breakpoints=[(11, 100.0)])  # 11 tokens: the 2 whole blocks inside them
+    pins = sched.kv.pins
+    assert pins is not None and pins.pin_of("A") is None, "no turn pin after the last step"
+    (pin,) = pins.all_pins()
+    assert pin.explicit and len(pin.blocks) == 2 and pin.ttl == 100.0
+    assert sched.stats().pin_ttl_seconds == [100.0]
+    turn(sched, worker, "c", list(range(200, 255)), max_tokens=2)  # 14 blocks: all unpinned
+    assert cached_prefix(sched, A_PROMPT) == 8, "the pinned prefix survived, its tail did not"
+    clock.t = 99.9
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 2
+    clock.t = 100.0
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 0 and pins.expired == 1
+    assert_no_leaks(sched)
+
+
+def test_breakpoint_ttl_is_bounded_by_max_pin_ttl() -> None:
+    sched, worker, _ = make(max_pin_ttl_s=60.0)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", is_last_step=True,
+         pin_breakpoints=[(12, 43200.0), (3, 30.0)])  # 3 tokens: no whole block, no pin
+    pins = sched.kv.pins
+    assert pins is not None
+    assert [(len(p.blocks), p.ttl) for p in pins.all_pins()] == [(3, 60.0)]
+    assert_no_leaks(sched)
+
+
+def test_breakpoint_pin_outranks_turn_pins_under_pressure() -> None:
+    sched, worker, _ = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", is_last_step=True,
+         pin_breakpoints=[(12, 5.0)])
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=300.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 6
+    turn(sched, worker, "c", list(range(200, 245)), max_tokens=2)  # needs 12 of 16 blocks
+    assert pins.pin_of("B") is None and pins.released == 1, "the turn pin yields first"
+    assert cached_prefix(sched, A_PROMPT + [1]) == 12
+    assert_no_leaks(sched)
+
+
+def test_nested_and_repeated_breakpoints_count_once_and_keep_the_later_expiry() -> None:
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0,
+         pin_breakpoints=[(4, 200.0), (12, 50.0)])
+    pins = sched.kv.pins
+    assert pins is not None and len(pins.all_pins()) == 3
+    assert pins.num_pinned_blocks == 3, "a block held by three pins counts once"
+    clock.t = 5.0  # the next turn claims the turn pin, not the explicit ones
+    run = turn(sched, worker, "a2", A_PROMPT + [9], prompt_cache_key="A", is_last_step=True,
+               pin_breakpoints=[(12, 20.0)])  # expires at 25 < 50: the pin keeps 50
+    assert run.finals[("a2", 0)].num_cached_tokens == 12 and pins.hits == 1
+    assert sorted((len(p.blocks), p.expires) for p in pins.all_pins()) == [(1, 200.0),
+                                                                           (3, 50.0)]
+    clock.t = 50.0
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 1, "the outer prefix expired, the inner one stays"
+    clock.t = 200.0
+    step(sched, worker)
+    assert pins.num_pinned_blocks == 0 and pins.expired == 2
+    assert_no_leaks(sched)
+
+
+# ----------------------------------------------------------------------------- tenant quota
+QUOTA_GIB = 4 * 1024 / 2**30  # 4 blocks of 1 KiB
+
+
+def test_tenant_quota_releases_the_tenants_own_pins_never_anothers() -> None:
+    sched, worker, _ = make(block_bytes=1024, max_pinned_gib_per_tenant=QUOTA_GIB)
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", cache_salt="t2", pin_ttl_s=5.0)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A1", cache_salt="t1", pin_ttl_s=5.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 6
+    turn(sched, worker, "a2", list(range(300, 312)), prompt_cache_key="A2", cache_salt="t1",
+         pin_ttl_s=300.0)  # 3 more blocks of t1: over its 4, so A1's (lower value) pin goes
+    assert pins.pin_of("A1") is None and pins.pin_of("A2") is not None
+    assert pins.pin_of("B") is not None, "another tenant's pin never pays for t1's quota"
+    assert (pins.tenant_blocks("t1"), pins.tenant_blocks("t2"), pins.released) == (3, 3, 1)
+    assert_no_leaks(sched)
+
+
+def test_tenant_quota_cuts_a_pin_that_does_not_fit() -> None:
+    sched, worker, _ = make(block_bytes=1024, max_pinned_gib_per_tenant=QUOTA_GIB)
+    long = list(range(1, 21))  # 5 full blocks: alone over the quota
+    turn(sched, worker, "a1", long, prompt_cache_key="A", cache_salt="t1", is_last_step=True,
+         pin_breakpoints=[(20, 100.0)])
+    pins = sched.kv.pins
+    assert pins is not None
+    (pin,) = pins.all_pins()
+    assert len(pin.blocks) == 4, "the prefix's head is kept"
+    # a turn pin ranks below the tenant's explicit pin: nothing of it fits
+    turn(sched, worker, "d1", list(range(300, 312)), prompt_cache_key="D", cache_salt="t1",
+         pin_ttl_s=300.0)
+    assert pins.pin_of("D") is None and pins.tenant_blocks("t1") == 4 and pins.released == 0
+    turn(sched, worker, "e1", list(range(400, 412)), prompt_cache_key="E", cache_salt="t2",
+         pin_ttl_s=300.0)
+    assert pins.pin_of("E") is not None and pins.tenant_blocks("t2") == 3
+    assert cached_prefix(sched, long, salt="t1") == 16
+    assert_no_leaks(sched)
+
+
+def test_tenant_quota_needs_the_block_size_in_bytes() -> None:
+    with pytest.raises(ValueError, match="max_pinned_gib_per_tenant"):
+        make(max_pinned_gib_per_tenant=1.0)
 
 
 def test_parse_duration() -> None:
