@@ -65,6 +65,8 @@ class KVCacheManager:
         self.prefix_hits = 0  # tokens found, on the device or loaded from a tier (cumulative)
         self.device_hits = 0  # tokens found on the device (cumulative)
         self._orphans: set[str] = set()  # freed while loads into their blocks are in flight
+        self._held: dict[str, list[int]] = {}  # extra references (chunk blocks a blend reads)
+        self._cache_limit: dict[str, int] = {}  # blocks past this index are never registered
         self.pins: PinTable | None = None  # TTL pins of agent programs (``enable_pins``)
 
     def enable_pins(self, make: Callable[[BlockPool], PinTable]) -> None:
@@ -155,16 +157,29 @@ class KVCacheManager:
             if self.pins is None or not self.pins.release_lowest():
                 return False
 
-    def pin_prefix(self, seq: KVSeq, program: str, ttl_s: float | None) -> float:
-        """Pin the leading cached full blocks of ``seq`` (still held) for ``program``; returns
-        the TTL chosen (0 = not pinned)."""
+    def pin_prefix(self, seq: KVSeq, program: str, ttl_s: float | None,
+                   num_tokens: int | None = None) -> float:
+        """Pin the leading cached full blocks of ``seq`` (still held) for ``program``, in its
+        tenant (``seq.cache_salt``); returns the TTL (0 = not pinned).
+
+        Without ``num_tokens``: the turn's pin (TTL from the policy unless ``ttl_s``). With it:
+        an explicit breakpoint pin, for ``ttl_s``, of the blocks wholly inside the first
+        ``num_tokens`` tokens (``num_tokens // block_size`` blocks at most).
+        """
         if self.pins is None:
             return 0.0
         table, keys = self._blocks.get(seq.seq_id, []), self._keys.get(seq.seq_id, [])
+        limit = min(len(table), len(keys))
+        if num_tokens is not None:
+            limit = min(limit, num_tokens // self.block_size)
         n = 0
-        while n < min(len(table), len(keys)) and self.pool.key_of(table[n]) == keys[n]:
+        while n < limit and self.pool.key_of(table[n]) == keys[n]:
             n += 1
-        return self.pins.pin(program, table[:n], keys[:n], ttl_s)
+        if num_tokens is None:
+            return self.pins.pin(program, table[:n], keys[:n], ttl_s, seq.cache_salt)
+        if ttl_s is None:
+            raise ValueError(f"{seq.seq_id}: a breakpoint pin needs a TTL")
+        return self.pins.pin_breakpoint(program, table[:n], keys[:n], ttl_s, seq.cache_salt)
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks (tail first into the LRU) and forget its keys.
@@ -178,6 +193,7 @@ class KVCacheManager:
         table = self._blocks.pop(seq_id, [])
         self._keys.pop(seq_id, None)
         self._num_registered.pop(seq_id, None)
+        self._cache_limit.pop(seq_id, None)
         self.pool.free(table[::-1])
 
     def reset_cache(self) -> bool:
@@ -190,7 +206,54 @@ class KVCacheManager:
         for seq_id in list(self._orphans):
             self._orphans.discard(seq_id)
             self.free(seq_id)
+        for holder in list(self._held):
+            self.release(holder)
         return self.pool.reset_cache()
+
+    # ------------------------------------------------------------------ chunks
+    def cached_run(self, keys: Sequence[bytes]) -> list[int]:
+        """Device blocks of the leading run of ``keys`` that are cached (no references)."""
+        if not self.enable_prefix_caching:
+            return []
+        out: list[int] = []
+        for key in keys:
+            b = self.pool.get_cached_block(key)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def has_room(self, need: int, hits: Sequence[int]) -> bool:
+        """Whether ``need`` new blocks fit besides the cached ``hits`` (see ``_has_room``)."""
+        return self._has_room(need, list(dict.fromkeys(hits)))
+
+    def hold(self, holder: str, blocks: Sequence[int]) -> None:
+        """Reference cached ``blocks`` for ``holder`` (e.g. chunk blocks a blend reads) until
+        ``release``; they cannot be evicted meanwhile."""
+        self.pool.touch(blocks)
+        self._held.setdefault(holder, []).extend(blocks)
+
+    def store_chunk(self, holder: str, keys: Sequence[bytes]) -> list[int]:
+        """Allocate blocks for a chunk's ``keys`` (to be computed this step), register them in
+        the cache and hold them for ``holder``. The caller checked the room (``has_room``)."""
+        new = self.pool.allocate(len(keys))
+        assert new is not None, "store_chunk without room"
+        self.pool.cache_full_blocks(new, keys)
+        if self.tiers is not None:
+            for b, key in zip(new, keys, strict=True):
+                if self.pool.key_of(b) == key:
+                    self.tiers.on_computed(key, b)
+        self._held.setdefault(holder, []).extend(new)
+        return new
+
+    def release(self, holder: str) -> None:
+        """Drop the references ``hold_chunk`` took for ``holder``."""
+        self.pool.free(self._held.pop(holder, [])[::-1])
+
+    def limit_caching(self, seq_id: str, num_blocks: int) -> None:
+        """Never register blocks of ``seq_id`` past the first ``num_blocks`` in the prefix
+        cache (a blended prompt's KV is approximate from its first chunk on)."""
+        self._cache_limit[seq_id] = num_blocks
 
     # ------------------------------------------------------------------ tier loads
     def plan_tier_loads(self, seq: KVSeq, num_device_hits: int) -> list[str]:
@@ -257,7 +320,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         done = self._num_registered.get(seq.seq_id, 0)
-        full = num_tokens // self.block_size
+        full = min(num_tokens // self.block_size, self._cache_limit.get(seq.seq_id, 1 << 62))
         if full <= done:
             return
         keys = self._seq_keys(seq, full)
@@ -297,6 +360,9 @@ class KVCacheManager:
                 holders[b] += 1
         for pinned in self.pins.holders() if self.pins is not None else []:
             for b in pinned:
+                holders[b] += 1
+        for held in self._held.values():
+            for b in held:
                 holders[b] += 1
         for b in range(1, self.pool.num_blocks):
             if holders[b] != self.pool.ref_count(b):

@@ -66,7 +66,8 @@ class EngineClient(abc.ABC):
 
 
 _COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
-             "kv_disk_corrupt_files", "pin_hits", "pin_expired")
+             "kv_disk_corrupt_files", "pin_hits", "pin_expired", "chunk_queries",
+             "chunk_hit_tokens", "chunk_recomputed_tokens")
 _DICT_COUNTERS = ("kv_tier_hit_tokens", "kv_tier_transfer_bytes")
 
 

@@ -132,6 +132,9 @@ class EngineStats(msgspec.Struct, tag=True, omit_defaults=True):
     # cumulative over JOB_BUCKETS (+Inf last) and sum: filled by P0's stats router only
     job_completion_bucket_counts: list[int] = []
     job_completion_sum: float = 0.0
+    chunk_queries: int = 0  # increment: chunks looked up in the chunk store
+    chunk_hit_tokens: int = 0  # increment: tokens of chunks found cached
+    chunk_recomputed_tokens: int = 0  # increment: tokens of found chunks recomputed (blending)
 
 
 class EngineOutputs(msgspec.Struct, tag=True, omit_defaults=True):
@@ -162,6 +165,27 @@ class EngineDead(msgspec.Struct, tag=True):
 # ----------------------------------------------------------------------------- P1 <-> P2
 
 
+class BlendChunk(msgspec.Struct, array_like=True):
+    """A cached chunk placed into a sequence: its standalone KV (positions ``[0, length)``)
+    lives in ``src_blocks``; it goes to positions ``[start, start + length)``, keys re-rotated
+    by ``start``; ``recompute`` of its tokens (those whose KV deviates most at the check
+    layer) are recomputed in every later layer."""
+
+    start: int
+    length: int
+    src_blocks: list[int]
+    recompute: int
+
+
+class BlendPlan(msgspec.Struct, array_like=True):
+    """How to assemble a sequence's prompt from cached chunks (CacheBlend). Tokens outside
+    the chunks, and the last token, are always computed; layers ``<= check_layer`` are
+    computed for every token."""
+
+    chunks: list[BlendChunk]
+    check_layer: int
+
+
 class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     """One sequence's work in a step.
 
@@ -181,6 +205,10 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     output_token_ids: list[int] | None = None  # on resume after preemption, for penalties
     seed_index: int = 0  # child index for n > 1 (seeded sampling differs per child)
     eos_token_ids: list[int] | None = None  # with sampling: masked until min_tokens
+    # The whole rest of the prompt is assembled from cached chunks (one step; see BlendPlan).
+    blend: BlendPlan | None = None
+    # A chunk computed standalone for the chunk store: KV only, no sampling state, no output.
+    store_only: bool = False
 
 
 class KVTransfer(msgspec.Struct, array_like=True):
@@ -238,6 +266,9 @@ class ModelRunnerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     error: str | None = None
     kv_done: list[KVDone] = []
     kv_disk_corrupt_files: int = 0  # bad disk files found (and deleted) during this step
+    # Blended sequences: per chunk (plan order), the mean relative K/V deviation at the check
+    # layer between the cached (standalone, re-rotated) and the fresh (in-context) values.
+    chunk_deviation: dict[str, list[float]] = {}
 
 
 class WorkerReady(msgspec.Struct, tag=True):

@@ -46,8 +46,10 @@ from configs.types import CacheConfig, SchedulerConfig
 from kvmanager.hashing import DEV_SECRET
 from kvmanager.manager import KVCacheManager
 from kvmanager.tiered import StepOps, TieredCache, TierSetup, Transfer
+from scheduler.blending import Blender
 from scheduler.programs import Programs
 from scheduler.protocol import (
+    BlendPlan,
     EngineRequest,
     EngineStats,
     KVTransfer,
@@ -60,7 +62,8 @@ from scheduler.protocol import (
 from scheduler.queue import make_queue
 from scheduler.request import Seq, SeqStatus
 
-_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens")
+_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
+             "chunk_queries", "chunk_hit_tokens", "chunk_recomputed_tokens")
 
 
 @dataclass
@@ -95,7 +98,8 @@ class Scheduler:
             secret,
             tiered,
         )
-        self.programs = Programs(self.kv, cache_config, clock)  # TTL pins, job times
+        self.programs = Programs(self.kv, cache_config, clock, tiers.block_bytes if tiers else 0)
+        self.blender = Blender(self.kv, cache_config)  # chunk reuse (CacheBlend)
         self.max_model_len = max_model_len
         # No sequence can outgrow the pool: past this it finishes with "length".
         self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
@@ -109,6 +113,7 @@ class Scheduler:
         self._next_order = 0
         self._step_id = 0
         self._step_preempted = False
+        self._blends: dict[str, tuple[BlendPlan, int]] = {}  # this step's plans, by seq id
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
         self._reported = dict.fromkeys(_COUNTERS, 0)
         self._device_hits_reported = 0
@@ -187,6 +192,7 @@ class Scheduler:
         self._finished_ids.clear()
         self._prompt_logprobs.clear()
         self.kv.reset_cache()
+        self.blender.reset()
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -205,14 +211,17 @@ class Scheduler:
         self._step_preempted = False
         if self.kv.tiers is not None:
             self.kv.tiers.begin_step()
+        self.blender.begin_step()  # the last step's blends have run: release their chunks
         self.programs.expire()  # before anything allocates: demotions go out this step
         self._promote_loaded()
         budget = _Budget(self.config.max_num_batched_tokens)
         planned: list[tuple[Seq, int]] = []
+        self._blends.clear()
+        extra: list[ScheduledSeq] = []  # store-only chunk computations
         self._schedule_running(budget, planned)
         if not self._step_preempted:  # under pressure, admitting more would thrash
-            self._schedule_waiting(budget, planned)
-        seqs = [self._to_wire(seq, n) for seq, n in planned]
+            self._schedule_waiting(budget, planned, extra)
+        seqs = [*extra, *(self._to_wire(seq, n) for seq, n in planned)]
         finished, self._finished_ids = self._finished_ids, []
         out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
         if self.kv.tiers is not None:
@@ -259,10 +268,17 @@ class Scheduler:
         self._counts["preemptions"] += 1
         self._step_preempted = True
 
-    def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
+    def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]],
+                          extra: list[ScheduledSeq]) -> None:
         while (self.waiting and budget.tokens > 0
                and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             seq = self.waiting.peek()
+            if self.blender.applies(seq):
+                blended = self._admit_blended(seq, budget, planned, extra)
+                if blended is False:
+                    break  # no room or budget: keep queue order, retry next step
+                if blended is True:
+                    continue
             loads = self._start_loads(seq)
             if loads is not None:
                 if not loads:
@@ -279,6 +295,43 @@ class Scheduler:
             self.running.append(seq)
             planned.append((seq, n))
             budget.tokens -= n
+
+    def _admit_blended(self, seq: Seq, budget: _Budget, planned: list[tuple[Seq, int]],
+                       extra: list[ScheduledSeq]) -> bool | None:
+        """Admit ``seq`` with its chunks blended (``scheduler/blending.py``), its whole
+        remaining prompt in this step. None: no chunk to blend (admit it normally); False: no
+        room or budget now; True: admitted."""
+        hits, hit_tokens = self.kv.get_computed_blocks(seq)
+        adm = self.blender.prepare(seq, hit_tokens)
+        if adm is None:
+            return None
+        n = seq.num_tokens - hit_tokens
+        only_decodes = budget.tokens >= self.config.max_num_batched_tokens - len(planned)
+        if adm.cost(n) > budget.tokens and not only_decodes:
+            return False
+        own = -(-seq.num_tokens // self.block_size) - len(hits)
+        self.programs.admitting(seq)
+        room = self.kv.has_room(own + adm.new_chunk_blocks(), [*hits, *adm.hit_blocks()])
+        self.programs.admitting(None)
+        if not room:
+            return False
+        self.waiting.pop()
+        self.blender.hold_hits(seq, adm)
+        self.kv.limit_caching(seq.seq_id, adm.first_start // self.block_size)
+        allocated = self.kv.allocate_slots(seq, n, hits)
+        assert allocated is not None, "room was checked"
+        plan, stores = self.blender.store(seq, adm)
+        extra.extend(stores)
+        self.programs.claim(seq, hits)
+        seq.num_computed_tokens = hit_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit_tokens + adm.reused
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        planned.append((seq, n))
+        self._blends[seq.seq_id] = (plan, adm.reused)
+        budget.tokens -= adm.cost(n)
+        return True
 
     def _start_loads(self, seq: Seq) -> bool | None:
         """Stage ``seq``'s tier hits into device blocks if the load policy wants any.
@@ -332,6 +385,10 @@ class Scheduler:
             seed_index=seq.index,
             eos_token_ids=sorted(seq.eos_token_ids) if first and seq.eos_token_ids else None,
         )
+        blend = self._blends.pop(seq.seq_id, None)
+        if blend is not None:
+            out.blend = blend[0]
+            self._counts["prompt_tokens"] -= blend[1]  # reused chunk tokens were not computed
         seq.sent_to_worker, seq.resumed = True, False
         self._counts["prompt_tokens"] += max(0, min(end, seq.num_prompt_tokens) - start)
         seq.num_computed_tokens = end
@@ -354,6 +411,7 @@ class Scheduler:
                 tiers.apply_done(done.op_id, done.ok, done.error, done.seconds)
             tiers.corrupt_files += runner_out.kv_disk_corrupt_files
         row = {seq_id: i for i, seq_id in enumerate(runner_out.seq_ids)}
+        self.blender.observe(runner_out.chunk_deviation)
         self._collect_prompt_logprobs(runner_out)
         outputs = []
         for ss in sched_out.seqs:
@@ -427,8 +485,11 @@ class Scheduler:
     # ------------------------------------------------------------------ observability
     def stats(self) -> EngineStats:
         """Gauges now, and counter increments since the previous call."""
+        b = self.blender
         totals = dict(
-            self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits
+            self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits,
+            chunk_queries=b.queries, chunk_hit_tokens=b.hit_tokens,
+            chunk_recomputed_tokens=b.recomputed_tokens,
         )
         delta: dict[str, Any] = {k: totals[k] - self._reported[k] for k in _COUNTERS}
         self._reported = {k: totals[k] for k in _COUNTERS}

@@ -55,6 +55,7 @@ class EngineStatsCollector(Collector):
         yield _counter("encore:num_preemptions", "Sequences preempted by the scheduler",
                        s.preemptions)
         yield from _pin_metrics(s)
+        yield from _chunk_metrics(s)
 
 
     def _tier_metrics(self, s: EngineStats) -> Iterator[Metric]:
@@ -99,6 +100,16 @@ def _pin_metrics(s: EngineStats) -> Iterator[Metric]:
                                 "request to the end of the is_last_step turn",
                                 buckets=_buckets(JOB_BUCKETS, s.job_completion_bucket_counts),
                                 sum_value=s.job_completion_sum)
+
+
+def _chunk_metrics(s: EngineStats) -> Iterator[Metric]:
+    """Position-independent chunk reuse (CacheBlend)."""
+    yield _counter("encore:chunk_queries", "Chunks looked up in the chunk store",
+                   s.chunk_queries)
+    yield _counter("encore:chunk_hit_tokens", "Tokens of chunks found cached (blended)",
+                   s.chunk_hit_tokens)
+    yield _counter("encore:chunk_recomputed_tokens", "Tokens of cached chunks recomputed while "
+                   "blending", s.chunk_recomputed_tokens)
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:

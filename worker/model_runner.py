@@ -119,18 +119,49 @@ class ModelRunner:
         if not step.seqs:
             return ModelRunnerOutput(step_id=step.step_id)
         for seq in step.seqs:
-            self._register(seq)
-        hidden, batch = self._forward(step.seqs)
-        prompt_lps = self._prompt_logprobs(step.seqs, batch.row_starts, hidden)
-        if not batch.sample_rows:
+            if not seq.store_only:
+                self._register(seq)
+        # The ordinary batch first (it computes the chunks that blends this step read).
+        main = [s for s in step.seqs if s.blend is None]
+        logits = argmax = prompt_lps = None
+        sampled: list[ScheduledSeq] = []
+        if main:
+            hidden, batch = self._forward(main)
+            prompt_lps = self._prompt_logprobs(main, batch.row_starts, hidden)
+            if batch.sample_rows:
+                logits, argmax = self._sample_logits(hidden, batch)
+                sampled = batch.sample_seqs
+        deviations: dict[str, list[float]] = {}
+        blends = [s for s in step.seqs if s.blend is not None]
+        if blends:
+            logits, argmax = self._blend(blends, logits, argmax, deviations)
+            sampled = [*sampled, *blends]
+        if logits is None:
             return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
-        logits, argmax = self._sample_logits(hidden, batch)
-        states = [self.states[s.seq_id] for s in batch.sample_seqs]
+        states = [self.states[s.seq_id] for s in sampled]
         token_ids, logprobs = self.sampler(logits, states, argmax)
-        return ModelRunnerOutput(step_id=step.step_id,
-                                 seq_ids=[s.seq_id for s in batch.sample_seqs],
+        return ModelRunnerOutput(step_id=step.step_id, seq_ids=[s.seq_id for s in sampled],
                                  sampled_token_ids=token_ids, logprobs=logprobs,
-                                 prompt_logprobs=prompt_lps)
+                                 prompt_logprobs=prompt_lps, chunk_deviation=deviations)
+
+    def _blend(self, seqs: list[ScheduledSeq], logits: torch.Tensor | None,
+               argmax: torch.Tensor | None, deviations: dict[str, list[float]]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blend each sequence's prompt from its cached chunks (``worker/blend.py``); their
+        logits rows follow the ordinary batch's."""
+        from worker.blend import blend_forward
+
+        rows = []
+        for seq in seqs:
+            hidden, deviations[seq.seq_id] = blend_forward(self.model, self.kv_caches, seq,
+                                                           self.block_size)
+            rows.append(self.model.compute_logits(hidden))
+        blended = torch.cat(rows)
+        if logits is None:
+            return blended, None
+        if argmax is not None:
+            argmax = torch.cat((argmax, blended.argmax(-1)))
+        return torch.cat((logits, blended)), argmax
 
     def _sample_logits(self, hidden: torch.Tensor, batch: StepRows
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -154,6 +185,8 @@ class ModelRunner:
         """
         out: dict[str, list[TokenLogprobs | None]] = {}
         for seq, row0 in zip(seqs, row_starts, strict=True):
+            if seq.store_only:
+                continue
             st = self.states[seq.seq_id]
             k, prompt = st.params.prompt_logprobs, st.prompt_token_ids
             if k is None or seq.start_pos >= len(prompt):

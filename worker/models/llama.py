@@ -153,6 +153,15 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        q, k, v = self.project_qkv(h, cos, sin)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.project_out(out)
+
+    def project_qkv(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, Hk, D] of the normed input ``h``, q and k rotated.
+        They are views of one qkv tensor (last dim contiguous)."""
         t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
@@ -165,9 +174,11 @@ class DecoderLayer(nn.Module):
                 dim=1,
             )
         qk = apply_rope(qk, cos, sin)  # q and k share positions: rotate them in one pass
-        # q, k, v are views: last dim contiguous, row stride = (nh + nkv) * head_dim or more.
-        out = self.attn.forward(qk[:, :nh], qk[:, nh:], v, kv_cache, meta, self.scale)
-        return linear(out.reshape(t, nh * self.head_dim), self.o_proj)
+        return qk[:, :nh], qk[:, nh:], v
+
+    def project_out(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [T, H, D] -> [T, d]."""
+        return linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
