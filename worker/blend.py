@@ -127,10 +127,14 @@ def attend(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, total: int
     """Attention of rows at ``positions`` (q [m, H, D]) over the sequence's cached positions
     [0, total), each row seeing positions up to its own. -> [m, H, D]."""
     k, v = gather_kv(cache, table, total)  # [total, Hk, D]
+    rep = q.shape[1] // k.shape[1]
+    k = k.transpose(0, 1).to(q.dtype).repeat_interleave(rep, dim=0)  # [H, total, D]
+    v = v.transpose(0, 1).to(q.dtype).repeat_interleave(rep, dim=0)
     mask = torch.arange(total, device=q.device)[None, :] <= positions[:, None]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # 4-D inputs without enable_gqa: the form torch's fused CPU kernel takes (3-D or GQA
+    # inputs fall back to the slow math path)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
+                                         attn_mask=mask, scale=scale)[0]
     return out.transpose(0, 1)
 
 
