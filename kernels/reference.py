@@ -34,13 +34,14 @@ def _context(kv_cache: torch.Tensor, table: torch.Tensor, seq_len: int):
 
 
 def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int,
-            scale: float) -> torch.Tensor:
-    """q [n, H, D] at positions start..start+n-1 over kc/vc [Hk, S, D]; causal, GQA."""
+            scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """q [n, H, D] at positions start..start+n-1 (or ``positions`` [n]) over kc/vc
+    [Hk, S, D]; causal, GQA."""
     n, h = q.shape[0], q.shape[1]
     rep = h // kc.shape[0]
     kc, vc = kc.repeat_interleave(rep, 0), vc.repeat_interleave(rep, 0)
     s = torch.einsum("nhd,hsd->hns", q.float(), kc) * scale
-    rows = torch.arange(n)[:, None] + start
+    rows = torch.arange(n)[:, None] + start if positions is None else positions.cpu()[:, None]
     cols = torch.arange(kc.shape[1])[None, :]
     s = s.masked_fill((cols > rows).to(s.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -60,11 +61,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, q_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Ragged causal attention of new tokens q [T, H, D] over the paged cache.
 
     Sequence b owns q rows [qsl[b], qsl[b+1]); they sit at the last positions of its
-    ``seq_lens[b]`` tokens, all of which (prefix and new) are already in the cache.
+    ``seq_lens[b]`` tokens (or at ``q_positions`` [T], ascending per sequence), all of which
+    are already in the cache.
     """
     out = torch.empty_like(q)
     for b in range(seq_lens.shape[0]):
@@ -72,7 +74,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         if hi == lo:
             continue
         kc, vc = _context(kv_cache, block_tables[b], n)
-        out[lo:hi] = _attend(q[lo:hi], kc, vc, n - (hi - lo), scale).to(q.dtype)
+        pos = None if q_positions is None else q_positions[lo:hi]
+        out[lo:hi] = _attend(q[lo:hi], kc, vc, n - (hi - lo), scale, pos).to(q.dtype)
     return out
 
 

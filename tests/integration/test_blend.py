@@ -42,9 +42,18 @@ def config(model_dir, **overrides):
                                    "block_size": BS, "num_device_blocks": 128, **overrides})
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir):
-    return ModelRunner(config(model_dir))
+GPU = [pytest.mark.gpu,
+       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(("cpu", "torch"), id="cpu-torch"),
+    pytest.param(("cuda", "triton"), id="cuda-triton", marks=GPU),
+])
+def runner(model_dir, request):
+    device, backend = request.param
+    return ModelRunner(config(model_dir, device=device, attention_backend=backend,
+                              enforce_eager=True))
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -130,6 +139,26 @@ def test_chunk_first_blends_like_prefix_reuse(runner):
     assert out.chunk_deviation["b0"][0] < 1e-5  # nothing to deviate from
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_partial_recompute_triton_matches_torch_backend(model_dir):
+    """Kept rows attend through the triton prefill kernel with explicit query positions: the
+    same KV and logprobs as the torch backend on the same GPU."""
+    runner = ModelRunner(config(model_dir, device="cuda", attention_backend="triton",
+                                enforce_eager=True))
+    prompt = tokens(21, 9) + tokens(22, 26) + tokens(23, 5) + tokens(24, 19) + tokens(25, 6)
+    spans = [(9, 35), (40, 59)]
+    table, out = blended(runner, Blocks(), prompt, spans, 0.25, "bp")
+    ref = ModelRunner(config(model_dir, device="cuda", attention_backend="torch"))
+    ref_table, ref_out = blended(ref, Blocks(), prompt, spans, 0.25, "bp")
+    for want, got in zip(kv_of(ref, ref_table, len(prompt)), kv_of(runner, table, len(prompt)),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert out.sampled_token_ids == ref_out.sampled_token_ids
+    for t, lp in top_logprobs(ref_out).items():
+        assert abs(top_logprobs(out)[t] - lp) < 1e-3
+
+
 def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
     """At 0% past the check layer the chunk K/V are the re-rotated standalone ones (layers
     after the check layer); the deviation is reported per chunk."""
@@ -140,7 +169,7 @@ def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
     # a standalone prefill of the chunk placed at position 12 of a zero-attention world is
     # not possible, so check the copy: V of the last layer equals the standalone V.
     chunk_table = list(range(1, 1 + math.ceil(20 / BS)))
-    last = runner.kv_caches[-1]
+    last = runner.kv_caches[-1].cpu()
     v_chunk = last[1, chunk_table].flatten(0, 1)[:20]
     v_blend = last[1, blend_table].flatten(0, 1)[12:31]  # the last token is recomputed
     torch.testing.assert_close(v_blend, v_chunk[:19])

@@ -24,6 +24,21 @@ def _decode(seq_lens, group, hk, d, bs, dtype, num_splits=None, **kw):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def test_prefill_rows_at_given_positions():
+    """Blending: rows at scattered ascending positions, each seeing keys up to its own."""
+    seq_lens = [70, 45]
+    kv, tables = paged_batch(seq_lens, 16, 2, 32, torch.float32)
+    pos = [[0, 3, 4, 17, 31, 32, 50, 69], [12, 13, 44]]
+    q = torch.randn(11, 2 * 3, 32, device=DEVICE)
+    qsl = torch.tensor([0, 8, 11], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    positions = torch.tensor(pos[0] + pos[1], dtype=torch.int32, device=DEVICE)
+    ref = R.prefill_attention(q, kv, tables, qsl, lens, 32 ** -0.5, positions)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, kv, tables, qsl, lens, 32 ** -0.5, 8, out=out, q_positions=positions)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def _prefill(query_lens, prefix_lens, group, hk, d, bs, dtype, **kw):
     seq_lens = [p + n for p, n in zip(prefix_lens, query_lens, strict=True)]
     kv, tables = paged_batch(seq_lens, bs, hk, d, dtype, **kw)

@@ -48,3 +48,21 @@ def test_prefill_with_prefix_matches_reference(heads, kv_heads):
                                            meta.query_start_loc, meta.seq_lens, 0.25)
     got = TorchAttentionBackend().forward(q, k, v, cache, meta, 0.25)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_at_given_positions_match_reference():
+    """Blending's kept rows: scattered ascending positions, each seeing keys up to its own."""
+    seqs = [(4, 36), (3, 17)]  # (rows, context before them): seq_len = rows + context
+    cache, meta, q, k, v = _setup(seqs, 6, 2, 8, torch.float32)
+    positions = torch.tensor([2, 9, 30, 39, 0, 11, 19], dtype=torch.int32)
+    tables = meta.block_tables
+    slots = torch.cat([tables[b, positions[lo:hi].long() // 8] * 8 + positions[lo:hi] % 8
+                       for b, (lo, hi) in enumerate([(0, 4), (4, 7)])]).long()
+    meta.slot_mapping, meta.q_positions = slots, positions
+    expected_cache = cache.clone()
+    reference.kv_write(expected_cache, k, v, slots)
+    expected = reference.prefill_attention(q, expected_cache, tables, meta.query_start_loc,
+                                           meta.seq_lens, 0.25, positions)
+    got = TorchAttentionBackend().forward(q, k, v, cache, meta, 0.25)
+    assert torch.equal(cache, expected_cache)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

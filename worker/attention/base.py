@@ -31,6 +31,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, flat slot of every new token
     max_query_len: int
     max_seq_len: int
+    # Blending only: [T] int32 positions of the rows when they are not each sequence's last
+    # query_len tokens (ascending per sequence); row i then sees keys [0, q_positions[i]].
+    q_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -75,7 +75,10 @@ class TorchAttentionBackend(AttentionBackend):
                 kc = kc.repeat_interleave(rep, dim=0)
                 vc = vc.repeat_interleave(rep, dim=0)
             mask = None
-            if qlen > 1:
+            if meta.q_positions is not None:
+                rows = meta.q_positions[q_start:q_start + qlen, None]
+                mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+            elif qlen > 1:
                 rows = torch.arange(qlen, device=q.device)[:, None] + start
                 cols = torch.arange(seq_len, device=q.device)[None, :]
                 mask = cols <= rows

@@ -28,4 +28,5 @@ class TritonAttentionBackend(AttentionBackend):
             return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                     max_seq_len=meta.max_seq_len)
         return prefill_attention(q, kv_cache, meta.block_tables, meta.query_start_loc,
-                                 meta.seq_lens, scale, max_query_len=meta.max_query_len)
+                                 meta.seq_lens, scale, max_query_len=meta.max_query_len,
+                                 q_positions=meta.q_positions)
