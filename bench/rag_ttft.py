@@ -72,6 +72,21 @@ def build(rng: random.Random, docs: list[list[int]], vocab: int, preamble: int,
     return prompt, spans
 
 
+def profile_one(core: EngineCore, rng: random.Random, docs: list[list[int]], vocab: int,
+                args, fraction: float) -> None:
+    """Print where one blended request's time goes (torch profiler, top ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt, spans = build(rng, docs, vocab, args.preamble_tokens, args.question_tokens)
+    activities = [ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        ttft(core, "profiled", prompt, spans, fraction)
+    key = "cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18), file=sys.stderr)
+
+
 def run(args) -> dict:
     overrides = {k: v for k, v in {
         "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
@@ -108,6 +123,8 @@ def run(args) -> dict:
             prompt, spans = build(rng, docs, *shape)
             seconds, cached[f"blend_{f:g}"] = ttft(core, f"blend-{f}-{t}", prompt, spans, f)
             times[f"blend_{f:g}"].append(seconds)
+    if args.profile:
+        profile_one(core, rng, docs, vocab, args, fractions[0])
     cold = statistics.median(times["cold"])
     modes = {}
     for mode, values in times.items():
@@ -138,6 +155,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget of a step (default: the whole cold prompt in one step)")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="profile one blended request")
     args = p.parse_args()
     out = run(args)
     if args.json:

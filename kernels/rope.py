@@ -1,4 +1,4 @@
-"""Rotary position embedding (neox / rotate-half convention, as HF Llama), two kernels.
+"""Rotary position embedding (neox / rotate-half convention, as HF Llama), three kernels.
 
 For a head vector x = [x1 | x2] (halves of D/2) at position p, with angle a_i = p * inv_freq[i]:
 
@@ -7,7 +7,9 @@ For a head vector x = [x1 | x2] (halves of D/2) at position p, with angle a_i = 
 ``rope_qk`` rotates the new tokens' q and k in place. ``rope_rerotate_blocks`` moves cached
 keys by a position delta: rotations in the same planes compose by adding angles, so
 rope(rope(x, p), delta) == rope(x, p + delta) and a chunk's K computed at p is re-homed at
-p + delta without its pre-RoPE keys (V has no position). ``inv_freq`` ([D/2] fp32) carries
+p + delta without its pre-RoPE keys (V has no position). ``rerotate_copy`` does the same
+token by token while copying K and V to other slots (a chunk placed into a sequence at any
+offset, ``worker/blend.py``). ``inv_freq`` ([D/2] fp32) carries
 theta and any frequency scaling (llama3, linear): precompute it with the model's rule.
 Angles are fp32 products ``float(p) * inv_freq`` as in HF, so the twin matches exactly.
 """
@@ -92,6 +94,38 @@ def _rerotate_kernel(
     _rotate_tile(ptr, stride_ch, num_kv_heads, cos, sin, half, BLOCK_HK, BLOCK_HALF)
 
 
+@triton.jit
+def _rerotate_copy_kernel(
+    cache_ptr,  # [2, N, bs, Hk, D]
+    src_ptr,  # [n] int64 flat slots
+    dst_ptr,  # [n] int64 flat slots
+    deltas_ptr,  # [n] int64
+    inv_freq_ptr,  # [D/2] fp32
+    stride_c2, stride_cs, stride_ch,
+    num_kv_heads, half,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    i = tl.program_id(0)
+    src = cache_ptr + tl.load(src_ptr + i).to(tl.int64) * stride_cs
+    dst = cache_ptr + tl.load(dst_ptr + i).to(tl.int64) * stride_cs
+    cos, sin = _angles(tl.load(deltas_ptr + i), inv_freq_ptr, half, BLOCK_HALF)
+    h = tl.arange(0, BLOCK_HK)
+    j = tl.arange(0, BLOCK_HALF)
+    mask = (h[:, None] < num_kv_heads) & (j[None, :] < half)
+    offs = h[:, None] * stride_ch + j[None, :]
+    k1 = tl.load(src + offs, mask=mask, other=0.0)
+    k2 = tl.load(src + offs + half, mask=mask, other=0.0)
+    v1 = tl.load(src + stride_c2 + offs, mask=mask, other=0.0)
+    v2 = tl.load(src + stride_c2 + offs + half, mask=mask, other=0.0)
+    ty = cache_ptr.dtype.element_ty
+    x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
+    tl.store(dst + offs, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + offs + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + stride_c2 + offs, v1, mask=mask)
+    tl.store(dst + stride_c2 + offs + half, v2, mask=mask)
+
+
 def _check_inv_freq(inv_freq: torch.Tensor, head_dim: int) -> None:
     check(head_dim % 2 == 0, f"head_dim must be even for RoPE, got {head_dim}")
     check(inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32,
@@ -147,5 +181,28 @@ def rope_rerotate_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,
     _rerotate_kernel[(block_ids.shape[0], kv_cache.shape[2])](
         kv_cache, block_ids, deltas, inv_freq,
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), hk, half,
+        BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
+    )
+
+
+def rerotate_copy(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
+                  deltas: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """K and V of flat slots ``src_slots`` ([n] int64) to ``dst_slots`` ([n] int64, disjoint
+    from the sources), keys moved by ``deltas`` ([n] int64) positions. kv_cache
+    [2, N, bs, Hk, D]."""
+    check_kv_cache(kv_cache)
+    for name, t in (("src_slots", src_slots), ("dst_slots", dst_slots), ("deltas", deltas)):
+        check(t.dim() == 1 and t.shape == src_slots.shape,
+              f"{name} must be [n={src_slots.shape[0]}], got {tuple(t.shape)}")
+        check_int(name, t, (torch.int64,))
+    _check_inv_freq(inv_freq, kv_cache.shape[4])
+    check_same_device(kv_cache=kv_cache, src_slots=src_slots, dst_slots=dst_slots,
+                      deltas=deltas, inv_freq=inv_freq)
+    if src_slots.shape[0] == 0:
+        return
+    hk, half = kv_cache.shape[3], kv_cache.shape[4] // 2
+    _rerotate_copy_kernel[(src_slots.shape[0],)](
+        kv_cache, src_slots, dst_slots, deltas, inv_freq,
+        kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3), hk, half,
         BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
     )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from scheduler.protocol import BlendPlan, ScheduledSeq
 from worker.attention.base import AttentionMetadata
-from worker.models.llama import LlamaForCausalLM, rms_norm
+from worker.models.llama import DecoderLayer, LlamaForCausalLM, rms_norm
 
 
 @torch.inference_mode()
@@ -46,25 +46,67 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     copy = ChunkCopy(model, plan, slots, start, block_size)
     copy(kv_caches[check + 1:])
     meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
-    x = F.embedding(torch.tensor(seq.token_ids, device=dev), model.embed_tokens)
+    stream = _Stream(model, F.embedding(torch.tensor(seq.token_ids, device=dev),
+                                        model.embed_tokens))
     keep: torch.Tensor | None = None  # rows still computed, after the check layer
     deviations = torch.zeros(0)
     for i, (layer, cache) in enumerate(zip(model.layers, kv_caches, strict=True)):
-        p = pos if keep is None else pos[keep]
-        cos, sin = model.rope_cos[p].unsqueeze(1), model.rope_sin[p].unsqueeze(1)
-        q, k, v = layer.project_qkv(rms_norm(x, layer.input_norm, layer.eps), cos, sin)
+        q, k, v = stream.qkv(layer, pos if keep is None else pos[keep])
         selected = None
         if i == check:
             copy([cache])  # the cached values to compare the fresh ones with
             selected, deviations = select_tokens(k, v, cache, slots, plan, start)
-        out = layer.attn.forward(q, k, v, cache, meta, layer.scale)  # writes this layer's K/V
-        x = x + layer.project_out(out)
-        x = x + layer._mlp(rms_norm(x, layer.post_norm, layer.eps))
+        stream.finish(layer, layer.attn.forward(q, k, v, cache, meta, layer.scale))
         if selected is not None:
             keep = selected
-            x = x[keep]
+            stream.keep(keep)
             meta = _metadata(start + n, table, slots[keep], pos[keep])
-    return rms_norm(x[-1:], model.norm, model.arch.rms_norm_eps), deviations.tolist()
+    return stream.final(), deviations.tolist()
+
+
+class _Stream:
+    """The residual stream of the rows being computed, through the model's layer math: the
+    fused Triton ops when the model uses them (CUDA), else plain torch."""
+
+    def __init__(self, model: LlamaForCausalLM, x: torch.Tensor) -> None:
+        self.model, self.ops = model, model.ops
+        self.x = x
+        self.residual: torch.Tensor | None = None  # fused path: the stream before x is added
+
+    def qkv(self, layer: DecoderLayer, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.ops is not None:
+            h, self.residual = self.ops.add_rmsnorm(self.x, self.residual, layer.input_norm,
+                                                    layer.eps)
+            return layer.project_qkv_fused(h, positions, self.model.rope_inv_freq, self.ops)
+        cos = self.model.rope_cos[positions].unsqueeze(1)
+        sin = self.model.rope_sin[positions].unsqueeze(1)
+        return layer.project_qkv(rms_norm(self.x, layer.input_norm, layer.eps), cos, sin)
+
+    def finish(self, layer: DecoderLayer, attn_out: torch.Tensor) -> None:
+        """o_proj, residual add and the MLP, after attention."""
+        if self.ops is not None:
+            x = self.ops.linear(attn_out.reshape(attn_out.shape[0], -1), layer.o_proj)
+            h, self.residual = self.ops.add_rmsnorm(x, self.residual, layer.post_norm,
+                                                    layer.eps)
+            self.x = layer.mlp_fused(h, self.ops)
+            return
+        x = self.x + layer.project_out(attn_out)
+        self.x = x + layer._mlp(rms_norm(x, layer.post_norm, layer.eps))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.x = self.x[rows]
+        if self.residual is not None:
+            self.residual = self.residual[rows]
+
+    def final(self) -> torch.Tensor:
+        """The final-normed hidden state of the last row [1, d]."""
+        eps = self.model.arch.rms_norm_eps
+        if self.ops is not None:
+            assert self.residual is not None
+            return self.ops.add_rmsnorm(self.x[-1:], self.residual[-1:].clone(),
+                                        self.model.norm, eps)[0]
+        return rms_norm(self.x[-1:], self.model.norm, eps)
 
 
 class ChunkCopy:
@@ -78,16 +120,23 @@ class ChunkCopy:
             p = torch.arange(c.length)
             src.append(blocks[p // block_size] * block_size + p % block_size)
             dst.append(slots[c.start - start:c.start - start + c.length])
-            delta.append(torch.full((c.length,), c.start, dtype=torch.float32))
+            delta.append(torch.full((c.length,), c.start, dtype=torch.long))
         dev = slots.device
+        self.ops, self.inv_freq = model.ops, model.rope_inv_freq
         self.src, self.dst = torch.cat(src).to(dev), torch.cat(dst)
-        angles = torch.cat(delta).to(dev)[:, None] * model.rope_inv_freq[None, :]  # fp32
+        self.deltas = torch.cat(delta).to(dev)
+        angles = self.deltas.float()[:, None] * model.rope_inv_freq[None, :]  # fp32
         self.cos = torch.cat((angles.cos(), angles.cos()), -1).unsqueeze(1)  # [M, 1, D]
         self.sin = torch.cat((-angles.sin(), angles.sin()), -1).unsqueeze(1)
 
     def __call__(self, kv_caches: list[torch.Tensor]) -> None:
         """Chunk K/V into the sequence's slots of every layer in ``kv_caches``, keys
-        re-rotated (rotate-half RoPE by the delta, as ``apply_rope``)."""
+        re-rotated (rotate-half RoPE by the delta, as ``apply_rope``): one Triton kernel per
+        layer with the fused ops, else torch."""
+        if self.ops is not None:
+            for cache in kv_caches:
+                self.ops.rerotate_copy(cache, self.src, self.dst, self.deltas, self.inv_freq)
+            return
         half = self.cos.shape[-1] // 2
         for cache in kv_caches:
             flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])

@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, TOL, rel_err
 
 from kernels import reference as R
-from kernels.rope import rope_qk, rope_rerotate_blocks
+from kernels.rope import rerotate_copy, rope_qk, rope_rerotate_blocks
 
 
 def _llama3_inv_freq(d: int) -> torch.Tensor:
@@ -62,3 +62,28 @@ def test_rerotate_matches_twin_bf16_and_int_delta():
     assert rel_err(kv, ref) < TOL[torch.bfloat16]
     with pytest.raises(ValueError, match="inv_freq"):
         rope_rerotate_blocks(kv, blocks, 1, inv[:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rerotate_copy_moves_tokens_to_new_positions(dtype):
+    """A chunk's keys roped at 0..n-1, copied token by token to other slots and moved by their
+    delta, equal keys roped at the new positions; V is copied as is; sources untouched."""
+    hk, d, bs = 3, 32, 8
+    inv = _llama3_inv_freq(d).to(DEVICE)
+    raw = torch.randn(11, hk, d)
+    kv = torch.zeros(2, 6, bs, hk, d, device=DEVICE, dtype=dtype)
+    flat = kv.view(2, -1, hk, d)
+    src = torch.arange(3, 14)  # the stored chunk: positions 0..10 at slots 3..13
+    flat[0, src] = R._rotate(raw, torch.arange(11), inv.cpu()).to(DEVICE, dtype)
+    flat[1, src] = torch.randn(11, hk, d).to(DEVICE, dtype)
+    before = kv.clone()
+    dst = torch.tensor([20, 21, 22, 23, 30, 31, 32, 40, 41, 42, 47])  # any layout
+    deltas = torch.full((11,), 29)
+    rerotate_copy(kv, src.to(DEVICE), dst.to(DEVICE), deltas.to(DEVICE), inv)
+    expect_k = R._rotate(raw, torch.arange(11) + 29, inv.cpu())
+    assert rel_err(flat[0, dst.to(DEVICE)].float(), expect_k) < TOL[dtype]
+    assert torch.equal(flat[1, dst.to(DEVICE)], before.view(2, -1, hk, d)[1, src.to(DEVICE)])
+    assert torch.equal(flat[:, src.to(DEVICE)], before.view(2, -1, hk, d)[:, src.to(DEVICE)])
+    twin = before.clone().cpu()
+    R.rerotate_copy(twin, src, dst, deltas, inv.cpu())
+    assert rel_err(kv, twin) < TOL[dtype]

@@ -201,8 +201,7 @@ class DecoderLayer(nn.Module):
         h, residual = ops.add_rmsnorm(x, residual, self.input_norm, self.eps)
         x = self._attention_fused(h, positions, inv_freq, kv_cache, meta, ops)
         h, residual = ops.add_rmsnorm(x, residual, self.post_norm, self.eps)
-        act = ops.silu_mul(ops.linear(h, self.gate_up_proj))
-        return ops.linear(act, self.down_proj), residual
+        return self.mlp_fused(h, ops), residual
 
     def _attention_fused(
         self,
@@ -213,6 +212,14 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         ops: TritonOps,
     ) -> torch.Tensor:
+        q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        return ops.linear(out.reshape(h.shape[0], -1), self.o_proj)
+
+    def project_qkv_fused(
+        self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ops: TritonOps
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project_qkv`` on the fused kernels: RoPE in place, angles in fp32."""
         t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = ops.linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
@@ -226,8 +233,10 @@ class DecoderLayer(nn.Module):
             )
         q, k = qk[:, :nh], qk[:, nh:]
         ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
-        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
-        return ops.linear(out.reshape(t, nh * self.head_dim), self.o_proj)
+        return q, k, v
+
+    def mlp_fused(self, h: torch.Tensor, ops: TritonOps) -> torch.Tensor:
+        return ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -38,9 +38,10 @@ class TritonOps:
         from kernels.activation import silu_mul
         from kernels.gemv import gemv
         from kernels.rmsnorm import rmsnorm
-        from kernels.rope import rope_qk
+        from kernels.rope import rerotate_copy, rope_qk
 
         self._silu_mul, self._rmsnorm, self._rope_qk = silu_mul, rmsnorm, rope_qk
+        self.rerotate_copy = rerotate_copy  # blending: chunk K/V to new slots and positions
         self._gemv = gemv
         self.gemv_choice: dict[tuple, bool] = {}  # (N, K, dtype, bias) -> Triton GEMV wins
         self.gemv_timings: dict[tuple, tuple[float, float]] = {}  # -> (gemv ms, cuBLAS ms)
