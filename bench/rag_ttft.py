@@ -85,6 +85,22 @@ def profile_one(core: EngineCore, rng: random.Random, docs: list[list[int]], voc
         ttft(core, "profiled", prompt, spans, fraction)
     key = "cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18), file=sys.stderr)
+    # the engine's phases of one blended request, stepped by hand
+    prompt, spans = build(rng, docs, vocab, args.preamble_tokens, args.question_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    core.add_request(EngineRequest("phases", prompt, params, time.time(), chunks=spans,
+                                   chunk_recompute=fraction))
+    sched = core.scheduler
+    while sched.has_work():
+        t0 = time.perf_counter()
+        step = sched.schedule()
+        t1 = time.perf_counter()
+        result = core.executor.execute(step)
+        t2 = time.perf_counter()
+        sched.update_from_output(step, result)
+        t3 = time.perf_counter()
+        print(f"step {step.step_id}: schedule {1e3 * (t1 - t0):.2f} ms, execute "
+              f"{1e3 * (t2 - t1):.2f} ms, update {1e3 * (t3 - t2):.2f} ms", file=sys.stderr)
 
 
 def run(args) -> dict:

@@ -169,6 +169,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_m, block_n = (128, 64) if head_dim <= 128 else (64, 32)
+    if q_positions is not None and head_dim <= 128:
+        block_m = 64  # scattered rows: each tile's causal band is wide; more tiles, shorter
     if q.device.type == "cpu":  # interpreter: small tiles keep the masked waste low
         block_m, block_n = 32, 16
     grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)

@@ -44,7 +44,6 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     slots = table[pos // block_size] * block_size + pos % block_size
     check = min(plan.check_layer, len(model.layers) - 1)
     copy = ChunkCopy(model, plan, slots, start, block_size)
-    copy(kv_caches[check + 1:])
     meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
     stream = _Stream(model, F.embedding(torch.tensor(seq.token_ids, device=dev),
                                         model.embed_tokens))
@@ -53,8 +52,9 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     for i, (layer, cache) in enumerate(zip(model.layers, kv_caches, strict=True)):
         q, k, v = stream.qkv(layer, pos if keep is None else pos[keep])
         selected = None
+        if i >= check:  # the cached K/V: compared with the fresh ones, kept past the check
+            copy([cache])
         if i == check:
-            copy([cache])  # the cached values to compare the fresh ones with
             selected, deviations = select_tokens(k, v, cache, slots, plan, start)
         stream.finish(layer, layer.attn.forward(q, k, v, cache, meta, layer.scale))
         if selected is not None:
