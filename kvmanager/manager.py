@@ -67,6 +67,7 @@ class KVCacheManager:
         self._orphans: set[str] = set()  # freed while loads into their blocks are in flight
         self._held: dict[str, list[int]] = {}  # extra references (chunk blocks a blend reads)
         self._cache_limit: dict[str, int] = {}  # blocks past this index are never registered
+        self._prefetch: dict[str, tuple[list[int], list[bytes]]] = {}  # chunk loads in flight
         self.pins: PinTable | None = None  # TTL pins of agent programs (``enable_pins``)
 
     def enable_pins(self, make: Callable[[BlockPool], PinTable]) -> None:
@@ -208,6 +209,9 @@ class KVCacheManager:
             self.free(seq_id)
         for holder in list(self._held):
             self.release(holder)
+        for blocks, _ in self._prefetch.values():
+            self.pool.free(blocks)
+        self._prefetch.clear()
         return self.pool.reset_cache()
 
     # ------------------------------------------------------------------ chunks
@@ -249,6 +253,27 @@ class KVCacheManager:
     def release(self, holder: str) -> None:
         """Drop the references ``hold_chunk`` took for ``holder``."""
         self.pool.free(self._held.pop(holder, [])[::-1])
+
+    def prefetch(self, loader: str, keys: Sequence[bytes], tiers: Sequence[str],
+                 keep: Sequence[int] = ()) -> bool:
+        """Load blocks ``keys`` from the lower ``tiers`` into new device blocks, registered
+        under their keys once loaded (``collect_loaded`` reports ``loader`` then). Used for
+        chunk blocks; ``keep`` are cached blocks the allocation must not evict. False (nothing
+        changed) if there is no room."""
+        assert self.tiers is not None and loader not in self._prefetch
+        if not self._has_room(len(keys), list(dict.fromkeys(keep))):
+            return False
+        slots = self.tiers.pin_loads(keys, tiers)
+        self.pool.touch(keep)
+        new = self.pool.allocate(len(keys))
+        self.pool.free(keep)
+        assert new is not None
+        self._prefetch[loader] = (new, list(keys))
+        self.tiers.start_loads(loader, keys, tiers, slots, new)
+        return True
+
+    def is_prefetching(self, loader: str) -> bool:
+        return loader in self._prefetch
 
     def limit_caching(self, seq_id: str, num_blocks: int) -> None:
         """Never register blocks of ``seq_id`` past the first ``num_blocks`` in the prefix
@@ -293,6 +318,13 @@ class KVCacheManager:
             return []
         out = []
         for seq_id, good, tiers in self.tiers.loads_done():
+            if seq_id in self._prefetch:  # chunk blocks: cached (unreferenced) from now on
+                blocks, keys = self._prefetch.pop(seq_id)
+                self.pool.cache_full_blocks(blocks[:good], keys[:good])
+                self.pool.free(blocks[::-1])
+                self.tiers.count_hits(tiers, self.block_size)
+                out.append((seq_id, good * self.block_size))
+                continue
             if seq_id in self._orphans:
                 self._orphans.discard(seq_id)
                 self.free(seq_id)
@@ -361,7 +393,7 @@ class KVCacheManager:
         for pinned in self.pins.holders() if self.pins is not None else []:
             for b in pinned:
                 holders[b] += 1
-        for held in self._held.values():
+        for held in [*self._held.values(), *(b for b, _ in self._prefetch.values())]:
             for b in held:
                 holders[b] += 1
         for b in range(1, self.pool.num_blocks):

@@ -94,6 +94,7 @@ class Blender:
         self.queries = self.hit_tokens = self.recomputed_tokens = 0  # cumulative
         self._holders: list[str] = []  # released at the next begin_step
         self._measuring: dict[str, list[_Chunk]] = {}  # seq id -> its chunks, until measured
+        self._prefetched: set[str] = set()  # sequences whose chunks were loaded from a tier
 
     def applies(self, seq: Seq) -> bool:
         """Blending needs the chunk store (prefix caching) and no prompt logprobs."""
@@ -108,9 +109,10 @@ class Blender:
         self._measuring.clear()
 
     def reset(self) -> None:
-        """The worker died: holds went with ``kv.reset_cache``."""
+        """The worker died: holds and chunk loads went with ``kv.reset_cache``."""
         self._holders.clear()
         self._measuring.clear()
+        self._prefetched.clear()
 
     # ------------------------------------------------------------------ admission
     def prepare(self, seq: Seq, hit_tokens: int) -> BlendAdmission | None:
@@ -135,6 +137,43 @@ class Blender:
                                                 self.meta.mean_impact)
             c.recompute = min(c.length, math.ceil(fraction * c.length))
         return BlendAdmission(chunks, chunks[0].start, self.block_size)
+
+    def start_prefetch(self, seq: Seq, adm: BlendAdmission) -> bool | None:
+        """Load the chunks that are not on the device but whole in the host/disk tiers (as far
+        as the load policy finds loading faster than recomputing), once per sequence. None:
+        nothing to load; True: loads started (the sequence waits for them, then is admitted
+        again); False: no room now."""
+        tiers = self.kv.tiers
+        if tiers is None or seq.seq_id in self._prefetched:
+            return None
+        keys: list[bytes] = []
+        sources: list[str] = []
+        for c in adm.unique():
+            rest = c.keys[len(c.hits):]
+            if not rest:
+                continue
+            plan = tiers.plan_loads(rest)
+            if len(plan) == len(rest):  # a chunk half loaded would be recomputed anyway
+                keys += rest
+                sources += plan
+        if not keys:
+            return None
+        if not self.kv.prefetch(self.loader_id(seq.seq_id), keys, sources, adm.hit_blocks()):
+            return False
+        self._prefetched.add(seq.seq_id)
+        return True
+
+    @staticmethod
+    def loader_id(seq_id: str) -> str:
+        return f"{seq_id}/chunk-load"
+
+    @staticmethod
+    def loaded_seq(loader: str) -> str | None:
+        """The sequence a finished chunk load served (None: not a chunk load)."""
+        return loader.removesuffix("/chunk-load") if loader.endswith("/chunk-load") else None
+
+    def forget(self, seq_id: str) -> None:
+        self._prefetched.discard(seq_id)
 
     def hold_hits(self, seq: Seq, adm: BlendAdmission) -> None:
         """Reference the cached chunk blocks before anything else allocates (an allocation

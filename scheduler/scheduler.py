@@ -231,6 +231,13 @@ class Scheduler:
     def _promote_loaded(self) -> None:
         """Sequences whose KV finished loading join the running batch with it computed."""
         for seq_id, computed in self.kv.collect_loaded():
+            blended = self.blender.loaded_seq(seq_id)
+            if blended is not None:  # its chunks are on the device: admit it again, first
+                seq = self.loading.pop(blended, None)
+                if seq is not None:
+                    seq.status = SeqStatus.WAITING
+                    self.waiting.prepend(seq)
+                continue
             seq = self.loading.pop(seq_id)
             seq.status = SeqStatus.RUNNING
             seq.num_computed_tokens = computed
@@ -305,6 +312,13 @@ class Scheduler:
         adm = self.blender.prepare(seq, hit_tokens)
         if adm is None:
             return None
+        prefetch = self.blender.start_prefetch(seq, adm)
+        if prefetch is not None:
+            if prefetch:  # its chunks load from a lower tier; it is admitted again after
+                self.waiting.pop()
+                seq.status = SeqStatus.WAITING_FOR_KV
+                self.loading[seq.seq_id] = seq
+            return prefetch
         n = seq.num_tokens - hit_tokens
         only_decodes = budget.tokens >= self.config.max_num_batched_tokens - len(planned)
         if adm.cost(n) > budget.tokens and not only_decodes:
@@ -463,6 +477,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status, seq.error = status, error
         self.programs.turn_ended(seq, status)
+        self.blender.forget(seq.seq_id)
         self.kv.free(seq.seq_id)
         if seq.sent_to_worker:
             self._finished_ids.append(seq.seq_id)
@@ -540,7 +555,9 @@ class Scheduler:
             _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
         for s in self.loading.values():
             _require(s.status is SeqStatus.WAITING_FOR_KV, f"{s} in loading")
-            _require(bool(self.kv.block_table(s.seq_id)), f"{s} loading without blocks")
+            _require(bool(self.kv.block_table(s.seq_id))
+                     or self.kv.is_prefetching(self.blender.loader_id(s.seq_id)),
+                     f"{s} loading without blocks")
 
 
 def _attach_ops(out: SchedulerOutput, ops: StepOps) -> None:

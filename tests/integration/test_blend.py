@@ -242,3 +242,30 @@ def test_engine_blend_under_pressure_never_leaks(model_dir):
         core.scheduler.check_integrity()
     assert done == 6
     assert core.scheduler.kv.pool.usage == 0.0
+
+
+def test_engine_loads_evicted_chunks_back_from_the_host_tier(model_dir):
+    """Chunk blocks evicted from a small device pool are written back to the host tier and
+    loaded from there (not recomputed) when a later prompt uses the chunks again; the answer
+    equals the one blended from device-resident chunks."""
+    docs = [tokens(60 + i, 17) for i in range(3)]
+    first = tokens(70, 5) + docs[0] + docs[1] + docs[2] + tokens(71, 4)
+    second = tokens(72, 6) + docs[2] + docs[0] + docs[1] + tokens(73, 4)
+    spans1 = [(5, 22), (22, 39), (39, 56)]
+    spans2 = [(6, 23), (23, 40), (40, 57)]
+    roomy = engine(model_dir)
+    complete(roomy, "a1", first, spans1)
+    want, want_cached = complete(roomy, "a2", second, spans2)
+
+    # kv_load_policy "always": the cost model would recompute chunks this tiny instead
+    tight = engine(model_dir, num_device_blocks=48, host_cache_gib=0.001,
+                   kv_load_policy="always")
+    complete(tight, "b1", first, spans1)
+    for i in range(3):  # distinct prompts push every chunk block out of the device pool
+        complete(tight, f"flood{i}", tokens(80 + i, 150))
+    tight.scheduler.stats()  # reset the increments
+    got, cached = complete(tight, "b2", second, spans2)
+    stats = tight.scheduler.stats()
+    assert stats.kv_tier_hit_tokens.get("host", 0) >= 3 * 16  # chunk blocks came from host
+    assert stats.chunk_hit_tokens == 51
+    assert (got, cached) == (want, want_cached)
