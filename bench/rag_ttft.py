@@ -109,6 +109,7 @@ def run(args) -> dict:
         "device": args.device, "num_threads": args.num_threads,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_device_blocks": args.num_device_blocks, "chunk_check_layer": args.check_layer,
+        "enforce_eager": args.enforce_eager or None,
     }.items() if v is not None}
     config = build_config(overrides=overrides)
     core = EngineCore(config, InprocExecutor(config))
@@ -146,7 +147,8 @@ def run(args) -> dict:
     for mode, values in times.items():
         med = statistics.median(values)
         modes[mode] = {"ttft_ms_p50": med * 1e3, "ttft_ms_min": min(values) * 1e3,
-                       "speedup": cold / med, "cached_tokens": cached.get(mode, 0)}
+                       "speedup": cold / med, "cached_tokens": cached.get(mode, 0),
+                       "ttft_ms_all": [round(v * 1e3, 2) for v in values]}
     return {"device": info.device, "dtype": info.dtype, "model": args.model or "SmolLM2-135M",
             "prompt_tokens": len(prompt), "chunks": args.chunks,
             "chunk_tokens": args.chunk_tokens, "trials": args.trials, "modes": modes}
@@ -172,6 +174,7 @@ def main() -> None:
                    help="token budget of a step (default: the whole cold prompt in one step)")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="profile one blended request")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     args = p.parse_args()
     out = run(args)
     if args.json:

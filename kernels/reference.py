@@ -101,13 +101,15 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     k.copy_(_rotate(k, positions, inv_freq))
 
 
-def rerotate_copy(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
-                  deltas: torch.Tensor, inv_freq: torch.Tensor) -> None:
-    """K and V of flat slots ``src_slots`` to ``dst_slots``, keys moved by ``deltas``."""
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat[0].index_copy_(0, dst_slots, _rotate(flat[0].index_select(0, src_slots), deltas,
-                                              inv_freq))
-    flat[1].index_copy_(0, dst_slots, flat[1].index_select(0, src_slots))
+def rerotate_copy(kv_caches: list[torch.Tensor], src_slots: torch.Tensor,
+                  dst_slots: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """In every layer cache: K and V of flat slots ``src_slots`` to ``dst_slots``, keys
+    moved by ``deltas``."""
+    for kv_cache in kv_caches:
+        flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+        keys = _rotate(flat[0].index_select(0, src_slots), deltas, inv_freq)
+        flat[0].index_copy_(0, dst_slots, keys)
+        flat[1].index_copy_(0, dst_slots, flat[1].index_select(0, src_slots))
 
 
 def rope_rerotate_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,

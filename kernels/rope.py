@@ -96,17 +96,19 @@ def _rerotate_kernel(
 
 @triton.jit
 def _rerotate_copy_kernel(
-    cache_ptr,  # [2, N, bs, Hk, D]
+    layers_ptr,  # [L] int64: data_ptr of each layer's cache [2, N, bs, Hk, D]
     src_ptr,  # [n] int64 flat slots
     dst_ptr,  # [n] int64 flat slots
     deltas_ptr,  # [n] int64
     inv_freq_ptr,  # [D/2] fp32
     stride_c2, stride_cs, stride_ch,
     num_kv_heads, half,
+    DTYPE: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
     i = tl.program_id(0)
+    cache_ptr = tl.load(layers_ptr + tl.program_id(1)).to(tl.pointer_type(DTYPE))
     src = cache_ptr + tl.load(src_ptr + i).to(tl.int64) * stride_cs
     dst = cache_ptr + tl.load(dst_ptr + i).to(tl.int64) * stride_cs
     cos, sin = _angles(tl.load(deltas_ptr + i), inv_freq_ptr, half, BLOCK_HALF)
@@ -118,10 +120,9 @@ def _rerotate_copy_kernel(
     k2 = tl.load(src + offs + half, mask=mask, other=0.0)
     v1 = tl.load(src + stride_c2 + offs, mask=mask, other=0.0)
     v2 = tl.load(src + stride_c2 + offs + half, mask=mask, other=0.0)
-    ty = cache_ptr.dtype.element_ty
     x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
-    tl.store(dst + offs, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
-    tl.store(dst + offs + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + offs, (x1 * cos[None, :] - x2 * sin[None, :]).to(DTYPE), mask=mask)
+    tl.store(dst + offs + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(DTYPE), mask=mask)
     tl.store(dst + stride_c2 + offs, v1, mask=mask)
     tl.store(dst + stride_c2 + offs + half, v2, mask=mask)
 
@@ -185,24 +186,49 @@ def rope_rerotate_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,
     )
 
 
-def rerotate_copy(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
-                  deltas: torch.Tensor, inv_freq: torch.Tensor) -> None:
-    """K and V of flat slots ``src_slots`` ([n] int64) to ``dst_slots`` ([n] int64, disjoint
-    from the sources), keys moved by ``deltas`` ([n] int64) positions. kv_cache
-    [2, N, bs, Hk, D]."""
-    check_kv_cache(kv_cache)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def layer_pointers(kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    """[L] int64 device tensor of the layers' cache addresses, for ``rerotate_copy`` (build it
+    once: it is a host-to-device copy). The caches must share shape, strides, dtype, device."""
+    first = kv_caches[0]
+    for c in kv_caches:
+        check_kv_cache(c)
+        check(c.shape == first.shape and c.stride() == first.stride()
+              and c.dtype == first.dtype and c.device == first.device,
+              "every layer's KV cache must have the same shape, strides, dtype and device")
+    return torch.tensor([c.data_ptr() for c in kv_caches], dtype=torch.int64,
+                        device=first.device)
+
+
+def rerotate_copy(kv_caches: list[torch.Tensor], src_slots: torch.Tensor,
+                  dst_slots: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor,
+                  layers: torch.Tensor | None = None) -> None:
+    """In every layer cache of ``kv_caches`` ([2, N, bs, Hk, D] each; one launch for all):
+    K and V of flat slots ``src_slots`` ([n] int64) to ``dst_slots`` ([n] int64, disjoint from
+    the sources), keys moved by ``deltas`` ([n] int64) positions. ``layers``: their
+    ``layer_pointers`` (built here when not given)."""
+    if not kv_caches:
+        return
+    if layers is None:
+        layers = layer_pointers(kv_caches)
+    cache = kv_caches[0]
+    check(layers.shape == (len(kv_caches),) and layers.dtype == torch.int64,
+          f"layers must be [{len(kv_caches)}] int64, got {layers.dtype} {tuple(layers.shape)}")
     for name, t in (("src_slots", src_slots), ("dst_slots", dst_slots), ("deltas", deltas)):
         check(t.dim() == 1 and t.shape == src_slots.shape,
               f"{name} must be [n={src_slots.shape[0]}], got {tuple(t.shape)}")
         check_int(name, t, (torch.int64,))
-    _check_inv_freq(inv_freq, kv_cache.shape[4])
-    check_same_device(kv_cache=kv_cache, src_slots=src_slots, dst_slots=dst_slots,
+    _check_inv_freq(inv_freq, cache.shape[4])
+    check(cache.dtype in _TL_DTYPES, f"unsupported KV dtype {cache.dtype}")
+    check_same_device(kv_cache=cache, layers=layers, src_slots=src_slots, dst_slots=dst_slots,
                       deltas=deltas, inv_freq=inv_freq)
     if src_slots.shape[0] == 0:
         return
-    hk, half = kv_cache.shape[3], kv_cache.shape[4] // 2
-    _rerotate_copy_kernel[(src_slots.shape[0],)](
-        kv_cache, src_slots, dst_slots, deltas, inv_freq,
-        kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3), hk, half,
-        BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
+    hk, half = cache.shape[3], cache.shape[4] // 2
+    _rerotate_copy_kernel[(src_slots.shape[0], len(kv_caches))](
+        layers, src_slots, dst_slots, deltas, inv_freq,
+        cache.stride(0), cache.stride(2), cache.stride(3), hk, half,
+        DTYPE=_TL_DTYPES[cache.dtype], BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
     )

@@ -23,18 +23,25 @@ into the layers from the check layer on (earlier layers are recomputed for every
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from kernels import reference
 from scheduler.protocol import BlendPlan, ScheduledSeq
 from worker.attention.base import AttentionMetadata
+from worker.blend_graphs import KeptRowGraphs
 from worker.models.llama import DecoderLayer, LlamaForCausalLM, rms_norm
 
 
 @torch.inference_mode()
 def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: ScheduledSeq,
-                  block_size: int) -> tuple[torch.Tensor, list[float]]:
-    """Hidden state [1, d] of ``seq``'s last token, and each chunk's deviation (see above)."""
+                  block_size: int, runtime: BlendRuntime | None = None
+                  ) -> tuple[torch.Tensor, list[float]]:
+    """Hidden state [1, d] of ``seq``'s last token, and each chunk's deviation (see above).
+    With ``runtime.graphs`` (CUDA) the layers after the check layer replay a captured graph."""
+    runtime = runtime or BlendRuntime()
     plan = seq.blend
     assert plan is not None
     dev = model.embed_tokens.device
@@ -43,7 +50,7 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     pos = torch.arange(start, start + n, device=dev)
     slots = table[pos // block_size] * block_size + pos % block_size
     check = min(plan.check_layer, len(model.layers) - 1)
-    copy = ChunkCopy(model, plan, slots, start, block_size)
+    copy = ChunkCopy(model, plan, slots, start, block_size, runtime.layers)
     meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
     stream = _Stream(model, F.embedding(torch.tensor(seq.token_ids, device=dev),
                                         model.embed_tokens))
@@ -53,7 +60,7 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
         q, k, v = stream.qkv(layer, pos if keep is None else pos[keep])
         selected = None
         if i >= check:  # the cached K/V: compared with the fresh ones, kept past the check
-            copy([cache])
+            copy(kv_caches, i, i + 1)
         if i == check:
             selected, deviations = select_tokens(k, v, cache, slots, plan, start)
         stream.finish(layer, layer.attn.forward(q, k, v, cache, meta, layer.scale))
@@ -61,6 +68,13 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
             keep = selected
             stream.keep(keep)
             meta = _metadata(start + n, table, slots[keep], pos[keep])
+            graphs = runtime.graphs
+            if (graphs is not None and i + 1 < len(model.layers)
+                    and graphs.bucket(len(keep)) is not None and stream.residual is not None):
+                copy(kv_caches, i + 1, len(kv_caches))
+                stream.x, stream.residual = graphs.run(i + 1, stream.x, stream.residual,
+                                                       pos[keep], slots[keep], table, start + n)
+                break
     return stream.final(), deviations.tolist()
 
 
@@ -109,11 +123,20 @@ class _Stream:
         return rms_norm(self.x[-1:], self.model.norm, eps)
 
 
+@dataclass
+class BlendRuntime:
+    """What a model runner keeps for blending on CUDA: the layers' cache addresses (one
+    re-rotation launch for many layers) and the kept-row CUDA graphs (None: eager)."""
+
+    layers: torch.Tensor | None = None
+    graphs: KeptRowGraphs | None = None
+
+
 class ChunkCopy:
-    """Where each chunk token's K/V comes from and goes to, and the rotation by its delta."""
+    """Where each chunk token's K/V comes from and goes to, and by how many positions."""
 
     def __init__(self, model: LlamaForCausalLM, plan: BlendPlan, slots: torch.Tensor,
-                 start: int, block_size: int) -> None:
+                 start: int, block_size: int, layers: torch.Tensor | None) -> None:
         src, dst, delta = [], [], []
         for c in plan.chunks:
             blocks = torch.tensor(c.src_blocks, dtype=torch.long)
@@ -122,28 +145,19 @@ class ChunkCopy:
             dst.append(slots[c.start - start:c.start - start + c.length])
             delta.append(torch.full((c.length,), c.start, dtype=torch.long))
         dev = slots.device
-        self.ops, self.inv_freq = model.ops, model.rope_inv_freq
+        self.ops, self.inv_freq, self.layers = model.ops, model.rope_inv_freq, layers
         self.src, self.dst = torch.cat(src).to(dev), torch.cat(dst)
         self.deltas = torch.cat(delta).to(dev)
-        angles = self.deltas.float()[:, None] * model.rope_inv_freq[None, :]  # fp32
-        self.cos = torch.cat((angles.cos(), angles.cos()), -1).unsqueeze(1)  # [M, 1, D]
-        self.sin = torch.cat((-angles.sin(), angles.sin()), -1).unsqueeze(1)
 
-    def __call__(self, kv_caches: list[torch.Tensor]) -> None:
-        """Chunk K/V into the sequence's slots of every layer in ``kv_caches``, keys
-        re-rotated (rotate-half RoPE by the delta, as ``apply_rope``): one Triton kernel per
-        layer with the fused ops, else torch."""
-        if self.ops is not None:
-            for cache in kv_caches:
-                self.ops.rerotate_copy(cache, self.src, self.dst, self.deltas, self.inv_freq)
+    def __call__(self, kv_caches: list[torch.Tensor], lo: int, hi: int) -> None:
+        """Chunk K/V into the sequence's slots of layers [lo, hi), keys re-rotated by their
+        delta: one Triton launch with the fused ops, else the kernel's torch twin."""
+        caches = kv_caches[lo:hi]
+        if self.ops is None:
+            reference.rerotate_copy(caches, self.src, self.dst, self.deltas, self.inv_freq)
             return
-        half = self.cos.shape[-1] // 2
-        for cache in kv_caches:
-            flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-            k = flat[0].index_select(0, self.src).float()
-            k = torch.addcmul(k * self.cos, k.roll(half, -1), self.sin)
-            flat[0].index_copy_(0, self.dst, k.to(cache.dtype))
-            flat[1].index_copy_(0, self.dst, flat[1].index_select(0, self.src))
+        layers = None if self.layers is None else self.layers[lo:hi]
+        self.ops.rerotate_copy(caches, self.src, self.dst, self.deltas, self.inv_freq, layers)
 
 
 def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,7 @@ class ModelRunner:
         self.sampler = Sampler(config.model.seed, self.device)
         self.states: dict[str, SeqSamplingState] = {}
         self.graphs = self._capture_graphs(backend)
+        self.blend_runtime = None  # blending's CUDA state, built on the first blend
         logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off")
@@ -151,10 +153,12 @@ class ModelRunner:
         logits rows follow the ordinary batch's."""
         from worker.blend import blend_forward
 
+        if self.blend_runtime is None:
+            self.blend_runtime = self._blend_runtime()
         rows = []
         for seq in seqs:
             hidden, deviations[seq.seq_id] = blend_forward(self.model, self.kv_caches, seq,
-                                                           self.block_size)
+                                                           self.block_size, self.blend_runtime)
             rows.append(self.model.compute_logits(hidden))
         blended = torch.cat(rows)
         if logits is None:
@@ -162,6 +166,22 @@ class ModelRunner:
         if argmax is not None:
             argmax = torch.cat((argmax, blended.argmax(-1)))
         return torch.cat((logits, blended)), argmax
+
+    def _blend_runtime(self) -> Any:
+        """Cache addresses for the fused re-rotation, and kept-row CUDA graphs when decode
+        graphs are on (CUDA, triton, not enforce_eager)."""
+        from worker.blend import BlendRuntime
+
+        if self.model.ops is None:
+            return BlendRuntime()
+        from kernels.rope import layer_pointers
+        from worker.blend_graphs import KeptRowGraphs
+
+        graphs = None
+        if self.graphs is not None:
+            max_blocks = -(-self.max_model_len // self.block_size)
+            graphs = KeptRowGraphs(self.model, self.kv_caches, max_blocks)
+        return BlendRuntime(layer_pointers(self.kv_caches), graphs)
 
     def _sample_logits(self, hidden: torch.Tensor, batch: StepRows
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -159,6 +159,26 @@ def test_partial_recompute_triton_matches_torch_backend(model_dir):
         assert abs(top_logprobs(out)[t] - lp) < 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_row_graphs_match_eager(model_dir):
+    """With CUDA graphs on, the layers after the check layer replay a captured graph (padded
+    rows): the same KV and logprobs as the eager loop, twice (capture, then replay)."""
+    graphed = ModelRunner(config(model_dir, device="cuda", attention_backend="triton"))
+    eager = ModelRunner(config(model_dir, device="cuda", attention_backend="triton",
+                               enforce_eager=True))
+    for trial in range(2):
+        prompt = tokens(30 + trial, 7) + tokens(32, 25) + tokens(33, 4) + tokens(34, 22)
+        spans = [(7, 32), (36, 58)]
+        table, out = blended(graphed, Blocks(), prompt, spans, 0.3, f"g{trial}")
+        ref_table, ref_out = blended(eager, Blocks(), prompt, spans, 0.3, f"g{trial}")
+        for want, got in zip(kv_of(eager, ref_table, len(prompt)),
+                             kv_of(graphed, table, len(prompt)), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert out.sampled_token_ids == ref_out.sampled_token_ids
+    assert graphed.blend_graphs is not None and graphed.blend_graphs.graphs
+
+
 def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
     """At 0% past the check layer the chunk K/V are the re-rotated standalone ones (layers
     after the check layer); the deviation is reported per chunk."""

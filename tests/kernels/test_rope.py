@@ -79,11 +79,14 @@ def test_rerotate_copy_moves_tokens_to_new_positions(dtype):
     before = kv.clone()
     dst = torch.tensor([20, 21, 22, 23, 30, 31, 32, 40, 41, 42, 47])  # any layout
     deltas = torch.full((11,), 29)
-    rerotate_copy(kv, src.to(DEVICE), dst.to(DEVICE), deltas.to(DEVICE), inv)
+    other = torch.randn_like(kv)  # a second layer, moved in the same launch
+    other_before = other.clone()
+    rerotate_copy([kv, other], src.to(DEVICE), dst.to(DEVICE), deltas.to(DEVICE), inv)
     expect_k = R._rotate(raw, torch.arange(11) + 29, inv.cpu())
     assert rel_err(flat[0, dst.to(DEVICE)].float(), expect_k) < TOL[dtype]
     assert torch.equal(flat[1, dst.to(DEVICE)], before.view(2, -1, hk, d)[1, src.to(DEVICE)])
     assert torch.equal(flat[:, src.to(DEVICE)], before.view(2, -1, hk, d)[:, src.to(DEVICE)])
-    twin = before.clone().cpu()
-    R.rerotate_copy(twin, src, dst, deltas, inv.cpu())
-    assert rel_err(kv, twin) < TOL[dtype]
+    twins = [before.clone().cpu(), other_before.cpu()]
+    R.rerotate_copy(twins, src, dst, deltas, inv.cpu())
+    assert rel_err(kv, twins[0]) < TOL[dtype]
+    assert rel_err(other, twins[1]) < TOL[dtype]
