@@ -176,7 +176,8 @@ def test_kept_row_graphs_match_eager(model_dir):
                              kv_of(graphed, table, len(prompt)), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert out.sampled_token_ids == ref_out.sampled_token_ids
-    assert graphed.blend_graphs is not None and graphed.blend_graphs.graphs
+    runtime = graphed.blend_runtime
+    assert runtime is not None and runtime.graphs is not None and runtime.graphs.graphs
 
 
 def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
