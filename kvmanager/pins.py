@@ -163,6 +163,10 @@ class PinTable:
         self.released = 0  # pins released early under memory pressure or a cap (cumulative)
         self.ttls: list[float] = []  # chosen TTLs, drained by take_ttls()
         self.protected: str | None = None  # the program being admitted: its pins go last
+        # Continuum: while other sequences run, a new admission waits instead of releasing
+        # pins (set by the scheduler around admissions; pressure from running sequences, or
+        # an otherwise idle engine, still releases them)
+        self.frozen = False
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -263,9 +267,10 @@ class PinTable:
         return len(done)
 
     def release_lowest(self) -> bool:
-        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none."""
+        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none, or
+        while ``frozen``."""
         pins = self.all_pins()
-        if not pins:
+        if not pins or self.frozen:
             return False
         self._release(min(pins, key=self._rank), demote=True)
         self.released += 1

@@ -61,11 +61,14 @@ class Programs:
         if self.kv.pins is not None:
             self.kv.pins.expire()
 
-    def admitting(self, seq: Seq | None) -> None:
+    def admitting(self, seq: Seq | None, others_running: bool = False) -> None:
         """While ``seq`` is being admitted, pressure releases its program's pin last (it is
-        about to be claimed); None ends that."""
+        about to be claimed), and none at all while ``others_running`` (the admission waits
+        for room instead: Continuum keeps a paused program's KV over admitting a new one);
+        None ends that."""
         if self.kv.pins is not None:
             self.kv.pins.protected = seq.program if seq is not None else None
+            self.kv.pins.frozen = seq is not None and others_running
 
     def claim(self, seq: Seq, hits: list[int]) -> None:
         """``seq`` was admitted holding ``hits``: its program's pin has done its job."""

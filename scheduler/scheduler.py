@@ -324,7 +324,7 @@ class Scheduler:
         if adm.cost(n) > budget.tokens and not only_decodes:
             return False
         own = -(-seq.num_tokens // self.block_size) - len(hits)
-        self.programs.admitting(seq)
+        self.programs.admitting(seq, others_running=bool(self.running))
         room = self.kv.has_room(own + adm.new_chunk_blocks(), [*hits, *adm.hit_blocks()])
         self.programs.admitting(None)
         if not room:
@@ -359,7 +359,9 @@ class Scheduler:
         tiers = self.kv.plan_tier_loads(seq, len(hits))
         if not tiers:
             return None
+        self.programs.admitting(seq, others_running=bool(self.running))
         started = self.kv.start_loads(seq, hits, tiers)
+        self.programs.admitting(None)
         if started:
             self.programs.claim(seq, hits)
         return started
@@ -371,7 +373,7 @@ class Scheduler:
         if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
             hits, hit_tokens = self.kv.get_computed_blocks(seq)
         n = min(seq.num_tokens - hit_tokens, token_budget)
-        self.programs.admitting(seq)
+        self.programs.admitting(seq, others_running=bool(self.running))
         allocated = self.kv.allocate_slots(seq, n, hits)
         self.programs.admitting(None)
         if allocated is None:

@@ -172,6 +172,29 @@ def test_an_admitted_turn_keeps_its_own_pin_under_pressure() -> None:
     assert_no_leaks(sched)
 
 
+def test_new_admission_waits_for_room_instead_of_releasing_pins_while_others_run() -> None:
+    """Continuum: a paused program's KV is kept over admitting a newcomer while the engine has
+    other work; once nothing else runs, pressure releases the pin so the newcomer can start."""
+    sched, worker, clock = make(max_pinned_fraction=0.9)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 3
+    run = Run()
+    assert sched.add_request(make_request("busy", list(range(300, 308)), max_tokens=6)) == []
+    step(sched, worker, run)  # busy runs: 2 blocks, growing to 4
+    # 14 prompt blocks: fit only if the pin's 3 blocks are released
+    assert sched.add_request(make_request("new", list(range(400, 456)), max_tokens=1)) == []
+    while ("busy", 0) not in run.finals:
+        step(sched, worker, run)
+        if ("busy", 0) not in run.finals:
+            assert pins.num_pinned_blocks == 3, "a newcomer took a pinned program's KV"
+            assert [s.request_id for s in sched.running] == ["busy"]
+    run_all(sched, worker, run)  # now idle otherwise: the pin yields, the newcomer runs
+    assert run.finals[("new", 0)].finish_reason == "length"
+    assert pins.num_pinned_blocks == 0 and pins.released == 1
+    assert_no_leaks(sched)
+
+
 def test_no_pin_after_the_last_step_and_cap_respected() -> None:
     sched, worker, _ = make(max_pinned_fraction=0.25)  # 4 of 16 blocks
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
