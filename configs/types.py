@@ -81,7 +81,8 @@ class CacheConfig:
     chunk_recompute_fraction: float = opt(0.15, "fixed policy: fraction of a reused chunk's "
                                                 "tokens recomputed (CacheBlend)")
     chunk_check_layer: int = opt(1, "layer at which blended tokens are scored by KV deviation; "
-                                    "layers up to it are recomputed for every token")
+                                    "layers up to it are recomputed for every token; -1 = "
+                                    "naive reuse (no chunk token recomputed; comparisons)")
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -100,7 +101,7 @@ class CacheConfig:
         check_range("cache", "chunk_min_tokens", self.chunk_min_tokens, lo=1)
         check_range("cache", "chunk_recompute_fraction", self.chunk_recompute_fraction, lo=0.0,
                     hi=1.0)
-        check_range("cache", "chunk_check_layer", self.chunk_check_layer, lo=0)
+        check_range("cache", "chunk_check_layer", self.chunk_check_layer, lo=-1)
         if (self.host_cache_gib > 0 or self.disk_cache_dir) and not self.enable_prefix_caching:
             from configs.fields import ConfigError
 

@@ -40,7 +40,9 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
                   block_size: int, runtime: BlendRuntime | None = None
                   ) -> tuple[torch.Tensor, list[float]]:
     """Hidden state [1, d] of ``seq``'s last token, and each chunk's deviation (see above).
-    With ``runtime.graphs`` (CUDA) the layers after the check layer replay a captured graph."""
+    With ``runtime.graphs`` (CUDA) the layers after the check layer replay a captured graph.
+    A check layer < 0 is naive reuse (for comparisons): the chunks' K/V as stored in every
+    layer, only the other rows computed, nothing measured."""
     runtime = runtime or BlendRuntime()
     plan = seq.blend
     assert plan is not None
@@ -51,12 +53,19 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     slots = table[pos // block_size] * block_size + pos % block_size
     check = min(plan.check_layer, len(model.layers) - 1)
     copy = ChunkCopy(model, plan, slots, start, block_size, runtime.layers)
-    meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
     stream = _Stream(model, F.embedding(torch.tensor(seq.token_ids, device=dev),
                                         model.embed_tokens))
-    keep: torch.Tensor | None = None  # rows still computed, after the check layer
     deviations = torch.zeros(0)
+    keep: torch.Tensor | None = None  # rows still computed, after the check layer
+    meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
+    if check < 0:
+        keep = text_rows(plan, start, n, dev)
+        stream.keep(keep)
+        meta = _metadata(start + n, table, slots[keep], pos[keep])
     for i, (layer, cache) in enumerate(zip(model.layers, kv_caches, strict=True)):
+        if keep is not None and _replay(runtime, stream, copy, kv_caches, i, keep, pos, slots,
+                                        table, start + n):
+            break
         q, k, v = stream.qkv(layer, pos if keep is None else pos[keep])
         selected = None
         if i >= check:  # the cached K/V: compared with the fresh ones, kept past the check
@@ -68,14 +77,20 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
             keep = selected
             stream.keep(keep)
             meta = _metadata(start + n, table, slots[keep], pos[keep])
-            graphs = runtime.graphs
-            if (graphs is not None and i + 1 < len(model.layers)
-                    and graphs.bucket(len(keep)) is not None and stream.residual is not None):
-                copy(kv_caches, i + 1, len(kv_caches))
-                stream.x, stream.residual = graphs.run(i + 1, stream.x, stream.residual,
-                                                       pos[keep], slots[keep], table, start + n)
-                break
     return stream.final(), deviations.tolist()
+
+
+def _replay(runtime: BlendRuntime, stream: _Stream, copy: ChunkCopy,
+            kv_caches: list[torch.Tensor], first: int, keep: torch.Tensor, pos: torch.Tensor,
+            slots: torch.Tensor, table: torch.Tensor, total: int) -> bool:
+    """Run layers ``first..`` for the kept rows as a CUDA graph replay, if one fits."""
+    graphs = runtime.graphs
+    if graphs is None or graphs.bucket(len(keep)) is None or stream.residual is None:
+        return False
+    copy(kv_caches, first, len(kv_caches))
+    stream.x, stream.residual = graphs.run(first, stream.x, stream.residual, pos[keep],
+                                           slots[keep], table, total)
+    return True
 
 
 class _Stream:
@@ -158,6 +173,15 @@ class ChunkCopy:
             return
         layers = None if self.layers is None else self.layers[lo:hi]
         self.ops.rerotate_copy(caches, self.src, self.dst, self.deltas, self.inv_freq, layers)
+
+
+def text_rows(plan: BlendPlan, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """Rows outside every chunk, and the last row (sorted)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    for c in plan.chunks:
+        keep[c.start - start:c.start - start + c.length] = False
+    keep[-1] = True
+    return keep.nonzero().squeeze(1).to(device)
 
 
 def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,

@@ -198,6 +198,20 @@ def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
     assert dev > 1e-3  # the context changed the chunk's K/V
 
 
+def test_naive_reuse_keeps_the_stored_chunk_in_every_layer(runner):
+    """Check layer -1: nothing of the chunk is recomputed; its K/V in every layer are the
+    stored ones moved to the new position (V unchanged), the other rows are computed."""
+    prompt = tokens(40, 6) + tokens(41, 16) + tokens(42, 5)
+    blocks = Blocks()
+    blend_table, out = blended(runner, blocks, prompt, [(6, 22)], 0.0, "naive", check_layer=-1)
+    chunk_table = list(range(1, 1 + 16 // BS))
+    for cache in runner.kv_caches:
+        cache = cache.cpu()
+        v_chunk = cache[1, chunk_table].flatten(0, 1)[:16]
+        torch.testing.assert_close(cache[1, blend_table].flatten(0, 1)[6:22], v_chunk)
+    assert out.chunk_deviation["naive"] == [] and len(out.sampled_token_ids) == 1
+
+
 def engine(model_dir, **overrides) -> EngineCore:
     cfg = config(model_dir, **overrides)
     core = EngineCore(cfg, InprocExecutor(cfg))

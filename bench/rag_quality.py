@@ -1,0 +1,193 @@
+"""Answer quality of chunk reuse (CacheBlend) on real RAG data: full prefill vs blending.
+
+    python bench/rag_quality.py --limit 20                      # SmolLM2 on the CPU
+    python bench/rag_quality.py --data my.json --json out.json
+
+Each question comes with 10 passages (MuSiQue, ``../shared/data/musique_rag_dev.json``; any
+file in the same schema works). The prompt is one chat user message whose content parts are
+an instruction, the passages (each a chunk, tokenized on its own as the server does for
+``prompt_cache_breakpoint: {"mode": "chunk"}``) in an order shuffled per question with a fixed
+seed, and the question. Modes, all greedy:
+
+    full       the plain prompt, prefilled in full (no chunks)
+    naive      chunks reused as stored: no chunk token recomputed in any layer (a second
+               engine with chunk_check_layer -1)
+    blend_5/15/30   fixed recompute fractions (CacheBlend)
+    adaptive   the adaptive policy (Cache-Craft style; runs last, once chunks are measured)
+
+Scores: answer F1 against the gold answers (SQuAD-style token F1, best over answers), and
+agreement with the full-prefill answer (normalized exact match) plus F1 against it. The engine
+runs in-process (as ``bench/offline.py``). Prints one table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import string
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.loading import build_config  # noqa: E402
+from scheduler.engine import EngineCore  # noqa: E402
+from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
+from server.chat_parts import ChatPrompt, PartMark, encode_marked  # noqa: E402
+from server.chat_tools import render_messages  # noqa: E402
+from server.schemas import ChatCompletionRequest  # noqa: E402
+from server.tokenizer import load_tokenizer  # noqa: E402
+from worker.executor import InprocExecutor  # noqa: E402
+from worker.loader import default_gguf_path  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                            "data", "musique_rag_dev.json")
+INSTRUCTION = ("You will be asked a question after reading several passages. Answer the "
+               "question directly based on the given passages, in at most 5 words.\n"
+               "Passages:\n")
+MODES = {"full": None, "naive": 0.0, "blend_5": 0.05, "blend_15": 0.15, "blend_30": 0.30,
+         "adaptive": "adaptive"}
+
+
+# ---------------------------------------------------------------------------- scoring
+def normalize(text: str) -> str:
+    """SQuAD normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1(prediction: str, truth: str) -> float:
+    pred, gold = normalize(prediction).split(), normalize(truth).split()
+    common = collections.Counter(pred) & collections.Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_f1(prediction: str, answers: list[str]) -> float:
+    return max((f1(prediction, a) for a in answers), default=0.0)
+
+
+# ---------------------------------------------------------------------------- prompts
+def build_prompt(tok, item: dict, seed: int) -> ChatPrompt:
+    """The chat prompt with every passage a chunk, passages shuffled by ``seed``."""
+    passages = [c["text"].strip() + "\n\n" for c in item["ctxs"]]
+    random.Random(seed).shuffle(passages)
+    parts = [{"type": "text", "text": INSTRUCTION}]
+    parts += [{"type": "text", "text": p} for p in passages]
+    parts.append({"type": "text", "text": f"Question: {item['question']}\nAnswer:"})
+    req = ChatCompletionRequest(model="bench", messages=[{"role": "user", "content": parts}])
+    marks = [PartMark(0, i, chunk=True) for i in range(1, len(passages) + 1)]
+
+    def render(r: ChatCompletionRequest) -> str:
+        messages, _ = render_messages(r, native=False)
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+    return encode_marked(tok, render, req, marks)
+
+
+# ---------------------------------------------------------------------------- engine
+def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid: str,
+           max_tokens: int) -> tuple[str, float, int]:
+    """(answer text, seconds to the first token, cached tokens) for one mode."""
+    core = cores["naive" if mode == "naive" else "main"]
+    fraction = MODES[mode]
+    chunks = [] if fraction is None else prompt.chunks
+    recompute = fraction if isinstance(fraction, float) else None
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    req = EngineRequest(rid, prompt.token_ids, params, time.time(), eos_token_ids=tok.eos_token_ids,
+                        chunks=chunks, chunk_recompute=recompute)
+    start = time.perf_counter()
+    errors = core.add_request(req)
+    if errors:
+        raise SystemExit(f"request refused: {errors[0].error}")
+    ids: list[int] = []
+    first = None
+    cached = 0
+    while core.has_work():
+        for out in core.step():
+            if out.error:
+                raise SystemExit(f"request failed: {out.error}")
+            if out.new_token_ids and first is None:
+                first = time.perf_counter() - start
+            ids += out.new_token_ids
+            cached = out.num_cached_tokens
+    text = tok.decode(ids).split("\n")[0].strip()
+    return text, first or 0.0, cached
+
+
+def run(args) -> dict:
+    with open(args.data) as f:
+        data = json.load(f)[:args.limit]
+    tok = load_tokenizer(args.tokenizer or str(default_gguf_path()))
+    overrides = {k: v for k, v in {
+        "model": args.model, "dtype": args.dtype, "device": args.device,
+        "num_threads": args.num_threads, "chunk_recompute_policy": "adaptive",
+        "chunk_recompute_fraction": 0.15, "chunk_check_layer": args.check_layer,
+        "num_device_blocks": args.num_device_blocks,
+    }.items() if v is not None}
+    cores = {}
+    for name, extra in (("main", {}), ("naive", {"chunk_check_layer": -1})):
+        config = build_config(overrides={**overrides, **extra})
+        cores[name] = EngineCore(config, InprocExecutor(config))
+        cores[name].start()
+    results: dict[str, dict[str, list[float]]] = {
+        m: {"f1": [], "agree": [], "f1_vs_full": [], "ttft_s": []} for m in MODES}
+    for i, item in enumerate(data):
+        prompt = build_prompt(tok, item, args.seed + i)
+        full_text = ""
+        line = []
+        for mode in MODES:
+            text, ttft, _ = answer(cores, tok, prompt, mode, f"q{i}-{mode}", args.max_tokens)
+            if mode == "full":
+                full_text = text
+            r = results[mode]
+            r["f1"].append(best_f1(text, item["answers"]))
+            r["agree"].append(float(normalize(text) == normalize(full_text)))
+            r["f1_vs_full"].append(f1(text, full_text) if full_text else 1.0)
+            r["ttft_s"].append(ttft)
+            line.append(f"{mode}={text[:24]!r}")
+        print(f"[{i + 1}/{len(data)}] {len(prompt.token_ids)} tokens, gold "
+              f"{item['answers'][0][:24]!r}: " + " ".join(line), flush=True)
+    stats = cores["main"].scheduler.stats()
+    summary = {m: {k: sum(v) / len(v) for k, v in r.items()} for m, r in results.items()}
+    return {"modes": summary, "questions": len(data), "data": os.path.abspath(args.data),
+            "chunk_hit_tokens": stats.chunk_hit_tokens,
+            "chunk_recomputed_tokens": stats.chunk_recomputed_tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--limit", type=int, default=20, help="questions to run")
+    p.add_argument("--seed", type=int, default=0, help="passage shuffle seed (per question +i)")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--check-layer", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--num-device-blocks", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args()
+    out = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    print(f"\n{out['questions']} questions; F1 vs gold answers, agreement with full prefill")
+    print(f"{'mode':<10} {'F1':>6} {'agree':>6} {'F1~full':>8} {'TTFT s':>7}")
+    for mode, s in out["modes"].items():
+        print(f"{mode:<10} {s['f1']:>6.3f} {s['agree']:>6.2f} {s['f1_vs_full']:>8.3f} "
+              f"{s['ttft_s']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
