@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_engine_args, engine_overrides  # noqa: E402
 from configs.loading import build_config  # noqa: E402
 from scheduler.engine import EngineCore  # noqa: E402
 from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
@@ -164,13 +165,8 @@ def make_jobs(args, vocab: int) -> list[Job]:
 
 # ----------------------------------------------------------------------------- configs
 def overrides_for(name: str, args, host_gib: float) -> dict:
-    base = {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-            "device": args.device, "num_device_blocks": args.num_device_blocks,
-            "max_num_seqs": args.max_num_seqs,
-            "max_num_batched_tokens": args.max_num_batched_tokens,
-            "num_threads": args.num_threads, "kv_load_policy": args.kv_load_policy,
-            "max_pinned_fraction": args.max_pinned_fraction}
-    base = {k: v for k, v in base.items() if v is not None}
+    base = engine_overrides(args, kv_load_policy=args.kv_load_policy,
+                            max_pinned_fraction=args.max_pinned_fraction)
     if name == "none":
         return {**base, "enable_prefix_caching": False, "enable_ttl_pins": False}
     if name == "lru":
@@ -356,11 +352,9 @@ def print_table(results: list[Result]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--load-format", default=None, help="dummy: random weights of a preset")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--num-threads", type=int, default=None)
+    # device pool in blocks of 16, small: LRU must evict
+    add_engine_args(ap, dtype="bfloat16", num_device_blocks=128, max_num_seqs=8,
+                    max_num_batched_tokens=512)
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--rate", type=float, default=1.5, help="Poisson job arrivals per second")
     ap.add_argument("--turns-min", type=int, default=3)
@@ -376,10 +370,6 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=None,
                     help="a job ends before its context outgrows this (default: 8192, or "
                          "the device pool if smaller)")
-    ap.add_argument("--num-device-blocks", type=int, default=128,
-                    help="device KV pool in blocks of 16 (small: LRU must evict)")
-    ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-pinned-fraction", type=float, default=None,
                     help="override cache.max_pinned_fraction (default: the config's)")
     ap.add_argument("--host-cache-gib", type=float, default=None,

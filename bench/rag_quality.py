@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_engine_args, engine_overrides  # noqa: E402
 from configs.loading import build_config  # noqa: E402
 from scheduler.engine import EngineCore  # noqa: E402
 from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
@@ -127,12 +128,9 @@ def run(args) -> dict:
     with open(args.data) as f:
         data = json.load(f)[:args.limit]
     tok = load_tokenizer(args.tokenizer or str(default_gguf_path()))
-    overrides = {k: v for k, v in {
-        "model": args.model, "dtype": args.dtype, "device": args.device,
-        "num_threads": args.num_threads, "chunk_recompute_policy": "adaptive",
-        "chunk_recompute_fraction": 0.15, "chunk_check_layer": args.check_layer,
-        "num_device_blocks": args.num_device_blocks,
-    }.items() if v is not None}
+    overrides = engine_overrides(args, chunk_recompute_policy="adaptive",
+                                 chunk_recompute_fraction=0.15,
+                                 chunk_check_layer=args.check_layer)
     cores = {}
     for name, extra in (("main", {}), ("naive", {"chunk_check_layer": -1})):
         config = build_config(overrides={**overrides, **extra})
@@ -170,12 +168,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="passage shuffle seed (per question +i)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--check-layer", type=int, default=None)
-    p.add_argument("--model", default=None)
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--num-device-blocks", type=int, default=None)
+    add_engine_args(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     out = run(args)

@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_engine_args, engine_overrides  # noqa: E402
 from configs.loading import build_config  # noqa: E402
 from scheduler.engine import EngineCore  # noqa: E402
 from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
@@ -104,14 +105,8 @@ def profile_one(core: EngineCore, rng: random.Random, docs: list[list[int]], voc
 
 
 def run(args) -> dict:
-    overrides = {k: v for k, v in {
-        "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-        "device": args.device, "num_threads": args.num_threads,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "num_device_blocks": args.num_device_blocks, "chunk_check_layer": args.check_layer,
-        "enforce_eager": args.enforce_eager or None,
-    }.items() if v is not None}
-    config = build_config(overrides=overrides)
+    config = build_config(overrides=engine_overrides(
+        args, chunk_check_layer=args.check_layer, enforce_eager=args.enforce_eager or None))
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
     rng = random.Random(args.seed)
@@ -164,14 +159,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-layer", type=int, default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--load-format", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--num-device-blocks", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="token budget of a step (default: the whole cold prompt in one step)")
+    add_engine_args(p, max_num_batched_tokens=8192)  # the whole cold prompt in one step
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="profile one blended request")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
