@@ -103,8 +103,11 @@ def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid
     chunks = [] if fraction is None else prompt.chunks
     recompute = fraction if isinstance(fraction, float) else None
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # the full prefill gets its own cache salt: its prefix blocks must not serve the blended
+    # modes of the same prompt (blended blocks are never prefix-registered themselves)
+    salt = "full-prefill" if fraction is None else None
     req = EngineRequest(rid, prompt.token_ids, params, time.time(), eos_token_ids=tok.eos_token_ids,
-                        chunks=chunks, chunk_recompute=recompute)
+                        chunks=chunks, chunk_recompute=recompute, cache_salt=salt)
     start = time.perf_counter()
     errors = core.add_request(req)
     if errors:
