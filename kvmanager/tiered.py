@@ -255,8 +255,9 @@ class TieredCache:
     # ------------------------------------------------------------------ completions
     def apply_done(self, op_id: int, ok: bool, error: str | None,
                    seconds: float = 0.0) -> None:
-        """Apply one ``KVDone``: complete the store or load in its tier index; a load's
-        measured time feeds the load policy's bandwidth estimate."""
+        """Apply one ``KVDone``: complete the store or load in its tier index; the measured
+        time of a load, or of a store from the device, feeds the load policy's bandwidth
+        estimate."""
         op = self._inflight.pop(op_id, None)
         if op is None:
             return  # from before a reset
@@ -268,6 +269,8 @@ class TieredCache:
             self.tiers[op.dst].complete_store(op.key, ok)
             if not ok and op.dst == "disk":
                 self._disable("disk", error)
+            elif ok and op.src == "device":  # the link is about as fast both ways
+                self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
         if ok:
             route = f"{op.src}>{op.dst}"
             self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) + self.block_bytes

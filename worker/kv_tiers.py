@@ -48,6 +48,8 @@ class _Pending:
     event: Any = None  # torch.cuda.Event
     staged: torch.Tensor | None = None  # a disk read waiting to be copied to the device
     seconds: float = 0.0  # how long the disk read took
+    started: Any = None  # a timing event recorded before a batch of copies (CUDA)
+    share: int = 1  # ops in that batch: each is charged the batch time / share
 
 
 class KVTierWorker:
@@ -98,13 +100,22 @@ class KVTierWorker:
         return 0 if self.host is None else self.host.shape[0]
 
     # ------------------------------------------------------------------ block access
-    def _gather(self, block: int) -> torch.Tensor:
-        """One device block as ``[layers, 2, bs, heads, dim]`` (a new tensor, same device)."""
-        return torch.stack([layer[:, block] for layer in self.kv])
+    def _gather_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """Device blocks as ``[n, layers, 2, bs, heads, dim]`` (new, contiguous, same device):
+        one index op per layer, however many blocks."""
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        return torch.stack([layer.index_select(1, ids).transpose(0, 1) for layer in self.kv],
+                           dim=1)
+
+    def _scatter_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
+        """``data`` [n, layers, 2, ...] (on the device) into device ``blocks``: one index op
+        per layer."""
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for i, layer in enumerate(self.kv):
+            layer.index_copy_(1, ids, data[:, i].transpose(0, 1))
 
     def _scatter(self, block: int, data: torch.Tensor) -> None:
-        for layer, part in zip(self.kv, data, strict=True):
-            layer[:, block].copy_(part, non_blocking=True)
+        self._scatter_blocks([block], data.to(self.device, non_blocking=True)[None])
 
     @staticmethod
     def _to_bytes(t: torch.Tensor) -> memoryview:
@@ -129,21 +140,40 @@ class KVTierWorker:
     def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> None:
         """Stores (host-source first), then loads; on CUDA on the side stream, which waits
         for the forward passes before it and which the next forward pass waits for."""
-        stores = sorted(step.kv_stores, key=lambda t: t.src != "host")
         if self.stream is None:
-            for op in stores:
-                self._store(op, done)
-            for op in step.kv_loads:
-                self._load(op, done)
+            self._run_copies(step, done)
             return
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            for op in stores:
-                self._store(op, done)
-            for op in step.kv_loads:
-                self._load(op, done)
+            self._run_copies(step, done)
         main.wait_event(self._record())
+
+    def _run_copies(self, step: SchedulerOutput, done: list[KVDone]) -> None:
+        """Host-source stores, device-source stores (gathered in one pass per layer), then
+        loads (host loads staged and scattered in one pass per layer)."""
+        for op in step.kv_stores:
+            if op.src == "host":
+                self._store(op, self.host[op.src_slot], done)
+        from_device = [op for op in step.kv_stores if op.src != "host"]
+        if from_device:
+            started, start = self._record(timing=True), time.perf_counter()
+            blocks = self._gather_blocks([op.src_slot for op in from_device])
+            for op, data in zip(from_device, blocks, strict=True):
+                self._store(op, data, done, (started, start, len(from_device)))
+        host_loads = [op for op in step.kv_loads if op.src == "host"]
+        for op in step.kv_loads:
+            if op.src != "host":
+                self._load_from_disk(op, done)
+        if host_loads:
+            started, start = self._record(timing=True), time.perf_counter()
+            staged = torch.empty((len(host_loads), *self.block_shape), dtype=self.dtype,
+                                 device=self.device)
+            for i, op in enumerate(host_loads):
+                staged[i].copy_(self.host[op.src_slot], non_blocking=True)
+            self._scatter_blocks([op.dst_slot for op in host_loads], staged)
+            for op in host_loads:
+                self._finish_copy(op, done, (started, start, len(host_loads)))
 
     def after_step(self, idle: bool) -> list[KVDone]:
         """Transfers that finished meanwhile; an idle step waits briefly for disk I/O."""
@@ -152,12 +182,12 @@ class KVTierWorker:
             wait(futures, timeout=IDLE_WAIT_S, return_when="FIRST_COMPLETED")
         return self.poll()
 
-    def _store(self, op: KVTransfer, done: list[KVDone]) -> None:
-        start = time.perf_counter()
-        data = self.host[op.src_slot] if op.src == "host" else self._gather(op.src_slot)
+    def _store(self, op: KVTransfer, data: torch.Tensor, done: list[KVDone],
+               batch: tuple[Any, float, int] | None = None) -> None:
+        """Store one block's ``data`` (a host slot, or a gathered device block)."""
         if op.dst == "host":
             self.host[op.dst_slot].copy_(data, non_blocking=True)
-            self._finish_copy(op, done, start)
+            self._finish_copy(op, done, batch or (None, time.perf_counter(), 1))
         elif self.disk is None:
             done.append(KVDone(op.op_id, False, "the disk tier is off"))
         else:
@@ -174,12 +204,8 @@ class KVTierWorker:
         self.disk.write(key, self._to_bytes(snapshot))
         return time.perf_counter() - start
 
-    def _load(self, op: KVTransfer, done: list[KVDone]) -> None:
-        if op.src == "host":
-            start = time.perf_counter()
-            self._scatter(op.dst_slot, self.host[op.src_slot].to(self.device, non_blocking=True))
-            self._finish_copy(op, done, start)
-        elif self.disk is None:
+    def _load_from_disk(self, op: KVTransfer, done: list[KVDone]) -> None:
+        if self.disk is None:
             done.append(KVDone(op.op_id, False, "the disk tier is off"))
         else:
             self.pending.append(_Pending(op, self.io.submit(self._read, op.key)))
@@ -190,19 +216,25 @@ class KVTierWorker:
         data = self._from_bytes(self.disk.read(key))
         return data, time.perf_counter() - start
 
-    def _record(self) -> Any:
+    def _record(self, timing: bool = False) -> Any:
         if self.stream is None:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=timing)
         event.record(self.stream)
         return event
 
-    def _finish_copy(self, op: KVTransfer, done: list[KVDone], start: float) -> None:
-        """A copy was issued: done now on the CPU, when its event fires on CUDA."""
+    def _finish_copy(self, op: KVTransfer, done: list[KVDone],
+                     batch: tuple[Any, float, int]) -> None:
+        """A copy was issued as one of a batch (started event, start time, batch size): done
+        now on the CPU, when its event fires on CUDA; each op is charged its share of the
+        batch's time (CUDA: timed by events, so waiting for the forward pass is excluded)."""
+        started, start, share = batch
         if self.stream is None:
-            done.append(KVDone(op.op_id, True, seconds=time.perf_counter() - start))
+            done.append(KVDone(op.op_id, True, seconds=(time.perf_counter() - start) / share))
         else:
-            self.pending.append(_Pending(op, event=self._record()))
+            timed = started is not None
+            self.pending.append(_Pending(op, event=self._record(timing=timed), started=started,
+                                         share=share))
 
     # ------------------------------------------------------------------ completions
     def poll(self) -> list[KVDone]:
@@ -226,6 +258,8 @@ class KVTierWorker:
             if p.event is not None and not p.event.query():
                 still.append(p)
                 continue
+            if p.started is not None and p.event is not None:  # a timed batch of copies
+                p.seconds = p.started.elapsed_time(p.event) / 1e3 / p.share
             done.append(KVDone(p.op.op_id, True, seconds=p.seconds))
         self.pending = still
         return done
