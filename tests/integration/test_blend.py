@@ -198,6 +198,29 @@ def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
     assert dev > 1e-3  # the context changed the chunk's K/V
 
 
+def test_moved_chunk_keys_equal_keys_computed_at_the_new_position(runner):
+    """Layer 0's K of a token depends only on the token and its position: the stored chunk's
+    layer-0 keys, moved by the blend's copy, equal those of a full prefill at the new place."""
+    from worker.blend import ChunkCopy
+
+    prompt = tokens(43, 9) + tokens(44, 14) + tokens(45, 3)
+    blocks = Blocks()
+    full_table, _ = full_prefill(runner, blocks, prompt, "full-k")
+    chunk_blocks = blocks.take(14)
+    run(runner, 3, [ScheduledSeq("store-k", prompt[9:23], 0, chunk_blocks, False,
+                                 store_only=True)])
+    table = blocks.take(len(prompt))
+    dev = runner.kv_caches[0].device
+    t = torch.tensor(table, device=dev)
+    pos = torch.arange(len(prompt), device=dev)
+    slots = t[pos // BS] * BS + pos % BS
+    plan = BlendPlan([BlendChunk(9, 14, chunk_blocks, 0)], 1)
+    ChunkCopy(runner.model, plan, slots, 0, BS, None)(runner.kv_caches, 0, 1)
+    got = runner.kv_caches[0][0, table].flatten(0, 1)[9:23]
+    want = runner.kv_caches[0][0, full_table].flatten(0, 1)[9:23]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_naive_reuse_keeps_the_stored_chunk_in_every_layer(runner):
     """Check layer -1: nothing of the chunk is recomputed; its K/V in every layer are the
     stored ones moved to the new position (V unchanged), the other rows are computed."""
