@@ -15,8 +15,10 @@ seed, and the question. Modes, all greedy:
     blend_5/15/30   fixed recompute fractions (CacheBlend)
     adaptive   the adaptive policy (Cache-Craft style; runs last, once chunks are measured)
 
-Scores: answer F1 against the gold answers (SQuAD-style token F1, best over answers), and
-agreement with the full-prefill answer (normalized exact match) plus F1 against it. The engine
+Scores: answer F1 against the gold answers (SQuAD-style token F1, best over answers);
+agreement with the full-prefill answer (normalized exact match) and F1 against it; and, for
+the first answer token, whether its top-1 equals full prefill's ("top1") and the absolute
+error of full prefill's top token's logprob ("lp err", -20 when outside the top 20). The engine
 runs in-process (as ``bench/offline.py``). Prints one table last.
 """
 
@@ -31,6 +33,7 @@ import re
 import string
 import sys
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +53,8 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
 INSTRUCTION = ("You will be asked a question after reading several passages. Answer the "
                "question directly based on the given passages, in at most 5 words.\n"
                "Passages:\n")
+TOP_LOGPROBS = 20
+LOGPROB_FLOOR = -20.0  # a token outside a mode's top logprobs counts as this
 MODES = {"full": None, "naive": 0.0, "blend_5": 0.05, "blend_15": 0.15, "blend_30": 0.30,
          "adaptive": "adaptive"}
 
@@ -95,14 +100,21 @@ def build_prompt(tok, item: dict, seed: int) -> ChatPrompt:
 
 
 # ---------------------------------------------------------------------------- engine
+@dataclass
+class Answer:
+    text: str
+    ttft_s: float
+    first: dict[int, float]  # the first answer token's top logprobs (token id -> logprob)
+
+
 def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid: str,
-           max_tokens: int) -> tuple[str, float, int]:
-    """(answer text, seconds to the first token, cached tokens) for one mode."""
+           max_tokens: int) -> Answer:
+    """The answer of one mode: its first line, time to the first token, first-token logprobs."""
     core = cores["naive" if mode == "naive" else "main"]
     fraction = MODES[mode]
     chunks = [] if fraction is None else prompt.chunks
     recompute = fraction if isinstance(fraction, float) else None
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
     # the full prefill gets its own cache salt: its prefix blocks must not serve the blended
     # modes of the same prompt (blended blocks are never prefix-registered themselves)
     salt = "full-prefill" if fraction is None else None
@@ -113,18 +125,17 @@ def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid
     if errors:
         raise SystemExit(f"request refused: {errors[0].error}")
     ids: list[int] = []
-    first = None
-    cached = 0
+    ttft, first = 0.0, {}
     while core.has_work():
         for out in core.step():
             if out.error:
                 raise SystemExit(f"request failed: {out.error}")
-            if out.new_token_ids and first is None:
-                first = time.perf_counter() - start
+            if out.new_token_ids and not ids:
+                ttft = time.perf_counter() - start
+                if out.logprobs:
+                    first = {t.token_id: t.logprob for t in out.logprobs[0].top}
             ids += out.new_token_ids
-            cached = out.num_cached_tokens
-    text = tok.decode(ids).split("\n")[0].strip()
-    return text, first or 0.0, cached
+    return Answer(tok.decode(ids).split("\n")[0].strip(), ttft, first)
 
 
 def run(args) -> dict:
@@ -140,21 +151,24 @@ def run(args) -> dict:
         cores[name] = EngineCore(config, InprocExecutor(config))
         cores[name].start()
     results: dict[str, dict[str, list[float]]] = {
-        m: {"f1": [], "agree": [], "f1_vs_full": [], "ttft_s": []} for m in MODES}
+        m: {"f1": [], "agree": [], "f1_vs_full": [], "top1": [], "lp_err": [], "ttft_s": []}
+        for m in MODES}
     for i, item in enumerate(data):
         prompt = build_prompt(tok, item, args.seed + i)
-        full_text = ""
         line = []
+        full = answer(cores, tok, prompt, "full", f"q{i}-full", args.max_tokens)
+        top = max(full.first, key=full.first.__getitem__)
         for mode in MODES:
-            text, ttft, _ = answer(cores, tok, prompt, mode, f"q{i}-{mode}", args.max_tokens)
-            if mode == "full":
-                full_text = text
+            a = full if mode == "full" else answer(cores, tok, prompt, mode, f"q{i}-{mode}",
+                                                    args.max_tokens)
             r = results[mode]
-            r["f1"].append(best_f1(text, item["answers"]))
-            r["agree"].append(float(normalize(text) == normalize(full_text)))
-            r["f1_vs_full"].append(f1(text, full_text) if full_text else 1.0)
-            r["ttft_s"].append(ttft)
-            line.append(f"{mode}={text[:24]!r}")
+            r["f1"].append(best_f1(a.text, item["answers"]))
+            r["agree"].append(float(normalize(a.text) == normalize(full.text)))
+            r["f1_vs_full"].append(f1(a.text, full.text))
+            r["top1"].append(float(max(a.first, key=a.first.__getitem__) == top))
+            r["lp_err"].append(abs(a.first.get(top, LOGPROB_FLOOR) - full.first[top]))
+            r["ttft_s"].append(a.ttft_s)
+            line.append(f"{mode}={a.text[:24]!r}")
         print(f"[{i + 1}/{len(data)}] {len(prompt.token_ids)} tokens, gold "
               f"{item['answers'][0][:24]!r}: " + " ".join(line), flush=True)
     stats = cores["main"].scheduler.stats()
@@ -180,10 +194,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     print(f"\n{out['questions']} questions; F1 vs gold answers, agreement with full prefill")
-    print(f"{'mode':<10} {'F1':>6} {'agree':>6} {'F1~full':>8} {'TTFT s':>7}")
+    print(f"{'mode':<10} {'F1':>6} {'agree':>6} {'F1~full':>8} {'top1':>5} {'lp err':>7} "
+          f"{'TTFT s':>7}")
     for mode, s in out["modes"].items():
         print(f"{mode:<10} {s['f1']:>6.3f} {s['agree']:>6.2f} {s['f1_vs_full']:>8.3f} "
-              f"{s['ttft_s']:>7.2f}")
+              f"{s['top1']:>5.2f} {s['lp_err']:>7.3f} {s['ttft_s']:>7.2f}")
 
 
 if __name__ == "__main__":
