@@ -42,20 +42,15 @@ FULL_RECOMPUTE_IMPACT = 3.0  # impact this many times the average: recompute the
 MAX_META = 65536  # chunks whose metadata is remembered (least recently used dropped)
 
 
-def chunk_block_keys(hasher: BlockHasher, salt: str | None, tokens: Sequence[int],
+def chunk_block_keys(hasher: BlockHasher, root: bytes, tokens: Sequence[int],
                      block_size: int) -> list[bytes]:
-    """Keys of a chunk's blocks, the last one possibly partial (see the module docstring)."""
-    root = hasher.chunk_key(salt, tokens)
+    """Keys of the blocks of a chunk whose chunk key is ``root`` (``hasher.chunk_key(salt,
+    tokens)``, its metadata key too); the last block may be partial (module docstring)."""
     keys: list[bytes] = []
     for i in range(0, len(tokens), block_size):
         parent = keys[-1] if keys else None
         keys.append(hasher.block_key(parent, tokens[i:i + block_size], root if i == 0 else b""))
     return keys
-
-
-def chunk_root(hasher: BlockHasher, salt: str | None, tokens: Sequence[int]) -> bytes:
-    """The position-free identity of a chunk (its metadata key)."""
-    return hasher.chunk_key(salt, tokens)
 
 
 @dataclass

@@ -242,16 +242,12 @@ class KVCacheManager:
         the cache and hold them for ``holder``. The caller checked the room (``has_room``)."""
         new = self.pool.allocate(len(keys))
         assert new is not None, "store_chunk without room"
-        self.pool.cache_full_blocks(new, keys)
-        if self.tiers is not None:
-            for b, key in zip(new, keys, strict=True):
-                if self.pool.key_of(b) == key:
-                    self.tiers.on_computed(key, b)
+        self._cache_computed(new, keys)
         self._held.setdefault(holder, []).extend(new)
         return new
 
     def release(self, holder: str) -> None:
-        """Drop the references ``hold_chunk`` took for ``holder``."""
+        """Drop the references ``hold`` and ``store_chunk`` took for ``holder``."""
         self.pool.free(self._held.pop(holder, [])[::-1])
 
     def prefetch(self, loader: str, keys: Sequence[bytes], tiers: Sequence[str],
@@ -356,11 +352,15 @@ class KVCacheManager:
         if full <= done:
             return
         keys = self._seq_keys(seq, full)
-        table = self._blocks[seq.seq_id]
-        self.pool.cache_full_blocks(table[done:full], keys[done:full])
+        self._cache_computed(self._blocks[seq.seq_id][done:full], keys[done:full])
         self._num_registered[seq.seq_id] = full
+
+    def _cache_computed(self, blocks: Sequence[int], keys: Sequence[bytes]) -> None:
+        """Register blocks being computed this step under their keys; with write-through,
+        the ones that took their key are stored down the tiers."""
+        self.pool.cache_full_blocks(blocks, keys)
         if self.tiers is not None:
-            for b, key in zip(table[done:full], keys[done:full], strict=True):
+            for b, key in zip(blocks, keys, strict=True):
                 if self.pool.key_of(b) == key:
                     self.tiers.on_computed(key, b)
 

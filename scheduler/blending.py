@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from configs.types import CacheConfig
-from kvmanager.chunks import ChunkMetaTable, chunk_block_keys, chunk_root, make_policy
+from kvmanager.chunks import ChunkMetaTable, chunk_block_keys, make_policy
 from kvmanager.manager import KVCacheManager
 from scheduler.protocol import BlendChunk, BlendPlan, ScheduledSeq
 from scheduler.request import Seq
@@ -95,6 +95,8 @@ class Blender:
         self._holders: list[str] = []  # released at the next begin_step
         self._measuring: dict[str, list[_Chunk]] = {}  # seq id -> its chunks, until measured
         self._prefetched: set[str] = set()  # sequences whose chunks were loaded from a tier
+        # a waiting sequence's chunk keys, by span: (root, block keys); kept until it ends
+        self._keys: dict[str, dict[tuple[int, int], tuple[bytes, list[bytes]]]] = {}
 
     def applies(self, seq: Seq) -> bool:
         """Blending needs the chunk store (prefix caching) and no prompt logprobs."""
@@ -113,21 +115,19 @@ class Blender:
         self._holders.clear()
         self._measuring.clear()
         self._prefetched.clear()
+        self._keys.clear()
 
     # ------------------------------------------------------------------ admission
     def prepare(self, seq: Seq, hit_tokens: int) -> BlendAdmission | None:
         """Look up the chunks after the prefix hit and pick their recompute counts; None when
         no chunk is left to blend."""
-        tokens = seq.all_token_ids
         chunks: list[_Chunk] = []
         for start, end in seq.chunks:
             if start < hit_tokens or end <= start or end > seq.num_prompt_tokens:
                 continue
-            span = tokens[start:end]
-            keys = chunk_block_keys(self.kv.hasher, seq.cache_salt, span, self.block_size)
+            root, keys = self._chunk_keys(seq, start, end)
             preceding = frozenset(c.root for c in chunks)
-            chunks.append(_Chunk(chunk_root(self.kv.hasher, seq.cache_salt, span), start, end,
-                                 keys, self.kv.cached_run(keys), preceding))
+            chunks.append(_Chunk(root, start, end, keys, self.kv.cached_run(keys), preceding))
         if not chunks:
             return None
         for c in chunks:
@@ -137,6 +137,17 @@ class Blender:
                                                 self.meta.mean_impact)
             c.recompute = min(c.length, math.ceil(fraction * c.length))
         return BlendAdmission(chunks, chunks[0].start, self.block_size)
+
+    def _chunk_keys(self, seq: Seq, start: int, end: int) -> tuple[bytes, list[bytes]]:
+        """The chunk key and block keys of ``seq``'s span [start, end), hashed once per
+        sequence (a sequence waiting for room is prepared again every step)."""
+        known = self._keys.setdefault(seq.seq_id, {})
+        if (start, end) not in known:
+            span = seq.all_token_ids[start:end]
+            root = self.kv.hasher.chunk_key(seq.cache_salt, span)
+            known[(start, end)] = root, chunk_block_keys(self.kv.hasher, root, span,
+                                                         self.block_size)
+        return known[(start, end)]
 
     def start_prefetch(self, seq: Seq, adm: BlendAdmission) -> bool | None:
         """Load the chunks that are not on the device but whole in the host/disk tiers (as far
@@ -173,7 +184,9 @@ class Blender:
         return loader.removesuffix("/chunk-load") if loader.endswith("/chunk-load") else None
 
     def forget(self, seq_id: str) -> None:
+        """``seq_id`` ended."""
         self._prefetched.discard(seq_id)
+        self._keys.pop(seq_id, None)
 
     def hold_hits(self, seq: Seq, adm: BlendAdmission) -> None:
         """Reference the cached chunk blocks before anything else allocates (an allocation

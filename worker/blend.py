@@ -177,11 +177,16 @@ class ChunkCopy:
 
 def text_rows(plan: BlendPlan, start: int, n: int, device: torch.device) -> torch.Tensor:
     """Rows outside every chunk, and the last row (sorted)."""
-    keep = torch.ones(n, dtype=torch.bool)
+    return _text_mask(plan, start, n, device).nonzero().squeeze(1)
+
+
+def _text_mask(plan: BlendPlan, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n] bool: the rows always computed (outside every chunk, and the last row)."""
+    keep = torch.ones(n, dtype=torch.bool, device=device)
     for c in plan.chunks:
         keep[c.start - start:c.start - start + c.length] = False
     keep[-1] = True
-    return keep.nonzero().squeeze(1).to(device)
+    return keep
 
 
 def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
@@ -194,15 +199,13 @@ def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: 
     kf, vf = k.float(), v.float()
     err = (kf - ck).square().sum((1, 2)) + (vf - cv).square().sum((1, 2))
     rel = (err / (kf.square().sum((1, 2)) + vf.square().sum((1, 2))).clamp_min(1e-12)).sqrt()
-    keep = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
+    keep = _text_mask(plan, start, len(slots), slots.device)
     means = []
     for c in plan.chunks:
         lo, hi = c.start - start, c.start - start + c.length
-        keep[lo:hi] = False
         means.append(rel[lo:hi].mean())
         if c.recompute:
             keep[lo + torch.topk(err[lo:hi], c.recompute).indices] = True
-    keep[-1] = True
     return keep.nonzero().squeeze(1), torch.stack(means)
 
 
