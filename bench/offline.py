@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_engine_args, engine_overrides  # noqa: E402
 from configs.loading import build_config  # noqa: E402
 from scheduler.engine import EngineCore  # noqa: E402
 from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
@@ -58,13 +59,7 @@ def run_requests(core: EngineCore, prompts: list[list[int]], output_len: int) ->
 
 
 def bench_engine(args) -> dict:
-    overrides = {k: v for k, v in {
-        "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-        "device": args.device, "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "num_device_blocks": args.num_device_blocks, "num_threads": args.num_threads,
-    }.items() if v is not None}
-    config = build_config(overrides=overrides)
+    config = build_config(overrides=engine_overrides(args))
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
     rng = random.Random(0)
@@ -130,14 +125,7 @@ def _time(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--load-format", default=None)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--num-device-blocks", type=int, default=None)
-    ap.add_argument("--num-threads", type=int, default=None)
+    add_engine_args(ap)
     ap.add_argument("--num-requests", type=int, default=0,
                     help="0 = the CPU suite (batch-1, 8 concurrent, 512 prefill)")
     ap.add_argument("--prompt-len", type=int, default=512)
