@@ -76,8 +76,10 @@ class CostLoad(LoadPolicy):
     name = "cost"
 
     def load_seconds(self, runs: list[tuple[str, int]]) -> float:
+        """Transfer time, plus one engine step when a disk read makes the request wait
+        (host loads run in the step that computes the rest of the prompt)."""
         n = self.numbers
-        total = n.step_s
+        total = n.step_s if any(tier != "host" for tier, _ in runs) else 0.0
         for tier, blocks in runs:
             total += n.latency_s[tier] + blocks * self.block_bytes / n.bandwidth[tier]
         return total

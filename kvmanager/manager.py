@@ -286,25 +286,33 @@ class KVCacheManager:
         keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
         return self.tiers.plan_loads(keys) if keys else []
 
-    def start_loads(self, seq: KVSeq, device_hits: Sequence[int], tiers: Sequence[str]) -> bool:
+    def start_loads(self, seq: KVSeq, device_hits: Sequence[int],
+                    tiers: Sequence[str]) -> int | None:
         """Reference the device hits, allocate a block per tier hit and emit its load.
 
-        The sequence's table becomes ``device_hits + load blocks``; the load blocks are
-        registered in the prefix cache only once loaded. False (nothing changed) if no room.
+        The sequence's table becomes ``device_hits + load blocks``. Staged loads (any disk
+        block) register the load blocks in the prefix cache once loaded
+        (``collect_loaded``); inline loads (host only, ``TieredCache.loads_inline``) count as
+        computed at once: the step that copies them may compute the rest of the prompt.
+        Returns the tokens computed now (with inline loads, the loaded ones too); None
+        (nothing changed) if no room.
         """
         assert self.tiers is not None and seq.seq_id not in self._blocks
         if not self._has_room(len(tiers), device_hits):
-            return False
+            return None
         keys = self._keys[seq.seq_id][len(device_hits):len(device_hits) + len(tiers)]
         slots = self.tiers.pin_loads(keys, tiers)
         self.pool.touch(device_hits)
         new = self.pool.allocate(len(tiers))
         assert new is not None
         self._blocks[seq.seq_id] = [*device_hits, *new]
-        self.tiers.start_loads(seq.seq_id, keys, tiers, slots, new)
+        inline = self.tiers.loads_inline(tiers)
+        self.tiers.start_loads(seq.seq_id, keys, tiers, slots, new, inline)
         self._num_registered[seq.seq_id] = len(device_hits)
         self._record_lookup(seq, len(device_hits) * self.block_size)
-        return True
+        if inline:
+            return self._loaded(seq.seq_id, len(tiers), tiers)
+        return len(device_hits) * self.block_size
 
     def collect_loaded(self) -> list[tuple[str, int]]:
         """Sequences whose loads completed: (seq id, tokens now computed = device hit plus the
@@ -325,14 +333,20 @@ class KVCacheManager:
                 self._orphans.discard(seq_id)
                 self.free(seq_id)
                 continue
-            done = self._num_registered[seq_id]
-            table, keys = self._blocks[seq_id], self._keys[seq_id]
-            self.pool.cache_full_blocks(table[done:done + good], keys[done:done + good])
-            self._num_registered[seq_id] = done + good
-            self.tiers.count_hits(tiers, self.block_size)
-            self.prefix_hits += good * self.block_size
-            out.append((seq_id, (done + good) * self.block_size))
+            out.append((seq_id, self._loaded(seq_id, good, tiers)))
         return out
+
+    def _loaded(self, seq_id: str, good: int, tiers: Sequence[str]) -> int:
+        """``good`` blocks after the registered ones hold loaded KV: cache them; returns the
+        sequence's computed tokens."""
+        assert self.tiers is not None
+        done = self._num_registered[seq_id]
+        table, keys = self._blocks[seq_id], self._keys[seq_id]
+        self.pool.cache_full_blocks(table[done:done + good], keys[done:done + good])
+        self._num_registered[seq_id] = done + good
+        self.tiers.count_hits(tiers, self.block_size)
+        self.prefix_hits += good * self.block_size
+        return (done + good) * self.block_size
 
     def _seq_keys(self, seq: KVSeq, num_blocks: int) -> list[bytes]:
         known = self._keys.get(seq.seq_id, [])

@@ -1,8 +1,9 @@
 """Host and disk tiers behind the device pool: what to store, what to load, and when it is done.
 
-    device pool ──evict (write-back) or compute (write-through)──► host ──evict──► disk
+    device pool ──evict (write-back) or compute (write-through)──► host ──flush──► disk
         ▲                                                           │               │
-        └───────────── loads (request waits in WAITING_FOR_KV) ─────┴───────────────┘
+        ├── host loads: in the step that computes the rest ─────────┘               │
+        └── disk loads: the request waits in WAITING_FOR_KV ────────────────────────┘
 
 One key space: the block key that names a device block also names a host slot and a disk
 file. This module is the bookkeeping half (P1, torch-free): it turns events into
@@ -25,6 +26,11 @@ from kvmanager.tiers import TierIndex
 logger = logging.getLogger(__name__)
 
 LOWER_TIERS = ("host", "disk")
+# With a disk tier, the coldest quarter of the host tier is kept "clean" (also on disk) by
+# background writes, so that making room in host never waits for (or loses) a block.
+HOST_CLEAN_FRACTION = 0.25
+MAX_DISK_WRITES_IN_FLIGHT = 64  # beyond this a block is not written (the I/O would lag the
+# steps and its threads compete with the engine); a dropped block is recomputed if needed
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class _SeqLoad:
     started: float
     failed_at: int | None = None  # first block index whose load failed
     pending: set[int] = field(default_factory=set)
+    inline: bool = False  # host copies the step's forward pass waits for (already promoted)
 
 
 @dataclass
@@ -92,6 +99,9 @@ class TieredCache:
         self._seq_loads: dict[str, _SeqLoad] = {}
         self._written: list[tuple[bytes, int]] = []  # write-through: computed last step
         self._next_op = 1
+        self._flushing = 0  # host -> disk writes in flight (their host entries are pinned)
+        self._disk_writes = 0  # writes to disk in flight (flushes and straight from device)
+        self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
         self.transfer_bytes: dict[str, int] = {}
         self.load_seconds: list[float] = []  # drained by take_stats()
@@ -113,6 +123,9 @@ class TieredCache:
         self._inflight.clear()
         self._seq_loads.clear()
         self._written.clear()
+        self._flushing = 0
+        self._disk_writes = 0
+        self._dirty.clear()
         self.ops = StepOps()
         for tier in self.tiers.values():
             tier.reset()
@@ -123,7 +136,10 @@ class TieredCache:
         return len(self._inflight)
 
     def is_loading(self, seq_id: str) -> bool:
-        return seq_id in self._seq_loads
+        """Staged loads into the sequence's blocks are in flight (inline ones don't count:
+        they are ordered before any later use of the blocks)."""
+        sl = self._seq_loads.get(seq_id)
+        return sl is not None and not sl.inline
 
     def usage_bytes(self) -> dict[str, int]:
         return {name: len(t) * self.block_bytes for name, t in self.tiers.items()}
@@ -139,25 +155,66 @@ class TieredCache:
                     kv_tier_load_seconds=seconds, kv_disk_corrupt_files=corrupt)
 
     # ------------------------------------------------------------------ stores
-    def begin_step(self) -> None:
+    def begin_step(self, idle: bool = False) -> None:
         """Start a new step's op lists; write-through blocks computed last step go first
-        (their device blocks are intact until this step's forward pass)."""
+        (their device blocks are intact until this step's forward pass); then host flushes
+        (all of them while the engine is ``idle``)."""
         self.ops = StepOps()
         written, self._written = self._written, []
         for key, block in written:
             for name in LOWER_TIERS:
                 self._store(key, "device", block, name)
+        self._flush_host(idle)
+
+    def needs_flush(self) -> bool:
+        """Host blocks still have no disk copy (an idle engine keeps stepping to write them)."""
+        disk = self.tiers.get("disk")
+        return bool(self._dirty) and disk is not None and disk.enabled
+
+    def _flush_host(self, everything: bool) -> None:
+        """Write-back from host without stalling a step: the coldest ``HOST_CLEAN_FRACTION``
+        of host (``everything`` when idle) gets a disk copy in the background. The worker's
+        I/O thread reads the block from the host pool, pinned meanwhile; the block stays in
+        host, now clean: evicting it later costs nothing and loses nothing."""
+        host = self.tiers.get("host")
+        budget = MAX_DISK_WRITES_IN_FLIGHT - self._disk_writes
+        if host is None or not self.needs_flush() or budget <= 0:
+            return
+        if everything:
+            cold = [k for k in self._dirty if host.lookup([k])][:budget]
+        else:
+            cold = [k for k in host.cold_keys(int(host.num_slots * HOST_CLEAN_FRACTION))
+                    if k in self._dirty][:budget]
+        for key in cold:
+            slot = host.slot_of(key)
+            assert slot is not None
+            if not self._store(key, "host", slot, "disk"):
+                return  # disk has no room now (everything there in flight) or is off
+            del self._dirty[key]
+            host.prepare_load([key])
+            self._flushing += 1
 
     def take_ops(self) -> StepOps:
         ops, self.ops = self.ops, StepOps()
         return ops
 
     def on_device_evict(self, key: bytes, block: int) -> None:
-        """Write-back: a cached device block is about to be reused; save it one tier down
-        (or two, when the host tier has no room because all its entries are in flight)."""
+        """Write-back: a cached device block is about to be reused; save it one tier down.
+        A full host first drops its coldest clean block (one with a disk copy); with none,
+        the block goes straight to disk (host's flush lags behind)."""
         if self.write_through:
             return  # already stored when it was computed
-        for name in LOWER_TIERS:
+        host, disk = self.tiers.get("host"), self.tiers.get("disk")
+        order = LOWER_TIERS
+        if (host is not None and key not in host and not host.num_free()
+                and disk is not None and disk.enabled):
+            clean = next((k for k in host.cold_keys(int(host.num_slots * HOST_CLEAN_FRACTION))
+                          if k not in self._dirty), None)
+            if clean is None:
+                order = ("disk", "host")
+            else:
+                host.evict(clean)
+        for name in order:
             if self._store(key, "device", block, name):
                 return
 
@@ -170,7 +227,7 @@ class TieredCache:
         """Store ``key`` into tier ``dst`` (no-op if there); False when the tier is absent,
         off, or has no room (everything pinned or in flight)."""
         tier = self.tiers.get(dst)
-        if tier is None:
+        if tier is None or (dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT):
             return False
         plan = tier.prepare_store([key])
         if plan is None:
@@ -182,15 +239,19 @@ class TieredCache:
         return True
 
     def _on_tier_evict(self, tier: str, key: bytes, slot: int) -> None:
-        if tier == "host":
-            self._store(key, "host", slot, "disk")  # write-back (skipped when already there)
-        else:
+        """A store evicted ``key`` from ``tier``. From host it is not written down now (that
+        would copy it on the step's path, its slot being reused this step): the background
+        flush (``_flush_host``) gave cold host blocks their disk copies already."""
+        if tier == "disk":
             self.ops.deletes.append(key)
+        else:
+            self._dirty.pop(key, None)
 
     def _add_op(self, out: list[Transfer], key: bytes, src: str, src_slot: int, dst: str,
                 dst_slot: int, seq_id: str | None = None) -> Transfer:
         op = Transfer(self._next_op, key, src, src_slot, dst, dst_slot, seq_id)
         self._next_op += 1
+        self._disk_writes += dst == "disk"
         self._inflight[op.op_id] = op
         out.append(op)
         return op
@@ -202,19 +263,19 @@ class TieredCache:
             tier.touch(keys)
 
     def plan_loads(self, keys: Sequence[bytes]) -> list[str]:
-        """The tier to load each of the leading ``keys`` from (host first, then disk), cut
-        where the load policy says recomputing is faster. ``keys`` follow the device hit."""
+        """The tier to load each of the leading ``keys`` from (host if there, else disk; what
+        follows a miss is unusable), cut where the load policy says recomputing is faster.
+        ``keys`` follow the device hit."""
         runs: list[tuple[str, int]] = []
-        rest = list(keys)
-        for name in LOWER_TIERS:
-            tier = self.tiers.get(name)
-            if tier is None or not rest:
-                continue
-            n = tier.lookup(rest)
-            if n:
-                runs.append((name, n))
-                rest = rest[n:]
-        # host and disk runs may alternate only once each; what follows a miss is unusable
+        for key in keys:  # each block from the nearest tier that has it, up to a miss
+            name = next((n for n in LOWER_TIERS if n in self.tiers
+                         and self.tiers[n].lookup([key])), None)
+            if name is None:
+                break
+            if runs and runs[-1][0] == name:
+                runs[-1] = (name, runs[-1][1] + 1)
+            else:
+                runs.append((name, 1))
         total = self.policy.blocks_to_load(runs) if runs else 0
         out: list[str] = []
         for name, n in runs:
@@ -227,24 +288,38 @@ class TieredCache:
         return [self.tiers[name].prepare_load([key])[0]
                 for key, name in zip(keys, tiers, strict=True)]
 
+    @staticmethod
+    def loads_inline(tiers: Sequence[str]) -> bool:
+        """Whether loads from ``tiers`` can feed the step that issues them: host copies go
+        before the step's forward pass on the worker (on CUDA each layer waits for its
+        copies) and cannot fail; a disk read completes in a later step."""
+        return all(name == "host" for name in tiers)
+
     def start_loads(self, seq_id: str, keys: Sequence[bytes], tiers: Sequence[str],
-                    slots: Sequence[int], dst_blocks: Sequence[int]) -> None:
-        """Emit one load op per pinned block, in block order."""
+                    slots: Sequence[int], dst_blocks: Sequence[int],
+                    inline: bool = False) -> None:
+        """Emit one load op per pinned block, in block order. Inline loads (host only, the
+        caller treats them as done) are tracked only to time them; ``loads_done`` reports
+        the others."""
         ops = [self._add_op(self.ops.loads, key, name, slot, "device", block, seq_id)
                for key, name, slot, block in zip(keys, tiers, slots, dst_blocks, strict=True)]
         ids = [op.op_id for op in ops]
-        self._seq_loads[seq_id] = _SeqLoad(ids, list(tiers), self.clock(), pending=set(ids))
+        assert not inline or self.loads_inline(tiers)
+        self._seq_loads[seq_id] = _SeqLoad(ids, list(tiers), self.clock(), pending=set(ids),
+                                           inline=inline)
 
     def loads_done(self) -> list[tuple[str, int, list[str]]]:
-        """Sequences whose loads all completed: (seq id, blocks loaded before the first
-        failure, tier of each block). Forgets them."""
+        """Sequences whose (staged) loads all completed: (seq id, blocks loaded before the
+        first failure, tier of each block). Forgets them, and finished inline loads."""
         out = []
         for seq_id, sl in list(self._seq_loads.items()):
             if sl.pending:
                 continue
             del self._seq_loads[seq_id]
-            good = len(sl.op_ids) if sl.failed_at is None else sl.failed_at
             self.load_seconds.append(self.clock() - sl.started)
+            if sl.inline:
+                continue
+            good = len(sl.op_ids) if sl.failed_at is None else sl.failed_at
             out.append((seq_id, good, sl.tiers[:good]))
         return out
 
@@ -267,10 +342,19 @@ class TieredCache:
                 self.policy.observe_transfer(op.src, self.block_bytes, seconds)
         else:
             self.tiers[op.dst].complete_store(op.key, ok)
+            self._disk_writes -= op.dst == "disk"
             if not ok and op.dst == "disk":
                 self._disable("disk", error)
             elif ok and op.src == "device":  # the link is about as fast both ways
                 self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
+            if op.dst == "host" and ok and "disk" in self.tiers and op.key not in self.tiers[
+                    "disk"]:
+                self._dirty[op.key] = None
+            if op.src == "host":  # a flush: the host entry stays, clean unless it failed
+                self._flushing -= 1
+                self.tiers["host"].complete_load(op.key, True)
+                if not ok:
+                    self._dirty[op.key] = None
         if ok:
             route = f"{op.src}>{op.dst}"
             self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) + self.block_bytes
@@ -282,6 +366,8 @@ class TieredCache:
             return
         sl.pending.discard(op.op_id)
         if not ok:
+            if sl.inline:  # its tokens were already computed from this block
+                logger.error("a host KV copy failed after its step ran: %s", op.key.hex())
             idx = sl.op_ids.index(op.op_id)
             sl.failed_at = idx if sl.failed_at is None else min(sl.failed_at, idx)
 
@@ -297,10 +383,18 @@ class TieredCache:
         pins: dict[tuple[str, bytes], int] = {}
         storing: set[tuple[str, bytes]] = set()
         for op in self._inflight.values():
-            if op.dst == "device":
+            if op.dst == "device" or op.src == "host":  # loads, and host -> disk flushes
                 pins[(op.src, op.key)] = pins.get((op.src, op.key), 0) + 1
-            else:
+            if op.dst != "device":
                 storing.add((op.dst, op.key))
+        writes = sum(1 for op in self._inflight.values() if op.dst == "disk")
+        if writes != self._disk_writes:
+            raise AssertionError(f"{self._disk_writes} disk writes counted, {writes} in flight")
+        flushing = sum(1 for op in self._inflight.values() if op.src == "host")
+        if flushing != self._flushing:
+            raise AssertionError(f"{self._flushing} host flushes counted, {flushing} in flight")
+        if self._dirty and not set(self._dirty) <= set(self.tiers["host"].lru_order()):
+            raise AssertionError("a dirty key is not in host")
         for name, tier in self.tiers.items():
             tier.check_integrity()
             busy = {k for (t, k) in pins if t == name} | {k for (t, k) in storing if t == name}

@@ -134,13 +134,30 @@ class TierIndex:
             plan.stored.append((key, slot))
         return plan
 
-    def _victims(self, n: int) -> list[bytes] | None:
+    def num_free(self) -> int:
+        return len(self._free_slots)
+
+    def cold_keys(self, n: int) -> list[bytes]:
+        """Up to ``n`` ready, unpinned keys, least recently used first (eviction candidates)."""
         out: list[bytes] = []
         for key, entry in self._entries.items():
             if len(out) == n:
                 break
             if entry.state == READY and entry.pins == 0:
                 out.append(key)
+        return out
+
+    def evict(self, key: bytes) -> bool:
+        """Drop ``key`` if it is ready and unpinned (its copy one tier down is done)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state != READY or entry.pins:
+            return False
+        self._drop(key)
+        self.evictions += 1
+        return True
+
+    def _victims(self, n: int) -> list[bytes] | None:
+        out = self.cold_keys(n)
         return out if len(out) == n else None
 
     def complete_store(self, key: bytes, ok: bool) -> None:

@@ -119,7 +119,14 @@ class EngineCore:
         if tiers is not None:  # the disk tier survived; the host tier died with the worker
             tiers.load_disk_index(self.worker.disk_keys)
 
-    def shutdown(self) -> None:
+    def shutdown(self, flush_timeout_s: float = 30.0) -> None:
+        """Stop the worker; first, when idle, finish writing host KV blocks to the disk tier
+        (so that they survive the restart), for at most ``flush_timeout_s``."""
+        tiers = self.scheduler.kv.tiers
+        deadline = time.monotonic() + flush_timeout_s
+        while (tiers is not None and not self.worker_dead and not self.has_unfinished()
+               and (tiers.num_inflight or tiers.needs_flush()) and time.monotonic() < deadline):
+            self.step()
         self.executor.shutdown()
 
 

@@ -10,7 +10,9 @@ Each sequence has ``num_computed_tokens`` chasing ``num_tokens``. A step hands o
     2. if nothing was preempted, waiting sequences in queue order: prefix-cache lookup, then
        a (chunked) prefill under the token budget, while fewer than ``max_num_seqs`` run.
        With host/disk tiers, a sequence whose lower-tier hit is worth loading (the load
-       policy decides) gets device blocks for it and waits in WAITING_FOR_KV
+       policy decides) gets device blocks for it. Host-only loads run in the same step,
+       before (on CUDA: layer by layer alongside) the forward pass, so the sequence computes
+       the rest of its prompt at once. With disk blocks it waits in WAITING_FOR_KV
        (``self.loading``, no tokens this step) while the worker stages its KV; once every
        load is done it joins the running batch with those tokens computed (step 0 of the
        next ``schedule``). Loads and stores travel in ``SchedulerOutput.kv_*``.
@@ -199,10 +201,11 @@ class Scheduler:
         return bool(self._seqs)
 
     def has_work(self) -> bool:
-        """Unfinished sequences, finished ids the worker has not been told about yet, or
-        tier transfers still in flight."""
+        """Unfinished sequences, finished ids the worker has not been told about yet, tier
+        transfers still in flight, or host blocks to write to disk."""
         tiers = self.kv.tiers
-        return bool(self._seqs) or bool(self._finished_ids) or bool(tiers and tiers.num_inflight)
+        return (bool(self._seqs) or bool(self._finished_ids)
+                or bool(tiers and (tiers.num_inflight or tiers.needs_flush())))
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
@@ -210,7 +213,7 @@ class Scheduler:
         self._step_id += 1
         self._step_preempted = False
         if self.kv.tiers is not None:
-            self.kv.tiers.begin_step()
+            self.kv.tiers.begin_step(idle=not self._seqs)
         self.blender.begin_step()  # the last step's blends have run: release their chunks
         self.programs.expire()  # before anything allocates: demotions go out this step
         self._promote_loaded()
@@ -286,13 +289,23 @@ class Scheduler:
                     break  # no room or budget: keep queue order, retry next step
                 if blended is True:
                     continue
-            loads = self._start_loads(seq)
-            if loads is not None:
-                if not loads:
+            loaded = self._start_loads(seq)
+            if loaded is not None:
+                if loaded is False:
                     break  # no room for the load blocks: keep queue order, retry next step
                 self.waiting.pop()
-                seq.status = SeqStatus.WAITING_FOR_KV
-                self.loading[seq.seq_id] = seq
+                if self.kv.tiers is not None and self.kv.tiers.is_loading(seq.seq_id):
+                    seq.status = SeqStatus.WAITING_FOR_KV
+                    self.loading[seq.seq_id] = seq
+                    continue
+                # host loads: this step's forward pass waits for them; compute the rest now
+                seq.status = SeqStatus.RUNNING
+                seq.num_computed_tokens = seq.num_cached_tokens = loaded
+                self.running.append(seq)
+                n = min(seq.num_tokens - loaded, budget.tokens)
+                if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
+                    planned.append((seq, n))
+                    budget.tokens -= n
                 continue
             n = self._admit(seq, budget.tokens)
             if n == 0:
@@ -347,11 +360,11 @@ class Scheduler:
         budget.tokens -= adm.cost(n)
         return True
 
-    def _start_loads(self, seq: Seq) -> bool | None:
-        """Stage ``seq``'s tier hits into device blocks if the load policy wants any.
+    def _start_loads(self, seq: Seq) -> int | bool | None:
+        """Load ``seq``'s tier hits into device blocks if the load policy wants any.
 
-        None: nothing to load (admit it normally); True: loads started (it waits in
-        WAITING_FOR_KV); False: worth loading but no room now.
+        None: nothing to load (admit it normally); False: worth loading but no room now;
+        else the tokens computed once the loads started (``KVCacheManager.start_loads``).
         """
         if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
             return None
@@ -360,11 +373,12 @@ class Scheduler:
         if not tiers:
             return None
         self.programs.admitting(seq, others_running=bool(self.running))
-        started = self.kv.start_loads(seq, hits, tiers)
+        loaded = self.kv.start_loads(seq, hits, tiers)
         self.programs.admitting(None)
-        if started:
-            self.programs.claim(seq, hits)
-        return started
+        if loaded is None:
+            return False
+        self.programs.claim(seq, hits)
+        return loaded
 
     def _admit(self, seq: Seq, token_budget: int) -> int:
         """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""

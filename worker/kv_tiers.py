@@ -6,14 +6,18 @@ transfers as ``ModelRunnerOutput.kv_done``. Order within a step (each op may rea
 a later op of the same step overwrites):
 
     1. delete disk files of keys the disk index evicted
-    2. stores from the host tier (host → disk: snapshot the slot, write in the I/O pool)
-    3. stores from the device (device → host: copy; device → disk: snapshot, write)
-    4. loads (host → device: copy; disk → device: read in the I/O pool, copy once read)
-    5. the forward pass (on CUDA it waits for the side stream's copies through an event)
+    2. host -> disk flushes: the I/O pool reads the (pinned, in the index) host slot itself
+    3. gather the device blocks to store (device -> host, device -> disk)
+    4. disk -> device loads: read in the I/O pool, copied to the device once read (later)
+    5. host -> device loads, one layer group at a time (``LOAD_GROUPS``)
+    6. the stores' copies into the host pool
+    7. the forward pass: on CUDA each layer waits for its group's load event, so the first
+       layers compute while later groups are still crossing PCIe
 
-On the CPU the "copies" are memcpys between the device pool and the host pool and complete
-at once; on CUDA they run on a side stream and complete when their event fires. Disk I/O
-always runs in a thread pool and completes in a later step.
+The host pool is one pinned tensor per layer group (``HostPool``); runs of consecutive
+slots move as one copy. On the CPU the "copies" are memcpys and complete at once; on CUDA
+they run on a side stream and complete when their events fire. Disk I/O runs in thread pools
+(reads apart from writes) and completes in a later step.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from scheduler.protocol import KVDone, KVTransfer, ModelRunnerOutput, SchedulerO
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
+LOAD_GROUPS = 8  # layer groups of a host load (CUDA): layer group g computes once g is in
 IDLE_WAIT_S = 0.005  # an idle step waits this long for disk I/O before answering
 
 
@@ -50,6 +55,42 @@ class _Pending:
     seconds: float = 0.0  # how long the disk read took
     started: Any = None  # a timing event recorded before a batch of copies (CUDA)
     share: int = 1  # ops in that batch: each is charged the batch time / share
+
+
+class HostPool:
+    """The host tier's blocks, one pinned tensor per layer group: group ``g`` holds layers
+    ``bounds[g]`` of every slot, ``[slots, layers_in_group, 2, bs, heads, dim]``, so a run of
+    consecutive slots is one contiguous copy per group and a load can hand the forward pass
+    its first layers while later groups are still on the way."""
+
+    def __init__(self, num: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
+                 groups: int) -> None:
+        layers = block_shape[0]
+        edges = [layers * g // groups for g in range(groups + 1)]
+        self.bounds = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        self.parts = [torch.zeros((num, b - a, *block_shape[1:]), dtype=dtype, pin_memory=pin)
+                      for a, b in self.bounds]
+
+    def __len__(self) -> int:
+        return self.parts[0].shape[0]
+
+    def block(self, slot: int) -> torch.Tensor:
+        """One slot as ``[layers, 2, bs, heads, dim]`` (a copy unless there is one group)."""
+        if len(self.parts) == 1:
+            return self.parts[0][slot]
+        return torch.cat([part[slot] for part in self.parts])
+
+
+def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """``(row, first slot, length)`` for each run of consecutive values in ``slots``."""
+    runs: list[tuple[int, int, int]] = []
+    for row, slot in enumerate(slots):
+        if runs and slot == runs[-1][1] + runs[-1][2]:
+            r, first, n = runs[-1]
+            runs[-1] = (r, first, n + 1)
+        else:
+            runs.append((row, slot, 1))
+    return runs
 
 
 class KVTierWorker:
@@ -70,16 +111,18 @@ class KVTierWorker:
         self.num_disk_blocks, self.disk_keys, self.corrupt = 0, [], 0
         if config.cache.disk_cache_dir:
             self._open_disk(config, fingerprint)
-        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-io")
+        # reads get their own threads: a load never queues behind a backlog of writes
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
+        self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
         self.pending: list[_Pending] = []
 
-    def _host_pool(self, gib: float, pin: bool) -> torch.Tensor | None:
+    def _host_pool(self, gib: float, pin: bool) -> HostPool | None:
         num = int(gib * GIB // self.block_bytes)
         if num <= 0:
             return None
         logger.info("host KV tier: %d blocks (%.2f GiB)%s", num, num * self.block_bytes / GIB,
                     ", pinned" if pin else "")
-        return torch.zeros((num, *self.block_shape), dtype=self.dtype, pin_memory=pin)
+        return HostPool(num, self.block_shape, self.dtype, pin, LOAD_GROUPS)
 
     def _open_disk(self, config: EncoreConfig, fingerprint: bytes) -> None:
         capacity = int(config.cache.disk_cache_gib * GIB // self.block_bytes)
@@ -97,25 +140,22 @@ class KVTierWorker:
 
     @property
     def num_host_blocks(self) -> int:
-        return 0 if self.host is None else self.host.shape[0]
+        return 0 if self.host is None else len(self.host)
 
     # ------------------------------------------------------------------ block access
-    def _gather_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """Device blocks as ``[n, layers, 2, bs, heads, dim]`` (new, contiguous, same device):
-        one index op per layer, however many blocks."""
-        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        return torch.stack([layer.index_select(1, ids).transpose(0, 1) for layer in self.kv],
-                           dim=1)
+    def _ids(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _scatter_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
-        """``data`` [n, layers, 2, ...] (on the device) into device ``blocks``: one index op
-        per layer."""
-        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        for i, layer in enumerate(self.kv):
-            layer.index_copy_(1, ids, data[:, i].transpose(0, 1))
+    def _gather(self, ids: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
+        """Device blocks ``ids`` of ``layers`` as ``[n, layers, 2, bs, heads, dim]`` (new,
+        contiguous, same device): one index op per layer, however many blocks."""
+        return torch.stack([self.kv[i].index_select(1, ids).transpose(0, 1)
+                            for i in range(*layers)], dim=1)
 
-    def _scatter(self, block: int, data: torch.Tensor) -> None:
-        self._scatter_blocks([block], data.to(self.device, non_blocking=True)[None])
+    def _scatter(self, ids: torch.Tensor, data: torch.Tensor, layers: tuple[int, int]) -> None:
+        """``data`` ``[n, layers, 2, ...]`` (on the device) into device blocks ``ids``."""
+        for i in range(*layers):
+            self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
 
     @staticmethod
     def _to_bytes(t: torch.Tensor) -> memoryview:
@@ -126,54 +166,94 @@ class KVTierWorker:
         return raw.view(self.dtype).view(self.block_shape)
 
     # ------------------------------------------------------------------ one step
-    def before_step(self, step: SchedulerOutput) -> list[KVDone]:
-        """Issue the step's ops (in the documented order); return those already finished."""
+    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], list[Any] | None]:
+        """Issue the step's ops (in the documented order); return those already finished and,
+        on CUDA with host loads, the event each layer's forward must wait for (None: none)."""
         done: list[KVDone] = []
         for key in step.kv_deletes:
             if self.disk is not None:
                 self.disk.delete(key)
-        if step.kv_stores or step.kv_loads:
-            self._copies(step, done)
+        ready = self._copies(step, done) if step.kv_stores or step.kv_loads else None
         done.extend(self.poll())
-        return done
+        return done, ready
 
-    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> None:
-        """Stores (host-source first), then loads; on CUDA on the side stream, which waits
-        for the forward passes before it and which the next forward pass waits for."""
+    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> list[Any] | None:
+        """Stores, then loads; on CUDA on the side stream, which waits for the forward passes
+        before it. The next forward pass waits for the stores' gathers, and each of its layers
+        for that layer group's loads (the returned per-layer events)."""
         if self.stream is None:
             self._run_copies(step, done)
-            return
+            return None
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            self._run_copies(step, done)
-        main.wait_event(self._record())
+            groups = self._run_copies(step, done)
+        if not groups:
+            main.wait_event(self._record())
+            return None
+        ready: list[Any] = [None] * len(self.kv)
+        for (first, _), event in groups:
+            ready[first] = event
+        return ready
 
-    def _run_copies(self, step: SchedulerOutput, done: list[KVDone]) -> None:
-        """Host-source stores, device-source stores (gathered in one pass per layer), then
-        loads (host loads staged and scattered in one pass per layer)."""
+    def _run_copies(self, step: SchedulerOutput, done: list[KVDone]
+                    ) -> list[tuple[tuple[int, int], Any]]:
+        """Flushes from host (written by the I/O threads straight from the pinned pool), the
+        device-source stores' gathers, host loads by layer group, then the stores' copies to
+        host. Returns each load group's layers and completion event (CUDA)."""
         for op in step.kv_stores:
             if op.src == "host":
-                self._store(op, self.host[op.src_slot], done)
+                self._store_to_disk(op, None, done)
         from_device = [op for op in step.kv_stores if op.src != "host"]
-        if from_device:
-            started, start = self._record(timing=True), time.perf_counter()
-            blocks = self._gather_blocks([op.src_slot for op in from_device])
-            for op, data in zip(from_device, blocks, strict=True):
-                self._store(op, data, done, (started, start, len(from_device)))
-        host_loads = [op for op in step.kv_loads if op.src == "host"]
+        to_host = sorted((op for op in from_device if op.dst == "host"),
+                         key=lambda op: op.dst_slot)
+        to_disk = [op for op in from_device if op.dst != "host"]
+        gathered = []  # gather every stored block before a load may overwrite its block
+        if to_host:
+            assert self.host is not None
+            ids = self._ids([op.src_slot for op in to_host])
+            gathered = [self._gather(ids, layers) for layers in self.host.bounds]
+        if to_disk:
+            ids = self._ids([op.src_slot for op in to_disk])
+            for op, data in zip(to_disk, self._gather(ids, (0, len(self.kv))), strict=True):
+                self._store_to_disk(op, data, done)
         for op in step.kv_loads:
             if op.src != "host":
                 self._load_from_disk(op, done)
-        if host_loads:
-            started, start = self._record(timing=True), time.perf_counter()
-            staged = torch.empty((len(host_loads), *self.block_shape), dtype=self.dtype,
+        groups = self._host_loads([op for op in step.kv_loads if op.src == "host"], done)
+        if to_host:
+            assert self.host is not None
+            timer = self._timer()
+            runs = slot_runs([op.dst_slot for op in to_host])
+            for part, data in zip(self.host.parts, gathered, strict=True):
+                for row, slot, n in runs:
+                    part[slot:slot + n].copy_(data[row:row + n], non_blocking=True)
+            for op in to_host:
+                self._finish_copy(op, done, (*timer, len(to_host)))
+        return groups
+
+    def _host_loads(self, loads: list[KVTransfer], done: list[KVDone]
+                    ) -> list[tuple[tuple[int, int], Any]]:
+        """Host -> device, one layer group at a time: each group's runs of consecutive host
+        slots are copied into a staging tensor and scattered into the device blocks."""
+        if not loads:
+            return []
+        assert self.host is not None
+        loads = sorted(loads, key=lambda op: op.src_slot)
+        runs = slot_runs([op.src_slot for op in loads])
+        ids = self._ids([op.dst_slot for op in loads])
+        timer = self._timer()
+        groups = []
+        for part, layers in zip(self.host.parts, self.host.bounds, strict=True):
+            staged = torch.empty((len(loads), *part.shape[1:]), dtype=self.dtype,
                                  device=self.device)
-            for i, op in enumerate(host_loads):
-                staged[i].copy_(self.host[op.src_slot], non_blocking=True)
-            self._scatter_blocks([op.dst_slot for op in host_loads], staged)
-            for op in host_loads:
-                self._finish_copy(op, done, (started, start, len(host_loads)))
+            for row, slot, n in runs:
+                staged[row:row + n].copy_(part[slot:slot + n], non_blocking=True)
+            self._scatter(ids, staged, layers)
+            groups.append((layers, self._record()))
+        for op in loads:
+            self._finish_copy(op, done, (*timer, len(loads)))
+        return groups
 
     def after_step(self, idle: bool) -> list[KVDone]:
         """Transfers that finished meanwhile; an idle step waits briefly for disk I/O."""
@@ -182,33 +262,36 @@ class KVTierWorker:
             wait(futures, timeout=IDLE_WAIT_S, return_when="FIRST_COMPLETED")
         return self.poll()
 
-    def _store(self, op: KVTransfer, data: torch.Tensor, done: list[KVDone],
-               batch: tuple[Any, float, int] | None = None) -> None:
-        """Store one block's ``data`` (a host slot, or a gathered device block)."""
-        if op.dst == "host":
-            self.host[op.dst_slot].copy_(data, non_blocking=True)
-            self._finish_copy(op, done, batch or (None, time.perf_counter(), 1))
-        elif self.disk is None:
+    def _store_to_disk(self, op: KVTransfer, data: torch.Tensor | None,
+                       done: list[KVDone]) -> None:
+        """Write one block to disk in the I/O pool: ``data`` (a gathered device block, copied
+        to the CPU behind an event) or, for None, the host slot ``op.src_slot`` read by the
+        I/O thread itself (the slot is pinned in the host index until this op completes)."""
+        if self.disk is None:
             done.append(KVDone(op.op_id, False, "the disk tier is off"))
-        else:
-            snapshot = data.to("cpu", copy=True, non_blocking=self.stream is not None)
+            return
+        event = None
+        if data is not None:
+            data = data.to("cpu", copy=True, non_blocking=self.stream is not None)
             event = self._record()
-            self.pending.append(_Pending(op, self.io.submit(self._write, op.key, snapshot,
-                                                            event)))
+        self.pending.append(_Pending(op, self.io.submit(self._write, op, data, event)))
 
-    def _write(self, key: bytes, snapshot: torch.Tensor, event: Any) -> float:
+    def _write(self, op: KVTransfer, data: torch.Tensor | None, event: Any) -> float:
         if event is not None:
             event.synchronize()
+        if data is None:
+            assert self.host is not None
+            data = self.host.block(op.src_slot)
         assert self.disk is not None
         start = time.perf_counter()
-        self.disk.write(key, self._to_bytes(snapshot))
+        self.disk.write(op.key, self._to_bytes(data))
         return time.perf_counter() - start
 
     def _load_from_disk(self, op: KVTransfer, done: list[KVDone]) -> None:
         if self.disk is None:
             done.append(KVDone(op.op_id, False, "the disk tier is off"))
         else:
-            self.pending.append(_Pending(op, self.io.submit(self._read, op.key)))
+            self.pending.append(_Pending(op, self.io_read.submit(self._read, op.key)))
 
     def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
         assert self.disk is not None
@@ -222,6 +305,10 @@ class KVTierWorker:
         event = torch.cuda.Event(enable_timing=timing)
         event.record(self.stream)
         return event
+
+    def _timer(self) -> tuple[Any, float]:
+        """The start of a batch of copies: a timing event (CUDA) and the wall clock."""
+        return self._record(timing=True), time.perf_counter()
 
     def _finish_copy(self, op: KVTransfer, done: list[KVDone],
                      batch: tuple[Any, float, int]) -> None:
@@ -253,7 +340,8 @@ class KVTierWorker:
             if p.staged is not None:  # a disk read to copy into its device block now
                 ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
                 with ctx:
-                    self._scatter(p.op.dst_slot, p.staged.to(self.device, non_blocking=True))
+                    staged = p.staged.to(self.device, non_blocking=True)[None]
+                    self._scatter(self._ids([p.op.dst_slot]), staged, (0, len(self.kv)))
                 p.staged, p.event = None, self._record()
             if p.event is not None and not p.event.query():
                 still.append(p)
@@ -288,6 +376,7 @@ class KVTierWorker:
     def close(self) -> None:
         """Finish the disk I/O already submitted, then stop the I/O threads."""
         self.io.shutdown(wait=True)
+        self.io_read.shutdown(wait=True)
 
 
 class _nullcontext:
@@ -327,7 +416,7 @@ class TieredRunner:
             disk_keys=t.disk_keys, kv_disk_corrupt_files=t.take_corrupt())
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        done = self.tiers.before_step(step)
+        done, self.runner.layer_ready = self.tiers.before_step(step)
         out = self.runner.execute(step)
         done.extend(self.tiers.after_step(idle=not step.seqs))
         out.kv_done = done

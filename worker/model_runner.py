@@ -84,6 +84,9 @@ class ModelRunner:
         self.states: dict[str, SeqSamplingState] = {}
         self.graphs = self._capture_graphs(backend)
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
+        # set by the tier data plane before ``execute``: per layer, the CUDA event of the host
+        # loads that layer reads (None: nothing to wait for)
+        self.layer_ready: list[Any] | None = None
         logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off")
@@ -123,12 +126,13 @@ class ModelRunner:
         for seq in step.seqs:
             if not seq.store_only:
                 self._register(seq)
+        ready, self.layer_ready = self.layer_ready, None
         # The ordinary batch first (it computes the chunks that blends this step read).
         main = [s for s in step.seqs if s.blend is None]
         logits = argmax = prompt_lps = None
         sampled: list[ScheduledSeq] = []
         if main:
-            hidden, batch = self._forward(main)
+            hidden, batch = self._forward(main, ready)
             prompt_lps = self._prompt_logprobs(main, batch.row_starts, hidden)
             if batch.sample_rows:
                 logits, argmax = self._sample_logits(hidden, batch)
@@ -136,6 +140,7 @@ class ModelRunner:
         deviations: dict[str, list[float]] = {}
         blends = [s for s in step.seqs if s.blend is not None]
         if blends:
+            _wait_all(ready)
             logits, argmax = self._blend(blends, logits, argmax, deviations)
             sampled = [*sampled, *blends]
         if logits is None:
@@ -229,14 +234,22 @@ class ModelRunner:
                                              seq.output_token_ids, seq.eos_token_ids or [],
                                              seq.seed_index, self.device)
 
-    def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, StepRows]:
+    def _forward(self, seqs: list[ScheduledSeq], ready: list[Any] | None = None
+                 ) -> tuple[torch.Tensor, StepRows]:
         """Hidden states of every scheduled token: a graph replay for a decode-only batch
-        that fits a captured size, else one eager forward of the flat batch."""
+        that fits a captured size, else one eager forward of the flat batch. ``ready``: the
+        per-layer load events (``layer_ready``); an eager Llama waits layer by layer, any
+        other path for all of them first."""
         graphs = self.graphs
         if graphs is not None and all(len(s.token_ids) == 1 for s in seqs) \
                 and graphs.padded(len(seqs)) is not None:
+            _wait_all(ready)
             return self._graph_forward(graphs, seqs)
         batch = self._prepare(seqs)
+        if getattr(self.model, "waits_per_layer", False):
+            batch.meta.layer_ready = ready
+        else:
+            _wait_all(ready)
         hidden = self.model(batch.input_ids.to(self.device), batch.positions.to(self.device),
                             self.kv_caches, batch.meta)
         return hidden, batch
@@ -288,3 +301,10 @@ class ModelRunner:
             block_tables=torch.from_numpy(tables).to(dev, torch.int32),
             slot_mapping=torch.from_numpy(slots).to(dev),
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
+
+
+def _wait_all(ready: list[Any] | None) -> None:
+    """Make the current stream wait for every layer's load event."""
+    for event in ready or ():
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)

@@ -204,7 +204,8 @@ def step(sched, worker: FakeWorker, run: Run | None = None) -> list[RequestOutpu
 def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 10_000) -> Run:
     """Step until no sequence is unfinished; then flush ``finished`` to the worker."""
     run = Run() if run is None else run
-    while sched.has_unfinished() or (sched.kv.tiers and sched.kv.tiers.num_inflight):
+    tiers = sched.kv.tiers
+    while sched.has_unfinished() or (tiers and (tiers.num_inflight or tiers.needs_flush())):
         assert len(run.steps) < max_steps, "no progress"
         step(sched, worker, run)
     worker.execute(sched.schedule())  # deliver the last finished ids

@@ -62,9 +62,9 @@ def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
                           latency_s={"host": 0.0, "disk": 0.001},
                           prefill_tokens_per_s=1000.0, step_s=0.01)
     policy = CostLoad(block_size=16, block_bytes=1_000_000, numbers=numbers)
-    # one 16-token block: recompute 16 ms; load 10 ms step + 1 ms copy -> load
+    # one 16-token block: recompute 16 ms; load 1 ms copy (in the step that computes) -> load
     assert policy.blocks_to_load([("host", 1)]) == 1
-    # from disk: 10 ms + 1 ms + 10 ms read = 21 ms > 16 ms -> recompute
+    # from disk: 10 ms step + 1 ms + 10 ms read = 21 ms > 16 ms -> recompute
     assert policy.blocks_to_load([("disk", 1)]) == 0
     # a long disk run pays off: 10 blocks = 160 ms of prefill vs 111 ms of reading
     assert policy.blocks_to_load([("disk", 10)]) == 10
@@ -74,6 +74,10 @@ def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
     policy = CostLoad(16, 1_000_000, slow)
     assert policy.blocks_to_load([("host", 4), ("disk", 4)]) == 4
     numbers.step_s = 1.0  # a step is slow: waiting for it never beats a short recompute
+    assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("disk", 4)]) == 0
+    # host loads wait for no step: only a link slower than prefill makes them lose
+    assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("host", 4)]) == 4
+    numbers.bandwidth["host"] = 1e7  # 100 ms a block vs 16 ms of prefill
     assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("host", 4)]) == 0
     assert AlwaysLoad(16, 1).blocks_to_load([("host", 2), ("disk", 3)]) == 5
 
@@ -135,6 +139,47 @@ def test_evicted_blocks_come_back_from_host() -> None:
     assert len(stats.kv_tier_load_seconds) == 1
 
 
+def test_host_hit_is_computed_in_the_step_that_loads_it() -> None:
+    """No WAITING_FOR_KV for a host hit: the step that copies its blocks (before the forward
+    pass) already computes the rest of the prompt and samples the first token."""
+    sched, worker = make(num_blocks=13, host=32)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    sched.add_request(make_request("again", ps[0], max_tokens=3))
+    run = Run()
+    step(sched, worker, run)
+    first = run.steps[0]
+    assert len(first.kv_loads) == 5 and not sched.loading
+    (seq,) = first.seqs
+    assert (seq.start_pos, len(seq.token_ids)) == (20, 4)
+    assert len(run.tokens[("again", 0)]) == 1, "the first token came from that step"
+    run_all(sched, worker, run)
+    assert run.tokens[("again", 0)] == reference_tokens(ps[0], 3)
+    assert_clean(sched)
+
+
+def test_host_blocks_get_disk_copies_in_the_background() -> None:
+    """With a disk tier, cold host blocks are written to disk from the host pool (pinned
+    meanwhile) and stay in host; an idle engine writes the rest. A full host then makes room
+    by dropping a clean block, and nothing is lost."""
+    sched, worker = make(num_blocks=13, host=8, disk=64)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    host = sched.kv.tiers.tiers["host"]
+    assert len(host) == 8 and set(host.lru_order()) <= set(worker.disk)
+    assert sched.stats().kv_tier_transfer_bytes.get("host>disk", 0) > 0
+    for i, p in enumerate(ps):  # every prompt's blocks are still somewhere below the device
+        tokens, final = serve_one(sched, worker, f"again{i}", p)
+        assert tokens == reference_tokens(p, 3)
+
+
+def test_slot_runs() -> None:
+    from worker.kv_tiers import slot_runs
+
+    assert slot_runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
+    assert slot_runs([]) == []
+
+
 def test_disk_tier_behind_a_small_host_and_slow_disk() -> None:
     """Host holds 4 blocks; evicted host blocks go to disk; disk loads take 3 steps, during
     which the request waits in WAITING_FOR_KV while another request keeps decoding."""
@@ -148,7 +193,8 @@ def test_disk_tier_behind_a_small_host_and_slow_disk() -> None:
     sched.add_request(make_request("again", ps[0], max_tokens=3))
     seen_waiting = False
     outputs = []
-    while sched.has_unfinished() or sched.kv.tiers.num_inflight:
+    tiers = sched.kv.tiers
+    while sched.has_unfinished() or tiers.num_inflight or tiers.needs_flush():
         statuses = {s.seq_id: s.status for s in sched._seqs.values()}
         if statuses.get("again#0") is SeqStatus.WAITING_FOR_KV:
             seen_waiting = True

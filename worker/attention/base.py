@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,9 @@ class AttentionMetadata:
     # Blending only: [T] int32 positions of the rows when they are not each sequence's last
     # query_len tokens (ascending per sequence); row i then sees keys [0, q_positions[i]].
     q_positions: torch.Tensor | None = None
+    # Host-tier loads in flight (CUDA): per layer, an event to wait for before computing that
+    # layer (None entries: nothing new); models with ``waits_per_layer`` honour it.
+    layer_ready: list[Any] | None = None
 
     @property
     def num_seqs(self) -> int:

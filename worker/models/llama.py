@@ -239,8 +239,16 @@ class DecoderLayer(nn.Module):
         return ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
 
 
+def _wait_layer(meta: AttentionMetadata, i: int) -> None:
+    """Layer ``i`` reads KV that host-tier loads are still copying: wait for them."""
+    if meta.layer_ready is not None and meta.layer_ready[i] is not None:
+        torch.cuda.current_stream().wait_event(meta.layer_ready[i])
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder over a flat token batch; ``forward`` returns final-normed hidden states."""
+
+    waits_per_layer = True  # honours ``AttentionMetadata.layer_ready``
 
     def __init__(
         self,
@@ -286,7 +294,8 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers
         sin = self.rope_sin[positions].unsqueeze(1)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            _wait_layer(meta, i)
             x = layer(x, cos, sin, kv_cache, meta)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
@@ -300,7 +309,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """The same function on the fused kernels (positions must be contiguous)."""
         x, residual = F.embedding(input_ids, self.embed_tokens), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            _wait_layer(meta, i)
             x, residual = layer.forward_fused(
                 x, residual, positions, self.rope_inv_freq, kv_cache, meta, ops
             )
