@@ -121,12 +121,13 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         for seq_id in step.finished:
             self.states.pop(seq_id, None)
-        if not step.seqs:
+        ready, self.layer_ready = self.layer_ready, None
+        if not step.seqs:  # loads for a sequence that runs next step: order them first
+            _wait_all(ready)
             return ModelRunnerOutput(step_id=step.step_id)
         for seq in step.seqs:
             if not seq.store_only:
                 self._register(seq)
-        ready, self.layer_ready = self.layer_ready, None
         # The ordinary batch first (it computes the chunks that blends this step read).
         main = [s for s in step.seqs if s.blend is None]
         logits = argmax = prompt_lps = None
