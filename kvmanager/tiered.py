@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from kvmanager.cost import LoadPolicy, make_load_policy
@@ -99,7 +100,6 @@ class TieredCache:
         self._seq_loads: dict[str, _SeqLoad] = {}
         self._written: list[tuple[bytes, int]] = []  # write-through: computed last step
         self._next_op = 1
-        self._flushing = 0  # host -> disk writes in flight (their host entries are pinned)
         self._disk_writes = 0  # writes to disk in flight (flushes and straight from device)
         self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
@@ -123,7 +123,6 @@ class TieredCache:
         self._inflight.clear()
         self._seq_loads.clear()
         self._written.clear()
-        self._flushing = 0
         self._disk_writes = 0
         self._dirty.clear()
         self.ops = StepOps()
@@ -183,8 +182,7 @@ class TieredCache:
         if everything:
             cold = [k for k in self._dirty if host.lookup([k])][:budget]
         else:
-            cold = [k for k in host.cold_keys(int(host.num_slots * HOST_CLEAN_FRACTION))
-                    if k in self._dirty][:budget]
+            cold = [k for k in _coldest(host) if k in self._dirty][:budget]
         for key in cold:
             slot = host.slot_of(key)
             assert slot is not None
@@ -192,7 +190,6 @@ class TieredCache:
                 return  # disk has no room now (everything there in flight) or is off
             del self._dirty[key]
             host.prepare_load([key])
-            self._flushing += 1
 
     def take_ops(self) -> StepOps:
         ops, self.ops = self.ops, StepOps()
@@ -208,8 +205,7 @@ class TieredCache:
         order = LOWER_TIERS
         if (host is not None and key not in host and not host.num_free()
                 and disk is not None and disk.enabled):
-            clean = next((k for k in host.cold_keys(int(host.num_slots * HOST_CLEAN_FRACTION))
-                          if k not in self._dirty), None)
+            clean = next((k for k in _coldest(host) if k not in self._dirty), None)
             if clean is None:
                 order = ("disk", "host")
             else:
@@ -351,7 +347,6 @@ class TieredCache:
                     "disk"]:
                 self._dirty[op.key] = None
             if op.src == "host":  # a flush: the host entry stays, clean unless it failed
-                self._flushing -= 1
                 self.tiers["host"].complete_load(op.key, True)
                 if not ok:
                     self._dirty[op.key] = None
@@ -390,9 +385,6 @@ class TieredCache:
         writes = sum(1 for op in self._inflight.values() if op.dst == "disk")
         if writes != self._disk_writes:
             raise AssertionError(f"{self._disk_writes} disk writes counted, {writes} in flight")
-        flushing = sum(1 for op in self._inflight.values() if op.src == "host")
-        if flushing != self._flushing:
-            raise AssertionError(f"{self._flushing} host flushes counted, {flushing} in flight")
         if self._dirty and not set(self._dirty) <= set(self.tiers["host"].lru_order()):
             raise AssertionError("a dirty key is not in host")
         for name, tier in self.tiers.items():
@@ -401,6 +393,11 @@ class TieredCache:
             if tier.num_busy() != len(busy):
                 raise AssertionError(f"tier {name}: {tier.num_busy()} busy entries but "
                                      f"{len(busy)} keys with transfers in flight")
+
+
+def _coldest(host: TierIndex) -> Iterator[bytes]:
+    """The coldest ``HOST_CLEAN_FRACTION`` of host's evictable keys (the part kept clean)."""
+    return islice(host.cold_keys(), int(host.num_slots * HOST_CLEAN_FRACTION))
 
 
 def _delta(totals: dict[str, int], reported: dict[str, int]) -> dict[str, int]:

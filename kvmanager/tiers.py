@@ -18,8 +18,9 @@ worker moves the bytes (``kvmanager.transfer`` / ``worker.kv_tiers``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 STORING, READY = "storing", "ready"
 
@@ -137,15 +138,10 @@ class TierIndex:
     def num_free(self) -> int:
         return len(self._free_slots)
 
-    def cold_keys(self, n: int) -> list[bytes]:
-        """Up to ``n`` ready, unpinned keys, least recently used first (eviction candidates)."""
-        out: list[bytes] = []
-        for key, entry in self._entries.items():
-            if len(out) == n:
-                break
-            if entry.state == READY and entry.pins == 0:
-                out.append(key)
-        return out
+    def cold_keys(self) -> Iterator[bytes]:
+        """Ready, unpinned keys, least recently used first (eviction candidates), lazily."""
+        return (key for key, entry in self._entries.items()
+                if entry.state == READY and entry.pins == 0)
 
     def evict(self, key: bytes) -> bool:
         """Drop ``key`` if it is ready and unpinned (its copy one tier down is done)."""
@@ -157,7 +153,7 @@ class TierIndex:
         return True
 
     def _victims(self, n: int) -> list[bytes] | None:
-        out = self.cold_keys(n)
+        out = list(islice(self.cold_keys(), n))
         return out if len(out) == n else None
 
     def complete_store(self, key: bytes, ok: bool) -> None:

@@ -241,11 +241,13 @@ class Scheduler:
                     seq.status = SeqStatus.WAITING
                     self.waiting.prepend(seq)
                 continue
-            seq = self.loading.pop(seq_id)
-            seq.status = SeqStatus.RUNNING
-            seq.num_computed_tokens = computed
-            seq.num_cached_tokens = computed
-            self.running.append(seq)
+            self._join_running(self.loading.pop(seq_id), computed)
+
+    def _join_running(self, seq: Seq, computed: int) -> None:
+        """``seq``'s first ``computed`` tokens are in its blocks (prefix hit plus loads)."""
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed_tokens = seq.num_cached_tokens = computed
+        self.running.append(seq)
 
     def _schedule_running(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
         self.running.sort(key=self.waiting.key)
@@ -299,9 +301,7 @@ class Scheduler:
                     self.loading[seq.seq_id] = seq
                     continue
                 # host loads: this step's forward pass waits for them; compute the rest now
-                seq.status = SeqStatus.RUNNING
-                seq.num_computed_tokens = seq.num_cached_tokens = loaded
-                self.running.append(seq)
+                self._join_running(seq, loaded)
                 n = min(seq.num_tokens - loaded, budget.tokens)
                 if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
                     planned.append((seq, n))
