@@ -19,6 +19,7 @@ from scheduler.executor import MPExecutor
 from scheduler.inproc_client import InprocEngineClient
 from scheduler.protocol import EngineRequest, SamplingParams
 from server.tokenizer import load_tokenizer
+from tests.helpers.engine_requests import run_request
 from worker.executor import InprocExecutor
 from worker.loader import default_gguf_path
 
@@ -58,11 +59,7 @@ async def generate(client, prompt: list[int], rid: str, max_tokens: int = 24,
                             **{"temperature": 0.0, **sampling})
     req = EngineRequest(request_id=rid, prompt_token_ids=prompt, sampling=params,
                         arrival_time=time.time())
-    tokens, cached = [], 0
-    async for out in client.generate(req):
-        tokens.extend(out.new_token_ids)
-        cached = out.num_cached_tokens
-    return tokens, cached
+    return await run_request(client, req)
 
 
 def engine(**overrides) -> InprocEngineClient:

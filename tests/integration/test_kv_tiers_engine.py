@@ -21,6 +21,7 @@ from kvmanager.transfer.disk import HEADER, DiskStore
 from scheduler.inproc_client import InprocEngineClient
 from scheduler.protocol import EngineRequest, SamplingParams
 from server.tokenizer import load_tokenizer
+from tests.helpers.engine_requests import run_request
 from worker.executor import InprocExecutor
 from worker.loader import default_gguf_path
 
@@ -61,11 +62,7 @@ async def generate(client, prompt: list[int], rid: str) -> tuple[list[int], int]
     params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
     req = EngineRequest(request_id=rid, prompt_token_ids=prompt, sampling=params,
                         arrival_time=time.time())
-    tokens, cached = [], 0
-    async for out in client.generate(req):
-        tokens.extend(out.new_token_ids)
-        cached = out.num_cached_tokens
-    return tokens, cached
+    return await run_request(client, req)
 
 
 async def settle_and_check(client) -> None:

@@ -24,6 +24,7 @@ import pytest
 from configs.loading import build_config
 from scheduler.inproc_client import InprocEngineClient
 from scheduler.protocol import EngineRequest, SamplingParams
+from tests.helpers.engine_requests import run_request
 from tests.helpers.tiny_models import make_tiny_model_dir
 from worker.executor import InprocExecutor
 
@@ -57,12 +58,7 @@ async def generate(client: InprocEngineClient, rid: str, prompt: list[int],
     """Greedy tokens and the reported cached tokens; ``fields`` are EngineRequest fields."""
     req = EngineRequest(request_id=rid, prompt_token_ids=prompt, arrival_time=time.time(),
                         sampling=SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
-    req = msgspec.structs.replace(req, **fields)
-    out_tokens, cached = [], 0
-    async for out in client.generate(req):
-        out_tokens.extend(out.new_token_ids)
-        cached = out.num_cached_tokens
-    return out_tokens, cached
+    return await run_request(client, msgspec.structs.replace(req, **fields))
 
 
 async def flood(client: InprocEngineClient) -> None:
