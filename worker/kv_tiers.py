@@ -7,12 +7,15 @@ a later op of the same step overwrites):
 
     1. delete disk files of keys the disk index evicted
     2. host -> disk flushes: the I/O pool reads the (pinned, in the index) host slot itself
-    3. gather the device blocks to store (device -> host, device -> disk)
+    3. device -> disk stores: gathered, copied to the CPU, written by the I/O pool
     4. disk -> device loads: read in the I/O pool, copied to the device once read (later)
-    5. host -> device loads, one layer group at a time (``LOAD_GROUPS``)
+    5. per layer group: gather the group's layers of the blocks to store in host, then copy
+       the group's host -> device loads (``LayerLoads``)
     6. the stores' copies into the host pool
-    7. the forward pass: on CUDA each layer waits for its group's load event, so the first
-       layers compute while later groups are still crossing PCIe
+    7. the forward pass: on CUDA each layer group waits for its group's event; group g+1 is
+       issued when the forward pass reaches group g (the CPU work of issuing copies runs
+       while the GPU computes), so the first layers compute while later groups are still
+       crossing PCIe. Group 0 is one layer: nothing computes before it is in.
 
 The host pool is one pinned tensor per layer group (``HostPool``); runs of consecutive
 slots move as one copy. On the CPU the "copies" are memcpys and complete at once; on CUDA
@@ -22,10 +25,12 @@ they run on a side stream and complete when their events fire. Disk I/O runs in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -46,15 +51,27 @@ IDLE_WAIT_S = 0.005  # an idle step waits this long for disk I/O before answerin
 
 @dataclass
 class _Pending:
-    """A transfer not finished yet: an I/O future and/or a CUDA event."""
+    """A disk transfer not finished yet: an I/O future, then (a read) a copy to the device."""
 
     op: KVTransfer
     future: Future | None = None
-    event: Any = None  # torch.cuda.Event
+    event: Any = None  # torch.cuda.Event of the read's copy to the device
     staged: torch.Tensor | None = None  # a disk read waiting to be copied to the device
     seconds: float = 0.0  # how long the disk read took
-    started: Any = None  # a timing event recorded before a batch of copies (CUDA)
-    share: int = 1  # ops in that batch: each is charged the batch time / share
+
+
+@dataclass
+class _CopyBatch:
+    """Host copies issued together on the side stream (CUDA): all done when ``event`` fires
+    (one event per batch, not per block: hundreds of blocks move in a step); each op is
+    charged the batch's copy time (its spans) over the number of ops."""
+
+    ops: list[KVTransfer]
+    spans: list[tuple[Any, Any]]  # timing events around each part of the batch's copies
+
+    @property
+    def event(self) -> Any:
+        return self.spans[-1][1]
 
 
 class HostPool:
@@ -66,7 +83,11 @@ class HostPool:
     def __init__(self, num: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
                  groups: int) -> None:
         layers = block_shape[0]
-        edges = [layers * g // groups for g in range(groups + 1)]
+        # group 0 is one layer: the forward pass waits for its copies before computing
+        # anything; the others are split evenly (each copies while the previous computes)
+        rest = min(groups, layers) - 1
+        edges = [0, *(1 + (layers - 1) * g // rest for g in range(rest + 1))] if rest else [
+            0, layers]
         self.bounds = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
         self.parts = [torch.zeros((num, b - a, *block_shape[1:]), dtype=dtype, pin_memory=pin)
                       for a, b in self.bounds]
@@ -93,6 +114,43 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+class LayerLoads:
+    """One step's host -> device loads on CUDA, issued a layer group ahead of the forward
+    pass: before layer ``first`` of group g computes, ``wait`` issues group g+1's copies
+    (CPU work now overlapped with the GPU computing group g) and makes the compute stream
+    wait for group g's event. ``groups``: one callable per layer group of ``bounds`` (returns
+    its event; empty: no loads), ``after``: what to issue after them (the stores' copies to
+    host); all run on ``stream``."""
+
+    def __init__(self, stream: Any, bounds: list[tuple[int, int]],
+                 groups: list[Callable[[], Any]], after: list[Callable[[], Any]]) -> None:
+        self.stream = stream
+        self.groups = {first: g for g, (first, _) in enumerate(bounds)} if groups else {}
+        self.stages = [*groups, *after]
+        self.events: list[Any] = []
+
+    def issue(self, n: int) -> None:
+        """Run the stages up to the ``n``-th (each at most once)."""
+        with torch.cuda.stream(self.stream):
+            while len(self.events) < min(n, len(self.stages)):
+                self.events.append(self.stages[len(self.events)]())
+
+    def wait(self, layer: int) -> None:
+        g = self.groups.get(layer)
+        if g is not None:
+            self.issue(g + 2)
+            torch.cuda.current_stream().wait_event(self.events[g])
+
+    def wait_all(self) -> None:
+        self.finish()
+        for g in self.groups.values():
+            torch.cuda.current_stream().wait_event(self.events[g])
+
+    def finish(self) -> None:
+        """Issue whatever the forward pass did not reach (a step that ran no layer)."""
+        self.issue(len(self.stages))
+
+
 class KVTierWorker:
     """Runs tier transfers against ``kv_caches`` (per layer ``[2, blocks, bs, heads, dim]``)."""
 
@@ -115,6 +173,7 @@ class KVTierWorker:
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
         self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
         self.pending: list[_Pending] = []
+        self.copies: list[_CopyBatch] = []
 
     def _host_pool(self, gib: float, pin: bool) -> HostPool | None:
         num = int(gib * GIB // self.block_bytes)
@@ -166,9 +225,9 @@ class KVTierWorker:
         return raw.view(self.dtype).view(self.block_shape)
 
     # ------------------------------------------------------------------ one step
-    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], list[Any] | None]:
+    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], LayerLoads | None]:
         """Issue the step's ops (in the documented order); return those already finished and,
-        on CUDA with host loads, the event each layer's forward must wait for (None: none)."""
+        on CUDA with host loads, the ``LayerLoads`` the forward pass waits on (None: none)."""
         done: list[KVDone] = []
         for key in step.kv_deletes:
             if self.disk is not None:
@@ -177,30 +236,41 @@ class KVTierWorker:
         done.extend(self.poll())
         return done, ready
 
-    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> list[Any] | None:
+    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerLoads | None:
         """Stores, then loads; on CUDA on the side stream, which waits for the forward passes
-        before it. The next forward pass waits for the stores' gathers, and each of its layers
-        for that layer group's loads (the returned per-layer events)."""
+        before it. Layer group by layer group, the stores' gathers (before a load or this
+        step's forward pass overwrites the blocks they read) and the host loads: with loads,
+        issued one group ahead of the forward pass, whose layers wait for their group
+        (``LayerLoads``); the stores' copies to host after the last group. On the CPU
+        everything is done before returning."""
         if self.stream is None:
-            self._run_copies(step, done)
+            groups, after, _ = self._stages(step, done)
+            for stage in (*groups, *after):
+                stage()
             return None
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            groups = self._run_copies(step, done)
-        if not groups:
-            main.wait_event(self._record())
-            return None
-        ready: list[Any] = [None] * len(self.kv)
-        for (first, _), event in groups:
-            ready[first] = event
-        return ready
+            groups, after, loading = self._stages(step, done)
+            if not loading:  # stores only: every gather now
+                for stage in groups:
+                    stage()
+            main.wait_event(self._record())  # the gathers issued so far
+            if not loading:
+                for stage in after:
+                    stage()
+                return None
+        loads = LayerLoads(self.stream, self.host.bounds if self.host else [], groups, after)
+        loads.issue(1)  # group 0 before the forward pass starts
+        return loads
 
-    def _run_copies(self, step: SchedulerOutput, done: list[KVDone]
-                    ) -> list[tuple[tuple[int, int], Any]]:
-        """Flushes from host (written by the I/O threads straight from the pinned pool), the
-        device-source stores' gathers, host loads by layer group, then the stores' copies to
-        host. Returns each load group's layers and completion event (CUDA)."""
+    def _stages(self, step: SchedulerOutput, done: list[KVDone]
+                ) -> tuple[list[Callable[[], Any]], list[Callable[[], Any]], bool]:
+        """Issue now: flushes from host (written by the I/O threads straight from the pinned
+        pool), stores straight to disk (gathered, then copied to the CPU), disk reads.
+        Return the rest: one stage per layer group (the group's gathers of the blocks to
+        store in host, then its host loads; returns the loads' event), the stores' copies to
+        host after them, and whether there are host loads."""
         for op in step.kv_stores:
             if op.src == "host":
                 self._store_to_disk(op, None, done)
@@ -208,11 +278,6 @@ class KVTierWorker:
         to_host = sorted((op for op in from_device if op.dst == "host"),
                          key=lambda op: op.dst_slot)
         to_disk = [op for op in from_device if op.dst != "host"]
-        gathered = []  # gather every stored block before a load may overwrite its block
-        if to_host:
-            assert self.host is not None
-            ids = self._ids([op.src_slot for op in to_host])
-            gathered = [self._gather(ids, layers) for layers in self.host.bounds]
         if to_disk:
             ids = self._ids([op.src_slot for op in to_disk])
             for op, data in zip(to_disk, self._gather(ids, (0, len(self.kv))), strict=True):
@@ -220,40 +285,68 @@ class KVTierWorker:
         for op in step.kv_loads:
             if op.src != "host":
                 self._load_from_disk(op, done)
-        groups = self._host_loads([op for op in step.kv_loads if op.src == "host"], done)
-        if to_host:
-            assert self.host is not None
-            timer = self._timer()
-            runs = slot_runs([op.dst_slot for op in to_host])
-            for part, data in zip(self.host.parts, gathered, strict=True):
-                for row, slot, n in runs:
-                    part[slot:slot + n].copy_(data[row:row + n], non_blocking=True)
-            for op in to_host:
-                self._finish_copy(op, done, (*timer, len(to_host)))
-        return groups
+        loads = [op for op in step.kv_loads if op.src == "host"]
+        if self.host is None or not (to_host or loads):
+            return [], [], False
+        host = self.host
+        load = self._host_loads(loads, done)
+        store_ids = self._ids([op.src_slot for op in to_host]) if to_host else None
+        gathered: list[torch.Tensor] = []
+
+        def stage(g: int) -> Any:
+            if store_ids is not None:
+                gathered.append(self._gather(store_ids, host.bounds[g]))
+            return load(g) if load is not None else None
+
+        groups = [functools.partial(stage, g) for g in range(len(host.parts))]
+        after = [lambda: self._copy_to_host(to_host, gathered, done)] if to_host else []
+        return groups, after, bool(loads)
 
     def _host_loads(self, loads: list[KVTransfer], done: list[KVDone]
-                    ) -> list[tuple[tuple[int, int], Any]]:
-        """Host -> device, one layer group at a time: each group's runs of consecutive host
-        slots are copied into a staging tensor and scattered into the device blocks."""
+                    ) -> Callable[[int], Any] | None:
+        """Host -> device of layer group g, for g = 0, 1, ... in order: the group's runs of
+        consecutive host slots are copied into a staging tensor and scattered into the
+        device blocks; the last group marks the batch's completion. Returns the group's
+        event (CUDA)."""
         if not loads:
-            return []
+            return None
         assert self.host is not None
+        host = self.host
         loads = sorted(loads, key=lambda op: op.src_slot)
         runs = slot_runs([op.src_slot for op in loads])
         ids = self._ids([op.dst_slot for op in loads])
-        timer = self._timer()
-        groups = []
-        for part, layers in zip(self.host.parts, self.host.bounds, strict=True):
+        spans: list[Any] = []
+
+        def copy(g: int) -> None:
+            part = host.parts[g]
             staged = torch.empty((len(loads), *part.shape[1:]), dtype=self.dtype,
                                  device=self.device)
             for row, slot, n in runs:
                 staged[row:row + n].copy_(part[slot:slot + n], non_blocking=True)
-            self._scatter(ids, staged, layers)
-            groups.append((layers, self._record()))
-        for op in loads:
-            self._finish_copy(op, done, (*timer, len(loads)))
-        return groups
+            self._scatter(ids, staged, host.bounds[g])
+
+        def group(g: int) -> Any:
+            self._timed(spans, functools.partial(copy, g))
+            if g == len(host.parts) - 1:
+                self._finish_copies(loads, done, spans)
+            return spans[-1][1] if self.stream is not None else None
+
+        return group
+
+    def _copy_to_host(self, ops: list[KVTransfer], gathered: list[torch.Tensor],
+                      done: list[KVDone]) -> None:
+        """The gathered blocks ``ops`` store into their host slots (``ops`` by slot)."""
+        assert self.host is not None
+        runs = slot_runs([op.dst_slot for op in ops])
+
+        def copy() -> None:
+            for part, data in zip(self.host.parts, gathered, strict=True):
+                for row, slot, n in runs:
+                    part[slot:slot + n].copy_(data[row:row + n], non_blocking=True)
+
+        spans: list[Any] = []
+        self._timed(spans, copy)
+        self._finish_copies(ops, done, spans)
 
     def after_step(self, idle: bool) -> list[KVDone]:
         """Transfers that finished meanwhile; an idle step waits briefly for disk I/O."""
@@ -306,27 +399,43 @@ class KVTierWorker:
         event.record(self.stream)
         return event
 
-    def _timer(self) -> tuple[Any, float]:
-        """The start of a batch of copies: a timing event (CUDA) and the wall clock."""
-        return self._record(timing=True), time.perf_counter()
-
-    def _finish_copy(self, op: KVTransfer, done: list[KVDone],
-                     batch: tuple[Any, float, int]) -> None:
-        """A copy was issued as one of a batch (started event, start time, batch size): done
-        now on the CPU, when its event fires on CUDA; each op is charged its share of the
-        batch's time (CUDA: timed by events, so waiting for the forward pass is excluded)."""
-        started, start, share = batch
+    def _timed(self, spans: list[Any], copy: Callable[[], None]) -> None:
+        """Issue ``copy`` between two timing events (CUDA; appends the pair to ``spans``) or
+        time it on the clock (CPU, where copies are done when issued; appends seconds)."""
         if self.stream is None:
-            done.append(KVDone(op.op_id, True, seconds=(time.perf_counter() - start) / share))
+            start = time.perf_counter()
+            copy()
+            spans.append(time.perf_counter() - start)
         else:
-            timed = started is not None
-            self.pending.append(_Pending(op, event=self._record(timing=timed), started=started,
-                                         share=share))
+            started = self._record(timing=True)
+            copy()
+            spans.append((started, self._record(timing=True)))
+
+    def _finish_copies(self, ops: list[KVTransfer], done: list[KVDone],
+                       spans: list[Any]) -> None:
+        """``ops`` were copied as one batch in ``spans``: done now on the CPU, when the last
+        span's event fires on CUDA. Each op is charged its share of the time inside the spans
+        (not the gaps between them, where the copies wait for the forward pass to reach
+        the next layer group)."""
+        if self.stream is None:
+            seconds = sum(spans) / len(ops)
+            done.extend(KVDone(op.op_id, True, seconds=seconds) for op in ops)
+        else:
+            self.copies.append(_CopyBatch(ops, spans))
 
     # ------------------------------------------------------------------ completions
     def poll(self) -> list[KVDone]:
         """Finished transfers; a finished disk read is copied into its device block first."""
         done: list[KVDone] = []
+        running: list[_CopyBatch] = []
+        for batch in self.copies:
+            if not batch.event.query():
+                running.append(batch)
+                continue
+            ms = sum(start.elapsed_time(end) for start, end in batch.spans)
+            seconds = ms / 1e3 / len(batch.ops)
+            done.extend(KVDone(op.op_id, True, seconds=seconds) for op in batch.ops)
+        self.copies = running
         still: list[_Pending] = []
         for p in self.pending:
             if p.future is not None:
@@ -346,8 +455,6 @@ class KVTierWorker:
             if p.event is not None and not p.event.query():
                 still.append(p)
                 continue
-            if p.started is not None and p.event is not None:  # a timed batch of copies
-                p.seconds = p.started.elapsed_time(p.event) / 1e3 / p.share
             done.append(KVDone(p.op.op_id, True, seconds=p.seconds))
         self.pending = still
         return done
@@ -416,8 +523,13 @@ class TieredRunner:
             disk_keys=t.disk_keys, kv_disk_corrupt_files=t.take_corrupt())
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        done, self.runner.layer_ready = self.tiers.before_step(step)
-        out = self.runner.execute(step)
+        done, loads = self.tiers.before_step(step)
+        self.runner.layer_ready = loads
+        try:
+            out = self.runner.execute(step)
+        finally:
+            if loads is not None:
+                loads.finish()  # what the forward pass did not reach
         done.extend(self.tiers.after_step(idle=not step.seqs))
         out.kv_done = done
         out.kv_disk_corrupt_files = self.tiers.take_corrupt()

@@ -84,9 +84,9 @@ class ModelRunner:
         self.states: dict[str, SeqSamplingState] = {}
         self.graphs = self._capture_graphs(backend)
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
-        # set by the tier data plane before ``execute``: per layer, the CUDA event of the host
-        # loads that layer reads (None: nothing to wait for)
-        self.layer_ready: list[Any] | None = None
+        # set by the tier data plane before ``execute``: this step's host loads, which the
+        # forward pass waits for layer group by layer group (None: nothing to wait for)
+        self.layer_ready: Any = None  # worker.kv_tiers.LayerLoads
         logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off")
@@ -235,7 +235,7 @@ class ModelRunner:
                                              seq.output_token_ids, seq.eos_token_ids or [],
                                              seq.seed_index, self.device)
 
-    def _forward(self, seqs: list[ScheduledSeq], ready: list[Any] | None = None
+    def _forward(self, seqs: list[ScheduledSeq], ready: Any = None
                  ) -> tuple[torch.Tensor, StepRows]:
         """Hidden states of every scheduled token: a graph replay for a decode-only batch
         that fits a captured size, else one eager forward of the flat batch. ``ready``: the
@@ -304,8 +304,7 @@ class ModelRunner:
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
 
 
-def _wait_all(ready: list[Any] | None) -> None:
-    """Make the current stream wait for every layer's load event."""
-    for event in ready or ():
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+def _wait_all(ready: Any) -> None:
+    """Make the current stream wait for every host-tier load of the step."""
+    if ready is not None:
+        ready.wait_all()

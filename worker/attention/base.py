@@ -35,9 +35,10 @@ class AttentionMetadata:
     # Blending only: [T] int32 positions of the rows when they are not each sequence's last
     # query_len tokens (ascending per sequence); row i then sees keys [0, q_positions[i]].
     q_positions: torch.Tensor | None = None
-    # Host-tier loads in flight (CUDA): per layer, an event to wait for before computing that
-    # layer (None entries: nothing new); models with ``waits_per_layer`` honour it.
-    layer_ready: list[Any] | None = None
+    # Host-tier loads of this step (CUDA): ``layer_ready.wait(i)`` before computing layer i
+    # (issues the next layer group's copies, waits for layer i's); ``wait_all()`` for
+    # everything (``worker.kv_tiers.LayerLoads``). Models with ``waits_per_layer`` honour it.
+    layer_ready: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -241,8 +241,8 @@ class DecoderLayer(nn.Module):
 
 def _wait_layer(meta: AttentionMetadata, i: int) -> None:
     """Layer ``i`` reads KV that host-tier loads are still copying: wait for them."""
-    if meta.layer_ready is not None and meta.layer_ready[i] is not None:
-        torch.cuda.current_stream().wait_event(meta.layer_ready[i])
+    if meta.layer_ready is not None:
+        meta.layer_ready.wait(i)
 
 
 class LlamaForCausalLM(nn.Module):
