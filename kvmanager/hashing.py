@@ -89,11 +89,26 @@ class BlockHasher:
         if num_blocks is not None:
             limit = min(limit, num_blocks)
         keys = list(known[:limit])
-        for i in range(len(keys), limit):
-            parent = keys[-1] if keys else None
-            extra = salt_extra(salt) if i == 0 else b""
-            block = tokens[i * block_size : (i + 1) * block_size]
-            keys.append(self.block_key(parent, block, extra))
+        first = len(keys)
+        if first == limit:
+            return keys
+        if first == 0:
+            keys.append(self.block_key(None, tokens[:block_size], salt_extra(salt)))
+            first = 1
+        # the same bytes as ``block_key`` (parent, no extra), fed as one message per block:
+        # the tokens are packed once, and a prompt of thousands of blocks is hashed each time
+        # a request arrives
+        packed = pack_tokens(tokens[first * block_size : limit * block_size])
+        width = block_size * 4
+        head = b"block" + KEY_BYTES.to_bytes(4, "little")
+        tail = bytes(4) + width.to_bytes(4, "little")
+        new = self._new
+        parent = keys[-1]
+        for i in range(limit - first):
+            h = new()
+            h.update(b"".join((head, parent, tail, packed[i * width : (i + 1) * width])))
+            parent = bytes(h.digest())
+            keys.append(parent)
         return keys
 
 
