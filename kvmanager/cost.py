@@ -43,6 +43,11 @@ class LoadPolicy:
         Returns how many leading blocks to load (a prefix of the runs)."""
         raise NotImplementedError
 
+    def pays_off(self, tier: str) -> bool:
+        """Whether a block stored in ``tier`` could ever be loaded (rather than recomputed):
+        a tier that is not faster than recomputing only costs its writes."""
+        return True
+
     # ------------------------------------------------------------------ measurements
     def observe_transfer(self, tier: str, nbytes: int, seconds: float) -> None:
         if seconds > 0 and nbytes > 0 and tier in self.numbers.bandwidth:
@@ -86,6 +91,12 @@ class CostLoad(LoadPolicy):
 
     def recompute_seconds(self, blocks: int) -> float:
         return blocks * self.block_size / self.numbers.prefill_tokens_per_s
+
+    def pays_off(self, tier: str) -> bool:
+        """Moving a block must beat computing its tokens: otherwise no hit on ``tier``, however
+        long, is ever loaded (a load costs at least its transfer)."""
+        n = self.numbers
+        return self.block_bytes / n.bandwidth[tier] < self.recompute_seconds(1)
 
     def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
         best, best_saving = 0, 0.0

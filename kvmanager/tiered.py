@@ -179,6 +179,8 @@ class TieredCache:
         budget = MAX_DISK_WRITES_IN_FLIGHT - self._disk_writes
         if host is None or not self.needs_flush() or budget <= 0:
             return
+        if not everything and not self.policy.pays_off("disk"):
+            return  # a disk copy would never be loaded: write only while idle (restarts)
         if everything:
             cold = [k for k in self._dirty if host.lookup([k])][:budget]
         else:
@@ -198,20 +200,22 @@ class TieredCache:
     def on_device_evict(self, key: bytes, block: int) -> None:
         """Write-back: a cached device block is about to be reused; save it one tier down.
         A full host first drops its coldest clean block (one with a disk copy); with none,
-        the block goes straight to disk (host's flush lags behind)."""
+        the block goes straight to disk (host's flush lags behind). While the load policy
+        finds disk slower than recomputing, nothing is written to disk here: host drops its
+        coldest block instead (an idle engine still flushes host to disk)."""
         if self.write_through:
             return  # already stored when it was computed
         host, disk = self.tiers.get("host"), self.tiers.get("disk")
         order = LOWER_TIERS
-        if (host is not None and key not in host and not host.num_free()
-                and disk is not None and disk.enabled):
+        to_disk = disk is not None and disk.enabled and self.policy.pays_off("disk")
+        if host is not None and key not in host and not host.num_free() and to_disk:
             clean = next((k for k in _coldest(host) if k not in self._dirty), None)
             if clean is None:
                 order = ("disk", "host")
             else:
                 host.evict(clean)
         for name in order:
-            if self._store(key, "device", block, name):
+            if (name == "host" or to_disk) and self._store(key, "device", block, name):
                 return
 
     def on_computed(self, key: bytes, block: int) -> None:
@@ -223,7 +227,11 @@ class TieredCache:
         """Store ``key`` into tier ``dst`` (no-op if there); False when the tier is absent,
         off, or has no room (everything pinned or in flight)."""
         tier = self.tiers.get(dst)
-        if tier is None or (dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT):
+        if tier is None or not tier.enabled:
+            return False
+        if key in tier:  # most evicted device blocks were loaded from host or stored before
+            return True
+        if dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT:
             return False
         plan = tier.prepare_store([key])
         if plan is None:
@@ -327,8 +335,7 @@ class TieredCache:
     def apply_done(self, op_id: int, ok: bool, error: str | None,
                    seconds: float = 0.0) -> None:
         """Apply one ``KVDone``: complete the store or load in its tier index; the measured
-        time of a load, or of a store from the device, feeds the load policy's bandwidth
-        estimate."""
+        time of every transfer feeds the load policy's bandwidth estimate of its tier."""
         op = self._inflight.pop(op_id, None)
         if op is None:
             return  # from before a reset
@@ -341,7 +348,7 @@ class TieredCache:
             self._disk_writes -= op.dst == "disk"
             if not ok and op.dst == "disk":
                 self._disable("disk", error)
-            elif ok and op.src == "device":  # the link is about as fast both ways
+            elif ok:  # a link is about as fast both ways (a disk: writes as reads)
                 self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
             if op.dst == "host" and ok and "disk" in self.tiers and op.key not in self.tiers[
                     "disk"]:

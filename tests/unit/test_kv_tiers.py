@@ -73,6 +73,9 @@ def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
                        prefill_tokens_per_s=1000.0, step_s=0.01)
     policy = CostLoad(16, 1_000_000, slow)
     assert policy.blocks_to_load([("host", 4), ("disk", 4)]) == 4
+    # a block read in 100 ms never beats its 16 ms recompute: disk copies would not pay off
+    assert policy.pays_off("host") and not policy.pays_off("disk")
+    assert CostLoad(16, 1_000_000, numbers).pays_off("disk")  # 10 ms a block
     numbers.step_s = 1.0  # a step is slow: waiting for it never beats a short recompute
     assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("disk", 4)]) == 0
     # host loads wait for no step: only a link slower than prefill makes them lose
@@ -171,6 +174,28 @@ def test_host_blocks_get_disk_copies_in_the_background() -> None:
     for i, p in enumerate(ps):  # every prompt's blocks are still somewhere below the device
         tokens, final = serve_one(sched, worker, f"again{i}", p)
         assert tokens == reference_tokens(p, 3)
+
+
+def test_disk_slower_than_recompute_is_written_only_while_idle() -> None:
+    """While the load policy finds a disk read slower than recomputing the block, a busy
+    engine writes nothing to disk (a full host drops its coldest block: its disk copy would
+    never be loaded); an idle engine still gives host blocks disk copies (for restarts)."""
+    sched, worker = make(num_blocks=13, host=8, disk=64)
+    tiers = sched.kv.tiers
+    slow_disk = CostNumbers(bandwidth={"host": 1e9, "disk": 1e3}, prefill_tokens_per_s=1e3)
+    tiers.policy = CostLoad(BS, 1024, slow_disk)
+    assert tiers.policy.pays_off("host") and not tiers.policy.pays_off("disk")
+    busy = Run()
+    for i, p in enumerate(prompts(6)):
+        sched.add_request(make_request(f"r{i}", p, max_tokens=3))
+        while sched.has_unfinished():
+            step(sched, worker, busy)
+    assert any(op.dst == "host" for s in busy.steps for op in s.kv_stores)
+    assert not any(op.dst == "disk" for s in busy.steps for op in s.kv_stores)
+    assert not worker.disk and tiers.needs_flush()
+    run_all(sched, worker)  # idle: host is flushed
+    assert set(tiers.tiers["host"].lru_order()) <= set(worker.disk)
+    assert_clean(sched)
 
 
 def test_slot_runs() -> None:
