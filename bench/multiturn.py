@@ -177,7 +177,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--load-format", default=None, help="dummy: random weights of a preset")
@@ -199,13 +199,21 @@ def main() -> int:
     ap.add_argument("--kv-load-policy", default=None, choices=["cost", "always"],
                     help="override the load-or-recompute policy (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     final_ctx = args.system_tokens + args.turns * (args.user_tokens + args.output_len)
     working_set = args.users * final_ctx
     if args.num_device_blocks is None:
         args.num_device_blocks = max(final_ctx // 16 + 4,
                                      int(working_set / args.working_set) // 16 + 1)
     capacity = (args.num_device_blocks - 1) * 16
+    args.capacity = capacity
+    args.final_ctx, args.working_set_tokens = final_ctx, working_set
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    final_ctx, working_set, capacity = args.final_ctx, args.working_set_tokens, args.capacity
     print(f"# users={args.users} turns={args.turns} concurrency={args.concurrency} "
           f"final context={final_ctx} tokens; working set {working_set} tokens = "
           f"{working_set / capacity:.1f}x the device pool ({capacity} tokens)", flush=True)
