@@ -10,7 +10,7 @@ a later op of the same step overwrites):
     3. device -> disk stores: gathered, copied to the CPU, written by the I/O pool
     4. disk -> device loads: read in the I/O pool, copied to the device once read (later)
     5. per layer group: gather the group's layers of the blocks to store in host, then copy
-       the group's host -> device loads (``LayerLoads``)
+       the group's host -> device loads (``LayerCopies``)
     6. the stores' copies into the host pool
     7. the forward pass: on CUDA each layer group waits for its group's event; group g+1 is
        issued when the forward pass reaches group g (the CPU work of issuing copies runs
@@ -114,18 +114,18 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class LayerLoads:
-    """One step's host -> device loads on CUDA, issued a layer group ahead of the forward
-    pass: before layer ``first`` of group g computes, ``wait`` issues group g+1's copies
-    (CPU work now overlapped with the GPU computing group g) and makes the compute stream
-    wait for group g's event. ``groups``: one callable per layer group of ``bounds`` (returns
-    its event; empty: no loads), ``after``: what to issue after them (the stores' copies to
-    host); all run on ``stream``."""
+class LayerCopies:
+    """One step's host copies on CUDA, issued a layer group ahead of the forward pass: before
+    layer ``first`` of group g computes, ``wait`` issues group g+1's copies (CPU work now
+    overlapped with the GPU computing group g) and makes the compute stream wait for group
+    g's event. ``groups``: one callable per layer group of ``bounds`` (gathers of blocks to
+    store, host -> device loads; returns its event), ``after``: what to issue after them (the
+    stores' copies to host); all run on ``stream``."""
 
     def __init__(self, stream: Any, bounds: list[tuple[int, int]],
                  groups: list[Callable[[], Any]], after: list[Callable[[], Any]]) -> None:
         self.stream = stream
-        self.groups = {first: g for g, (first, _) in enumerate(bounds)} if groups else {}
+        self.groups = {first: g for g, (first, _) in enumerate(bounds)}
         self.stages = [*groups, *after]
         self.events: list[Any] = []
 
@@ -163,6 +163,9 @@ class KVTierWorker:
         self.dtype = first.dtype
         self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
         cuda = self.device.type == "cuda"
+        # one side stream for every copy: the stores' copies to host queue behind the step's
+        # loads, which the forward pass waits for (on a stream of their own they competed
+        # with the loads for PCIe and slowed the step down)
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.host = self._host_pool(config.cache.host_cache_gib, cuda)
         self.disk: DiskStore | None = None
@@ -225,9 +228,9 @@ class KVTierWorker:
         return raw.view(self.dtype).view(self.block_shape)
 
     # ------------------------------------------------------------------ one step
-    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], LayerLoads | None]:
+    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], LayerCopies | None]:
         """Issue the step's ops (in the documented order); return those already finished and,
-        on CUDA with host loads, the ``LayerLoads`` the forward pass waits on (None: none)."""
+        on CUDA with host loads, the ``LayerCopies`` the forward pass waits on (None: none)."""
         done: list[KVDone] = []
         for key in step.kv_deletes:
             if self.disk is not None:
@@ -236,41 +239,36 @@ class KVTierWorker:
         done.extend(self.poll())
         return done, ready
 
-    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerLoads | None:
+    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerCopies | None:
         """Stores, then loads; on CUDA on the side stream, which waits for the forward passes
-        before it. Layer group by layer group, the stores' gathers (before a load or this
-        step's forward pass overwrites the blocks they read) and the host loads: with loads,
-        issued one group ahead of the forward pass, whose layers wait for their group
-        (``LayerLoads``); the stores' copies to host after the last group. On the CPU
-        everything is done before returning."""
+        before it. Layer group by layer group, the gathers of blocks to store in host (before
+        a load or this step's forward pass overwrites them) and the host loads, issued one
+        group ahead of the forward pass, whose layers wait for their group (``LayerCopies``);
+        the stores' copies to host after the last group. On the CPU everything is done
+        before returning."""
         if self.stream is None:
-            groups, after, _ = self._stages(step, done)
+            groups, after = self._stages(step, done)
             for stage in (*groups, *after):
                 stage()
             return None
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            groups, after, loading = self._stages(step, done)
-            if not loading:  # stores only: every gather now
-                for stage in groups:
-                    stage()
-            main.wait_event(self._record())  # the gathers issued so far
-            if not loading:
-                for stage in after:
-                    stage()
-                return None
-        loads = LayerLoads(self.stream, self.host.bounds if self.host else [], groups, after)
-        loads.issue(1)  # group 0 before the forward pass starts
-        return loads
+            groups, after = self._stages(step, done)
+            main.wait_event(self._record())  # the gathers of stores straight to disk
+        if not groups:
+            return None
+        copies = LayerCopies(self.stream, self.host.bounds if self.host else [], groups, after)
+        copies.issue(1)  # group 0 before the forward pass starts
+        return copies
 
     def _stages(self, step: SchedulerOutput, done: list[KVDone]
-                ) -> tuple[list[Callable[[], Any]], list[Callable[[], Any]], bool]:
+                ) -> tuple[list[Callable[[], Any]], list[Callable[[], Any]]]:
         """Issue now: flushes from host (written by the I/O threads straight from the pinned
         pool), stores straight to disk (gathered, then copied to the CPU), disk reads.
         Return the rest: one stage per layer group (the group's gathers of the blocks to
-        store in host, then its host loads; returns the loads' event), the stores' copies to
-        host after them, and whether there are host loads."""
+        store in host, then its host loads; returns an event after them) and the stores'
+        copies to host, after every group."""
         for op in step.kv_stores:
             if op.src == "host":
                 self._store_to_disk(op, None, done)
@@ -287,7 +285,7 @@ class KVTierWorker:
                 self._load_from_disk(op, done)
         loads = [op for op in step.kv_loads if op.src == "host"]
         if self.host is None or not (to_host or loads):
-            return [], [], False
+            return [], []
         host = self.host
         load = self._host_loads(loads, done)
         store_ids = self._ids([op.src_slot for op in to_host]) if to_host else None
@@ -296,11 +294,11 @@ class KVTierWorker:
         def stage(g: int) -> Any:
             if store_ids is not None:
                 gathered.append(self._gather(store_ids, host.bounds[g]))
-            return load(g) if load is not None else None
+            return load(g) if load is not None else self._record()
 
         groups = [functools.partial(stage, g) for g in range(len(host.parts))]
         after = [lambda: self._copy_to_host(to_host, gathered, done)] if to_host else []
-        return groups, after, bool(loads)
+        return groups, after
 
     def _host_loads(self, loads: list[KVTransfer], done: list[KVDone]
                     ) -> Callable[[int], Any] | None:
@@ -393,6 +391,7 @@ class KVTierWorker:
         return data, time.perf_counter() - start
 
     def _record(self, timing: bool = False) -> Any:
+        """An event recorded on the side stream; None on the CPU."""
         if self.stream is None:
             return None
         event = torch.cuda.Event(enable_timing=timing)
@@ -523,13 +522,13 @@ class TieredRunner:
             disk_keys=t.disk_keys, kv_disk_corrupt_files=t.take_corrupt())
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        done, loads = self.tiers.before_step(step)
-        self.runner.layer_ready = loads
+        done, copies = self.tiers.before_step(step)
+        self.runner.layer_ready = copies
         try:
             out = self.runner.execute(step)
         finally:
-            if loads is not None:
-                loads.finish()  # what the forward pass did not reach
+            if copies is not None:
+                copies.finish()  # what the forward pass did not reach
         done.extend(self.tiers.after_step(idle=not step.seqs))
         out.kv_done = done
         out.kv_disk_corrupt_files = self.tiers.take_corrupt()

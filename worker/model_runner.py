@@ -86,7 +86,7 @@ class ModelRunner:
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
         # set by the tier data plane before ``execute``: this step's host loads, which the
         # forward pass waits for layer group by layer group (None: nothing to wait for)
-        self.layer_ready: Any = None  # worker.kv_tiers.LayerLoads
+        self.layer_ready: Any = None  # worker.kv_tiers.LayerCopies
         logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off")

@@ -35,9 +35,10 @@ class AttentionMetadata:
     # Blending only: [T] int32 positions of the rows when they are not each sequence's last
     # query_len tokens (ascending per sequence); row i then sees keys [0, q_positions[i]].
     q_positions: torch.Tensor | None = None
-    # Host-tier loads of this step (CUDA): ``layer_ready.wait(i)`` before computing layer i
+    # Host-tier copies of this step (CUDA; gathers of blocks to store, loads):
+    # ``layer_ready.wait(i)`` before computing layer i
     # (issues the next layer group's copies, waits for layer i's); ``wait_all()`` for
-    # everything (``worker.kv_tiers.LayerLoads``). Models with ``waits_per_layer`` honour it.
+    # everything (``worker.kv_tiers.LayerCopies``). Models with ``waits_per_layer`` honour it.
     layer_ready: Any = None
 
     @property
