@@ -32,6 +32,9 @@ Configurations (each gets the same jobs: every random draw comes from ``--seed``
     pins+pfcfs       TTL pins between turns + program-level FCFS queue (Continuum)
     pins+pfcfs+host  pins+pfcfs + the same host tier (expired pins demote to it)
 
+and, by name only (to tell the mechanisms apart): ``pfcfs`` (program FCFS, no pins) and
+``pfcfs+host`` (program FCFS + the host tier, no pins).
+
 The device pool (``--num-device-blocks``) is kept small so that the jobs' live contexts do not
 fit and LRU evicts between turns. The engine runs in-process and is stepped by this thread;
 while no request is runnable the thread sleeps until the next arrival or tool completion, so
@@ -61,6 +64,7 @@ from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
 from worker.executor import InprocExecutor  # noqa: E402
 
 CONFIGS = ("none", "lru", "lru+host", "pins+pfcfs", "pins+pfcfs+host")
+EXTRA_CONFIGS = ("pfcfs", "pfcfs+host")
 
 # tool name -> (weight, min seconds, max seconds) before --time-scale
 TOOLS: dict[str, tuple[float, float, float]] = {
@@ -173,12 +177,15 @@ def overrides_for(name: str, args, host_gib: float) -> dict:
         return {**base, "enable_ttl_pins": False, "policy": "fcfs"}
     if name == "lru+host":
         return {**base, "enable_ttl_pins": False, "policy": "fcfs", "host_cache_gib": host_gib}
+    if name in ("pfcfs", "pfcfs+host"):
+        host = {"host_cache_gib": host_gib} if name.endswith("+host") else {}
+        return {**base, "enable_ttl_pins": False, "policy": "program_fcfs", **host}
     if name == "pins+pfcfs":
         return {**base, "enable_ttl_pins": True, "policy": "program_fcfs"}
     if name == "pins+pfcfs+host":
         return {**base, "enable_ttl_pins": True, "policy": "program_fcfs",
                 "host_cache_gib": host_gib}
-    raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS + EXTRA_CONFIGS)}")
 
 
 _BLOCK_BYTES: list[int] = []  # bytes of one KV block, learned from the first engine started
