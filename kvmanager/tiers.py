@@ -119,8 +119,6 @@ class TierIndex:
         """
         if not self.enabled:
             return None
-        if len(keys) == 1:  # write-back stores one evicted block at a time
-            return self._store_one(keys[0])
         new = list(dict.fromkeys(k for k in keys if k not in self._entries))
         lacking = len(new) - len(self._free_slots)
         victims = self._victims(lacking) if lacking > 0 else []
@@ -135,23 +133,6 @@ class TierIndex:
             slot = self._free_slots.pop()
             self._entries[key] = _Entry(slot)
             plan.stored.append((key, slot))
-        return plan
-
-    def _store_one(self, key: bytes) -> StorePlan | None:
-        """``prepare_store([key])`` without the bookkeeping of a batch."""
-        plan = StorePlan()
-        if key in self._entries:
-            return plan
-        if not self._free_slots:
-            victim = next(self.cold_keys(), None)
-            if victim is None:
-                return None
-            plan.evicted.append((victim, self._entries[victim].slot))
-            self._drop(victim)
-            self.evictions += 1
-        slot = self._free_slots.pop()
-        self._entries[key] = _Entry(slot)
-        plan.stored.append((key, slot))
         return plan
 
     def num_free(self) -> int:
