@@ -230,7 +230,8 @@ class KVTierWorker:
     # ------------------------------------------------------------------ one step
     def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], LayerCopies | None]:
         """Issue the step's ops (in the documented order); return those already finished and,
-        on CUDA with host loads, the ``LayerCopies`` the forward pass waits on (None: none)."""
+        on CUDA with host copies (loads, stores to host), the ``LayerCopies`` the forward pass
+        waits on (None: none)."""
         done: list[KVDone] = []
         for key in step.kv_deletes:
             if self.disk is not None:

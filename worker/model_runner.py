@@ -239,8 +239,8 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor, StepRows]:
         """Hidden states of every scheduled token: a graph replay for a decode-only batch
         that fits a captured size, else one eager forward of the flat batch. ``ready``: the
-        per-layer load events (``layer_ready``); an eager Llama waits layer by layer, any
-        other path for all of them first."""
+        step's host copies (``layer_ready``); an eager Llama waits layer group by layer
+        group, any other path for all of them first."""
         graphs = self.graphs
         if graphs is not None and all(len(s.token_ids) == 1 for s in seqs) \
                 and graphs.padded(len(seqs)) is not None:
