@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,11 +102,16 @@ def device_pool_gib(args) -> float:
     return gib
 
 
-def run_config(name: str, args, capacity_gib: float, disk_dir: str) -> Result:
+def run_config(name: str, args, capacity_gib: float, disk_dir: str,
+               before_drive: Callable[[EngineCore], None] | None = None) -> Result:
+    """Start an engine for ``name``, warm it up, run the users, shut it down.
+    ``before_drive``: called with the warmed-up engine (``bench/step_phases.py`` times it)."""
     config = build_config(overrides=overrides_for(name, args, capacity_gib, disk_dir))
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
     warm_up(core, args, info.vocab_size)
+    if before_drive is not None:
+        before_drive(core)
     users = make_users(args, info.vocab_size)
     result = drive(core, users, args, Result(name))
     core.shutdown()

@@ -27,9 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import multiturn  # noqa: E402
-from configs.loading import build_config  # noqa: E402
 from scheduler.engine import EngineCore  # noqa: E402
-from worker.executor import InprocExecutor  # noqa: E402
 
 COUNTS = ("tokens", "loads", "stores")
 PHASES = ("wall", "sched", "exec", "tiers_before", "prepare", "fwd_launch", "gpu_fwd",
@@ -71,16 +69,11 @@ def main() -> int:
     name = sys.argv[1]
     args = multiturn.parse_args(sys.argv[2:])
     capacity_gib = multiturn.device_pool_gib(args)
+    rows: list[dict[str, Any]] = []
+    decode_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="encore-bench-kv-") as disk_dir:
-        config = build_config(overrides=multiturn.overrides_for(name, args, capacity_gib,
-                                                                disk_dir))
-        core = EngineCore(config, InprocExecutor(config))
-        info = core.start()
-        multiturn.warm_up(core, args, info.vocab_size)
-        rows, decode_s = instrument(core)
-        result = multiturn.drive(core, multiturn.make_users(args, info.vocab_size), args,
-                                 multiturn.Result(name))
-        core.shutdown()
+        result = multiturn.run_config(name, args, capacity_gib, disk_dir,
+                                      lambda core: instrument(core, rows, decode_s))
     print(f"# {name}: TTFT p50 {multiturn.pct(result.ttft, 0.5) * 1e3:.1f} ms, "
           f"{len(rows)} prefill steps, {len(decode_s)} other steps "
           f"(mean {statistics.fmean(decode_s) * 1e3:.2f} ms)")
@@ -93,9 +86,9 @@ def main() -> int:
     return 0
 
 
-def instrument(core: EngineCore) -> tuple[list[dict[str, Any]], list[float]]:
-    """Wrap the engine's phases; returns the (growing) per-prefill-step rows and the wall
-    times of the other steps."""
+def instrument(core: EngineCore, rows: list[dict[str, Any]], other: list[float]) -> None:
+    """Wrap the engine's phases: each prefill step appends its phase times to ``rows``,
+    every other step its wall time to ``other``."""
     phases = Phases()
     runner = core.executor.runner  # type: ignore[attr-defined]
     phases.wrap(core.scheduler, "schedule", "sched")
@@ -105,8 +98,6 @@ def instrument(core: EngineCore) -> tuple[list[dict[str, Any]], list[float]]:
     phases.wrap(runner.runner, "_prepare", "prepare")
     phases.wrap(runner.runner.model, "forward", "fwd_launch", gpu=True)
     phases.wrap(runner.runner, "sampler", "sample")
-    rows: list[dict[str, Any]] = []
-    other: list[float] = []
     execute = core.executor.execute
     step = core.step
 
@@ -136,7 +127,6 @@ def instrument(core: EngineCore) -> tuple[list[dict[str, Any]], list[float]]:
 
     core.executor.execute = counted_execute  # type: ignore[method-assign]
     core.step = timed_step  # type: ignore[method-assign]
-    return rows, other
 
 
 def row(label: str, r: dict[str, Any]) -> str:
