@@ -48,6 +48,25 @@ class LoadPolicy:
         a tier that is not faster than recomputing only costs its writes."""
         return True
 
+    def load_seconds(self, runs: list[tuple[str, int]]) -> float:
+        """Transfer time, plus one engine step when a disk read makes the request wait
+        (host loads run in the step that computes the rest of the prompt)."""
+        n = self.numbers
+        total = n.step_s if any(tier != "host" for tier, _ in runs) else 0.0
+        for tier, blocks in runs:
+            total += n.latency_s[tier] + blocks * self.block_bytes / n.bandwidth[tier]
+        return total
+
+    def recompute_seconds(self, blocks: int) -> float:
+        return blocks * self.block_size / self.numbers.prefill_tokens_per_s
+
+    def reload_fraction(self, tier: str, blocks: int) -> float:
+        """What getting ``blocks`` back from ``tier`` costs, as a fraction (at most 1) of
+        computing them again (TTL pins price a miss with it)."""
+        if blocks <= 0:
+            return 1.0
+        return min(1.0, self.load_seconds([(tier, blocks)]) / self.recompute_seconds(blocks))
+
     # ------------------------------------------------------------------ measurements
     def observe_transfer(self, tier: str, nbytes: int, seconds: float) -> None:
         if seconds > 0 and nbytes > 0 and tier in self.numbers.bandwidth:
@@ -79,18 +98,6 @@ class CostLoad(LoadPolicy):
     recomputing everything is at least as fast (a hit never makes TTFT worse)."""
 
     name = "cost"
-
-    def load_seconds(self, runs: list[tuple[str, int]]) -> float:
-        """Transfer time, plus one engine step when a disk read makes the request wait
-        (host loads run in the step that computes the rest of the prompt)."""
-        n = self.numbers
-        total = n.step_s if any(tier != "host" for tier, _ in runs) else 0.0
-        for tier, blocks in runs:
-            total += n.latency_s[tier] + blocks * self.block_bytes / n.bandwidth[tier]
-        return total
-
-    def recompute_seconds(self, blocks: int) -> float:
-        return blocks * self.block_size / self.numbers.prefill_tokens_per_s
 
     def pays_off(self, tier: str) -> bool:
         """Moving a block must beat computing its tokens: otherwise no hit on ``tier``, however

@@ -76,6 +76,7 @@ class KVCacheManager:
             self.pins = make(self.pool)
             if self.tiers is not None:
                 self.pins.on_demote = self.tiers.on_device_evict
+                self.pins.miss_cost = self.tiers.miss_cost
 
     # ------------------------------------------------------------------ queries
     @property

@@ -18,8 +18,15 @@ use" for every pool invariant. The TTL policy picks the TTL that maximizes
     P(next turn within t) · benefit  −  cost_rate · t · blocks · pressure
 
 with P from the program's (else all programs') observed gaps, mixed with an exponential prior
-while there are few (it fades out by the 8th gap); benefit = prefill tokens saved (blocks ·
-block size). Torch-free; every time comes from an injectable clock.
+while there are few (it fades out by the 8th gap); benefit = the prefill a miss would cost
+(blocks · block size tokens), times ``miss_cost``: the fraction of that prefill a released
+pin's KV costs to get back (1 without a lower tier; a host reload is a fraction of it, so a
+pin is worth less and yields sooner when its KV would be demoted to host).
+
+Who waits for whom (Continuum): while other sequences run, a waiting admission does not take a
+paused program's pinned KV; it waits for room, unless the pin's KV comes back cheaply
+(``miss_cost`` below ``CHEAP_MISS``: demoted to host, it reloads in the step that resumes the
+program). Torch-free; every time comes from an injectable clock.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from kvmanager.block_pool import BlockPool
 
 _MAX_PROGRAMS = 65536  # programs whose gaps are remembered (oldest forgotten first)
 _PRIOR_FADE = 8  # observations after which the exponential prior no longer counts
+CHEAP_MISS = 0.5  # a released pin costing less than half its prefill to reload yields freely
 _GRID_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
@@ -90,13 +98,15 @@ class TTLPolicy:
         f0 = self.p_within(program, elapsed)
         return (self.p_within(program, until) - f0) / max(1.0 - f0, 1e-9)
 
-    def choose(self, program: str, num_blocks: int, pressure: float) -> float:
-        """The best TTL in seconds (0 = not worth pinning) at device ``pressure`` (0..1)."""
+    def choose(self, program: str, num_blocks: int, pressure: float,
+               miss_cost: float = 1.0) -> float:
+        """The best TTL in seconds (0 = not worth pinning) at device ``pressure`` (0..1), when
+        a miss costs ``miss_cost`` of the blocks' prefill."""
         gaps = self._gaps.get(program) or self._all
         candidates = {min(g * 1.25 + 0.5, self.max_ttl_s) for g in gaps}
         candidates.update(t for t in _GRID_S if t < self.max_ttl_s)
         candidates.add(self.max_ttl_s)
-        benefit = num_blocks * self.block_size
+        benefit = num_blocks * self.block_size * miss_cost
         best_t, best = 0.0, 0.0
         for t in sorted(candidates):
             score = (self.p_within(program, t) * benefit
@@ -147,13 +157,17 @@ class PinTable:
     def __init__(self, pool: BlockPool, policy: TTLPolicy, max_pinned_blocks: int,
                  clock: Callable[[], float] = time.monotonic,
                  on_demote: Callable[[bytes, int], None] | None = None,
-                 max_tenant_blocks: int | None = None) -> None:
+                 max_tenant_blocks: int | None = None,
+                 miss_cost: Callable[[int], float] = lambda blocks: 1.0) -> None:
+        """``miss_cost(blocks)``: what that many released blocks cost to get back, as a
+        fraction of their prefill (the tier hierarchy's estimate; 1 = recomputed)."""
         self.pool = pool
         self.policy = policy
         self.max_pinned_blocks = max_pinned_blocks
         self.max_tenant_blocks = max_tenant_blocks  # per tenant (cache salt); None = no quota
         self.clock = clock
         self.on_demote = on_demote  # (key, block): save a block one tier down
+        self.miss_cost = miss_cost
         self._turns: dict[str, Pin] = {}  # program -> its last turn's pin
         self._prefixes: dict[bytes, Pin] = {}  # last block's key -> explicit pin
         self._held: Counter[int] = Counter()  # block -> pins holding it
@@ -163,9 +177,9 @@ class PinTable:
         self.released = 0  # pins released early under memory pressure or a cap (cumulative)
         self.ttls: list[float] = []  # chosen TTLs, drained by take_ttls()
         self.protected: str | None = None  # the program being admitted: its pins go last
-        # Continuum: while other sequences run, a new admission waits instead of releasing
-        # pins (set by the scheduler around admissions; pressure from running sequences, or
-        # an otherwise idle engine, still releases them)
+        # Continuum: while other sequences run, an admission waits instead of releasing pins,
+        # except those cheap to reload (set by the scheduler around admissions; pressure from
+        # running sequences, or an otherwise idle engine, releases any pin)
         self.frozen = False
 
     @property
@@ -203,7 +217,7 @@ class PinTable:
         ttl = 0.0
         if blocks:
             ttl = ttl_s if ttl_s is not None else self.policy.choose(
-                program, len(blocks), self.pool.usage)
+                program, len(blocks), self.pool.usage, self.miss_cost(len(blocks)))
             ttl = min(ttl, self.policy.max_ttl_s)
         pin = None
         if ttl > 0:
@@ -267,10 +281,12 @@ class PinTable:
         return len(done)
 
     def release_lowest(self) -> bool:
-        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none, or
-        while ``frozen``."""
+        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none; while
+        ``frozen``, only pins whose KV comes back cheaply (``CHEAP_MISS``) count."""
         pins = self.all_pins()
-        if not pins or self.frozen:
+        if self.frozen:
+            pins = [p for p in pins if self.miss_cost(len(p.blocks)) < CHEAP_MISS]
+        if not pins:
             return False
         self._release(min(pins, key=self._rank), demote=True)
         self.released += 1
@@ -322,8 +338,9 @@ class PinTable:
         return pin.program == self.protected, pin.explicit, self._value(pin)
 
     def _value(self, pin: Pin) -> float:
-        """Expected prefill tokens the pin still saves (an explicit pin's are certain)."""
-        tokens = len(pin.blocks) * self.policy.block_size
+        """Expected prefill tokens the pin still saves (an explicit pin's are certain), priced
+        at what a miss would cost (``miss_cost``)."""
+        tokens = len(pin.blocks) * self.policy.block_size * self.miss_cost(len(pin.blocks))
         if pin.explicit:
             return float(tokens)
         now = self.clock()

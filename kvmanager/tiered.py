@@ -197,6 +197,16 @@ class TieredCache:
         ops, self.ops = self.ops, StepOps()
         return ops
 
+    def miss_cost(self, blocks: int) -> float:
+        """What ``blocks`` evicted from the device cost to get back, as a fraction of computing
+        them again: a load from the first lower tier that keeps them (``on_device_evict``)
+        and pays off; 1.0 when none would."""
+        for name in LOWER_TIERS:
+            tier = self.tiers.get(name)
+            if tier is not None and tier.enabled and self.policy.pays_off(name):
+                return self.policy.reload_fraction(name, blocks)
+        return 1.0
+
     def on_device_evict(self, key: bytes, block: int) -> None:
         """Write-back: a cached device block is about to be reused; save it one tier down.
         A full host first drops its coldest clean block (one with a disk copy); with none,

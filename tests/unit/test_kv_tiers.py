@@ -76,6 +76,9 @@ def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
     # a block read in 100 ms never beats its 16 ms recompute: disk copies would not pay off
     assert policy.pays_off("host") and not policy.pays_off("disk")
     assert CostLoad(16, 1_000_000, numbers).pays_off("disk")  # 10 ms a block
+    # a pin's miss reloads from host in 1 ms of every 16 ms of prefill; disk is capped at 1
+    assert policy.reload_fraction("host", 4) == pytest.approx(1 / 16)
+    assert policy.reload_fraction("disk", 4) == 1.0
     numbers.step_s = 1.0  # a step is slow: waiting for it never beats a short recompute
     assert CostLoad(16, 1_000_000, numbers).blocks_to_load([("disk", 4)]) == 0
     # host loads wait for no step: only a link slower than prefill makes them lose

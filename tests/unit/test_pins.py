@@ -73,6 +73,15 @@ def test_ttl_policy_gives_slower_programs_longer_ttls() -> None:
     assert 0 < cold.choose("new", 4, 0.5) <= 600, "the exponential prior pins cold programs"
 
 
+def test_a_miss_that_reloads_from_host_is_worth_a_shorter_pin() -> None:
+    policy = TTLPolicy(max_ttl_s=600, block_size=BS)
+    for g in (40.0, 55.0, 48.0, 60.0, 45.0, 52.0, 58.0, 50.0):
+        policy.observe_gap("slow", g)
+    full = policy.choose("slow", 4, 0.5)
+    assert 0 < policy.choose("slow", 4, 0.5, miss_cost=0.3) <= full
+    assert policy.choose("slow", 4, 1.0, miss_cost=0.05) == 0, "not worth device memory"
+
+
 def test_gaps_are_measured_with_the_engine_clock() -> None:
     sched, worker, clock = make()
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A")
@@ -192,6 +201,35 @@ def test_new_admission_waits_for_room_instead_of_releasing_pins_while_others_run
     run_all(sched, worker, run)  # now idle otherwise: the pin yields, the newcomer runs
     assert run.finals[("new", 0)].finish_reason == "length"
     assert pins.num_pinned_blocks == 0 and pins.released == 1
+    assert_no_leaks(sched)
+
+
+def _busy_then(sched: Scheduler, worker: FakeWorker, req, run: Run) -> None:
+    """Start a request that runs for a few steps, then queue ``req`` behind it."""
+    assert sched.add_request(make_request("busy", list(range(300, 308)), max_tokens=6)) == []
+    step(sched, worker, run)  # busy runs: 2 blocks, growing to 4
+    assert sched.add_request(req) == []
+
+
+def test_a_pin_that_reloads_cheaply_from_host_yields_to_a_newcomer() -> None:
+    """With a host tier, a released pin's KV comes back at a fraction of its prefill: a
+    newcomer does not wait for it; the pin is demoted to host and the next turn reloads it."""
+    sched, worker, _ = make(host=16, max_pinned_fraction=0.9)
+    assert sched.kv.tiers is not None and sched.kv.tiers.miss_cost(3) < 0.5
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
+    pins = sched.kv.pins
+    assert pins is not None and pins.num_pinned_blocks == 3
+    run = Run()
+    new = list(range(400, 452))  # 13 blocks; busy holds 3 of 16: fit only if the pin goes
+    _busy_then(sched, worker, make_request("new", new, max_tokens=1), run)
+    out = sched.schedule()
+    assert "new#0" in [s.seq_id for s in out.seqs], "the newcomer waited for the pin"
+    assert pins.num_pinned_blocks == 0 and pins.released == 1
+    assert {t.dst for t in out.kv_stores} == {"host"} and len(out.kv_stores) == 3
+    run.collect(sched.update_from_output(out, worker.execute(out)))
+    run_all(sched, worker, run)
+    again = turn(sched, worker, "a2", A_PROMPT + [7], prompt_cache_key="A")
+    assert again.finals[("a2", 0)].num_cached_tokens == 12, "reloaded from host"
     assert_no_leaks(sched)
 
 
