@@ -2,6 +2,7 @@
 
     turn k ends ──pin(blocks, ttl)──► pinned (a pool reference; never LRU-evicted)
         │                               │
+        │ next turn of the program arrives ──awaited──► no longer expires: it is in the queue
         │      next turn of the program ┤──claim──► its sequence holds the blocks (pin hit)
         │                    ttl passes ┤──expire──► demoted to the host tier, then LRU-cached
         │      allocation would fail    └──release_lowest──► the lowest-value pin goes first
@@ -137,6 +138,7 @@ class Pin:
     expires: float
     tenant: str | None = None  # the sequence's cache salt
     explicit: bool = False
+    awaited: bool = False  # the program's next turn arrived and waits for admission
 
     @property
     def ttl(self) -> float:
@@ -263,6 +265,21 @@ class PinTable:
         self._release(pin, demote=False)
         return hit
 
+    def awaited(self, program: str) -> None:
+        """The program's next turn arrived: its turn pin no longer expires; it ends when that
+        turn is admitted (``claim``) or gives up (``abandoned``). The TTL covers the tool's
+        run, not the turn's wait in the queue."""
+        pin = self._turns.get(program)
+        if pin is not None:
+            pin.awaited = True
+
+    def abandoned(self, program: str) -> None:
+        """The program's awaited turn ended without being admitted (aborted): its pin expires
+        as before (at once if its TTL has passed)."""
+        pin = self._turns.get(program)
+        if pin is not None:
+            pin.awaited = False
+
     def drop(self, program: str) -> None:
         """Release the program's turn pin without counting anything (its last step is done);
         its explicit pins run out their TTLs."""
@@ -274,7 +291,7 @@ class PinTable:
         """Release every pin past its expiry, demoting blocks no one else holds. Returns how
         many expired."""
         now = self.clock()
-        done = [p for p in self.all_pins() if p.expires <= now]
+        done = [p for p in self.all_pins() if p.expires <= now and not p.awaited]
         for pin in done:
             self._release(pin, demote=True)
         self.expired += len(done)
@@ -341,7 +358,7 @@ class PinTable:
         """Expected prefill tokens the pin still saves (an explicit pin's are certain), priced
         at what a miss would cost (``miss_cost``)."""
         tokens = len(pin.blocks) * self.policy.block_size * self.miss_cost(len(pin.blocks))
-        if pin.explicit:
+        if pin.explicit or pin.awaited:
             return float(tokens)
         now = self.clock()
         return self.policy.p_return(pin.program, now - pin.start, pin.expires - pin.start) * tokens

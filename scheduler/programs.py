@@ -2,7 +2,8 @@
 
 A program is named by ``prompt_cache_key`` (the server maps Continuum's ``job_id`` onto it).
 
-    request of P arrives ──started──► gap since P's last turn ended → TTL policy
+    request of P arrives ──started──► gap since P's last turn ended → TTL policy; P's pin
+                                        stops expiring (the turn waits in the queue)
     turn of P admitted   ──claim────► P's pin released (its sequence holds the blocks now)
     turn of P ends       ──turn_ended─► pin its KV (TTL from the policy or the request),
                                         or, on P's ``is_last_step``, drop the pin and record
@@ -51,6 +52,7 @@ class Programs:
         now = self.clock()
         if self.kv.pins is not None:
             self.kv.pins.policy.turn_started(program, now)
+            self.kv.pins.awaited(program)
         if program not in self._start:
             self._start[program] = now
             if len(self._start) > _MAX_PROGRAMS:
@@ -83,6 +85,8 @@ class Programs:
         if program is None or seq.index != 0:
             return
         done = status in (SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH)
+        if pins is not None and not done:
+            pins.abandoned(program)  # if it never got in, the pin it awaited expires again
         if seq.is_last_step:
             start = self._start.pop(program, None)
             if start is not None and done:

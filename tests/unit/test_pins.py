@@ -139,6 +139,34 @@ def test_pin_expires_on_time() -> None:
     assert_no_leaks(sched)
 
 
+def test_a_pin_does_not_expire_while_its_programs_next_turn_waits() -> None:
+    """The TTL covers the tool's run; once the next turn has arrived, the pin holds until the
+    turn is admitted, however long it queues. An aborted turn lets the pin expire again."""
+    sched, worker, clock = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0)
+    pins = sched.kv.pins
+    assert pins is not None
+    clock.t = 5.0
+    a2 = A_PROMPT + [7]
+    assert sched.add_request(make_request("a2", a2, max_tokens=1, prompt_cache_key="A")) == []
+    clock.t = 11.0  # past the TTL before the turn is first scheduled
+    run = run_all(sched, worker)
+    assert pins.expired == 0 and pins.hits == 1
+    assert run.finals[("a2", 0)].num_cached_tokens == 12
+    # the next turn arrives, then is aborted before it is admitted
+    turn(sched, worker, "a3", a2 + [8, 9, 10], prompt_cache_key="A", pin_ttl_s=10.0)
+    assert pins.pin_of("A") is not None
+    clock.t = 15.0
+    assert sched.add_request(make_request("a4", a2 + [1], max_tokens=1,
+                                          prompt_cache_key="A")) == []
+    sched.abort(["a4"])
+    clock.t = 21.0
+    run_all(sched, worker)
+    step(sched, worker)
+    assert pins.pin_of("A") is None and pins.expired == 1
+    assert_no_leaks(sched)
+
+
 def test_expired_pin_is_demoted_to_the_host_tier() -> None:
     sched, worker, clock = make(host=8)
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0)
