@@ -14,7 +14,9 @@ model output and tool output) and generates ``--output-min..--output-max`` token
 agent "runs a tool" for a real wall-clock duration drawn from that tool's range (below, times
 ``--time-scale``), and the tool's output (``--tool-tokens-min..max`` tokens, log-uniform) is
 appended to the next turn's prompt. Jobs arrive as a Poisson process (``--rate`` jobs per
-second). Every turn carries ``prompt_cache_key=<job id>``; the last one ``is_last_step``.
+second). Every turn carries ``prompt_cache_key=<job id>``; the last one ``is_last_step``. A
+turn that calls a tool is reported to the engine with the tool's name (``tool_called``), as the
+server does once its tool-call parser has read the model's call.
 A job whose context would outgrow ``--max-context`` (default: the model's limit) ends early.
 
     tool        weight   duration (s, before --time-scale)
@@ -284,6 +286,7 @@ def drive(core: EngineCore, jobs: list[Job], args, result: Result) -> Result:
                 else:
                     result.jct.append(now - st.start)
                 continue
+            core.tool_called(st.job.job_id, [turn.tool])  # as the server's tool parser does
             st.context.extend(st.output)
             st.context.extend(turn.tool_tokens)
             st.output = []

@@ -47,7 +47,9 @@ _GRID_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3
 
 
 class TTLPolicy:
-    """Chooses pin TTLs from the empirical distribution of gaps between a program's turns."""
+    """Chooses pin TTLs from the empirical distribution of gaps between a program's turns:
+    those after the same tool (any program's) once the turn is known to have called one
+    (``tool_called``), else the program's own, else all programs'."""
 
     def __init__(self, max_ttl_s: float, block_size: int, prior_mean_s: float = 30.0,
                  prior_weight: float = 4.0, history: int = 256) -> None:
@@ -58,24 +60,42 @@ class TTLPolicy:
         # cost per block-second at pressure 1: holding a block for max_ttl_s costs its benefit
         self.cost_rate = block_size / max_ttl_s
         self._gaps: dict[str, deque[float]] = {}
+        self._tool_gaps: dict[str, deque[float]] = {}  # tool (names, sorted) -> its gaps
         self._all: deque[float] = deque(maxlen=history)
         self._history = history
         self._ended: dict[str, float] = {}  # program -> when its last turn ended
+        self._tool: dict[str, str] = {}  # program -> the tool its last turn called
 
     # ------------------------------------------------------------------ observations
     def turn_ended(self, program: str, now: float) -> None:
         self._ended[program] = now
         _bound(self._ended)
 
+    def tool_called(self, program: str, tools: Sequence[str]) -> bool:
+        """The program's turn that just ended called ``tools`` (names; parallel calls count
+        as one tool): its gap is a run of that tool. False if no turn of it is pending."""
+        if program not in self._ended or not tools:
+            return False
+        self._tool[program] = ",".join(sorted(set(tools)))
+        _bound(self._tool)
+        return True
+
     def turn_started(self, program: str, now: float) -> None:
-        """The program's next request arrived: record its gap (if a turn of it ended before)."""
+        """The program's next request arrived: record its gap (if a turn of it ended before),
+        also as a run of the tool that turn called."""
         end = self._ended.pop(program, None)
+        tool = self._tool.pop(program, None)
         if end is not None:
-            self.observe_gap(program, max(0.0, now - end))
+            gap = max(0.0, now - end)
+            self.observe_gap(program, gap)
+            if tool is not None:
+                self._tool_gaps.setdefault(tool, deque(maxlen=self._history)).append(gap)
+                _bound(self._tool_gaps)
 
     def forget(self, program: str) -> None:
         """The program finished (its last step): stop tracking it (its gaps stay in the pool)."""
         self._ended.pop(program, None)
+        self._tool.pop(program, None)
         self._gaps.pop(program, None)
 
     def observe_gap(self, program: str, gap_s: float) -> None:
@@ -84,9 +104,15 @@ class TTLPolicy:
         self._all.append(gap_s)
 
     # ------------------------------------------------------------------ model
+    def _gaps_for(self, program: str) -> deque[float]:
+        """The gaps that predict the program's next one (see the class docstring)."""
+        tool = self._tool.get(program)
+        return ((tool is not None and self._tool_gaps.get(tool)) or self._gaps.get(program)
+                or self._all)
+
     def p_within(self, program: str, t: float) -> float:
         """P(the program's next turn arrives within ``t`` seconds of its turn's end)."""
-        gaps = self._gaps.get(program) or self._all
+        gaps = self._gaps_for(program)
         mean = sum(gaps) / len(gaps) if gaps else self.prior_mean_s  # the prior's scale
         prior = 1.0 - math.exp(-t / max(mean, 1e-6))
         n = len(gaps)
@@ -103,7 +129,7 @@ class TTLPolicy:
                miss_cost: float = 1.0) -> float:
         """The best TTL in seconds (0 = not worth pinning) at device ``pressure`` (0..1), when
         a miss costs ``miss_cost`` of the blocks' prefill."""
-        gaps = self._gaps.get(program) or self._all
+        gaps = self._gaps_for(program)
         candidates = {min(g * 1.25 + 0.5, self.max_ttl_s) for g in gaps}
         candidates.update(t for t in _GRID_S if t < self.max_ttl_s)
         candidates.add(self.max_ttl_s)
@@ -139,6 +165,7 @@ class Pin:
     tenant: str | None = None  # the sequence's cache salt
     explicit: bool = False
     awaited: bool = False  # the program's next turn arrived and waits for admission
+    fixed: bool = False  # the request chose the TTL (the policy never changes it)
 
     @property
     def ttl(self) -> float:
@@ -223,7 +250,8 @@ class PinTable:
             ttl = min(ttl, self.policy.max_ttl_s)
         pin = None
         if ttl > 0:
-            pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant))
+            pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant,
+                                fixed=ttl_s is not None))
         if pin is not None:
             self._hold(pin)
             self.ttls.append(ttl)
@@ -264,6 +292,19 @@ class PinTable:
         self.hits += hit
         self._release(pin, demote=False)
         return hit
+
+    def tool_called(self, program: str, tools: Sequence[str]) -> None:
+        """The program's last turn called ``tools``: its pin's TTL is chosen again from that
+        tool's gaps, from the pin's start (a TTL the request asked for stays; a TTL of 0
+        expires it at the next step, demoted)."""
+        if not self.policy.tool_called(program, tools):
+            return
+        pin = self._turns.get(program)
+        if pin is None or pin.fixed or pin.awaited:
+            return
+        n = len(pin.blocks)
+        ttl = self.policy.choose(program, n, self.pool.usage, self.miss_cost(n))
+        pin.expires = pin.start + min(ttl, self.policy.max_ttl_s)
 
     def awaited(self, program: str) -> None:
         """The program's next turn arrived: its turn pin no longer expires; it ends when that

@@ -24,6 +24,7 @@ from scheduler.protocol import (
     EngineStats,
     RequestOutput,
     Shutdown,
+    ToolCalled,
 )
 
 
@@ -55,6 +56,11 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed at once. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        """The turn of agent program ``program`` that just ended called ``tools`` (function
+        names, parsed by the server): TTL pins learn how long each tool pauses a program."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:
@@ -149,7 +155,7 @@ class BaseEngineClient(EngineClient):
         """Cumulative histogram of per-request KV staging times (seconds)."""
         return self.router.kv_load_seconds
 
-    def _send(self, msg: EngineRequest | AbortRequest | Shutdown) -> None:
+    def _send(self, msg: EngineRequest | AbortRequest | ToolCalled | Shutdown) -> None:
         raise NotImplementedError
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -179,3 +185,7 @@ class BaseEngineClient(EngineClient):
     async def abort(self, request_id: str) -> None:
         if self._ready:
             self._send(AbortRequest([request_id]))
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        if self._ready:
+            self._send(ToolCalled(program, tools))

@@ -1,6 +1,6 @@
 """The engine (P1): scheduler + executor glue, and the loop that drives it.
 
-    inbox (EngineRequest / AbortRequest / Shutdown) ──► EngineLoop ──► emit(EngineOutputs)
+    inbox (EngineRequest / AbortRequest / ToolCalled / Shutdown) ──► EngineLoop ──► emit(EngineOutputs)
                                                           │
                                               EngineCore.step(): schedule → execute → update
 
@@ -27,6 +27,7 @@ from scheduler.protocol import (
     EngineRequest,
     RequestOutput,
     Shutdown,
+    ToolCalled,
     WorkerReady,
 )
 from scheduler.scheduler import Scheduler
@@ -80,6 +81,9 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         return self.scheduler.abort(request_ids)
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        self.scheduler.tool_called(program, tools)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -144,6 +148,8 @@ class EngineLoop:
             outputs.extend(self.core.add_request(msg))
         elif isinstance(msg, AbortRequest):
             outputs.extend(self.core.abort(msg.request_ids))
+        elif isinstance(msg, ToolCalled):
+            self.core.tool_called(msg.program, msg.tools)
         elif isinstance(msg, Shutdown):
             return False
         else:

@@ -2,6 +2,8 @@
 
 A program is named by ``prompt_cache_key`` (the server maps Continuum's ``job_id`` onto it).
 
+    P's turn called tools ──tool_called─► (from the server's tool-call parser) P's pin gets
+                                        the TTL those tools' past gaps call for
     request of P arrives ──started──► gap since P's last turn ended → TTL policy; P's pin
                                         stops expiring (the turn waits in the queue)
     turn of P admitted   ──claim────► P's pin released (its sequence holds the blocks now)
@@ -57,6 +59,11 @@ class Programs:
             self._start[program] = now
             if len(self._start) > _MAX_PROGRAMS:
                 self._start.popitem(last=False)
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        """The last turn of ``program`` ended in calls of ``tools`` (names)."""
+        if self.kv.pins is not None:
+            self.kv.pins.tool_called(program, tools)
 
     def expire(self) -> None:
         """Release expired pins (at the start of a step, so demotions go out with it)."""

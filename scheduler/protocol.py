@@ -1,6 +1,6 @@
 """Messages between the processes (torch-free, msgspec structs, msgpack on the wire).
 
-    P0 api ──EngineRequest/AbortRequest──► P1 engine ──SchedulerOutput──► P2 worker
+    P0 api ──EngineRequest/AbortRequest/ToolCalled──► P1 engine ──SchedulerOutput──► P2 worker
     P0 api ◄──EngineOutputs (RequestOutput…, EngineStats)── P1 ◄──ModelRunnerOutput── P2
 
 No pickle anywhere: every message is a tagged msgspec Struct, encoded with ``encode`` and
@@ -75,6 +75,14 @@ class AbortRequest(msgspec.Struct, tag=True):
     """Stop a request (client gone, or stop string matched in P0); frees its blocks at once."""
 
     request_ids: list[str]
+
+
+class ToolCalled(msgspec.Struct, tag=True):
+    """P0 parsed calls of ``tools`` (function names) from the turn of agent program
+    ``program`` (its ``prompt_cache_key``) that just ended: TTL pins learn per tool."""
+
+    program: str
+    tools: list[str]
 
 
 class Logprob(msgspec.Struct, array_like=True):
@@ -291,7 +299,7 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 Message = (
-    EngineRequest | AbortRequest | EngineOutputs | EngineReady | EngineDead | SchedulerOutput
+    EngineRequest | AbortRequest | ToolCalled | EngineOutputs | EngineReady | EngineDead | SchedulerOutput
     | ModelRunnerOutput | WorkerReady | Shutdown
 )
 

@@ -167,6 +167,11 @@ class Scheduler:
             )
         return None
 
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        """The server parsed calls of ``tools`` from the turn of ``program`` that just ended
+        (the TTL policy learns per tool how long such a pause lasts)."""
+        self.programs.tool_called(program, tools)
+
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """Finish every unfinished child of these requests ("abort"); blocks are freed now.
 

@@ -119,6 +119,8 @@ async def _collect(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
         if req.logprobs:
             logprobs = {"content": chat_logprobs(ctx.token_text, lps[i], req.top_logprobs or 0)}
         message, reason = _message(ctx, req, texts[i], reasons[i] or "abort")
+        if i == 0 and reason == "tool_calls":
+            _tools_called(ctx, req, [c["function"]["name"] for c in message["tool_calls"]])
         choices.append({"index": i, "message": message, "logprobs": logprobs,
                         "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -170,10 +172,20 @@ async def _stream_events(ctx: ServingContext, req: ChatCompletionRequest, base: 
         reason = d.finish_reason
         if reason and parsers and parsers[d.index].num_calls:
             reason = "tool_calls"
+            if d.index == 0:
+                _tools_called(ctx, req, parsers[0].called)
         yield chunk({"index": d.index, "delta": delta,
                      "logprobs": _choice_logprobs(ctx, req, d), "finish_reason": reason})
     if req.include_usage():
         yield sse_event({**base, "choices": [], "usage": usage.body()})
+
+
+def _tools_called(ctx: ServingContext, req: ChatCompletionRequest, names: list[str]) -> None:
+    """An agent program's turn (choice 0) ended in tool calls: the engine's TTL pins learn
+    per tool how long the program pauses (nothing to learn after its last step)."""
+    program = req.program_key()
+    if program is not None and not req.is_last_step:
+        ctx.engine.tool_called(program, list(names))
 
 
 def _stream_parsers(ctx: ServingContext,

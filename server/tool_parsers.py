@@ -120,7 +120,11 @@ class StreamingToolParser:
         self.names = names
         self._buf = ""
         self._json_mode: bool | None = None  # llama3: None until the first non-space char
-        self.num_calls = 0
+        self.called: list[str] = []  # names of the calls parsed so far
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.called)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buf += text
@@ -148,7 +152,7 @@ class StreamingToolParser:
             out.append(self._buf[:start] if call else self._buf[:stop])
             calls += [call] if call else []
             self._buf = self._buf[stop:]
-        self.num_calls += len(calls)
+        self.called += [c.name for c in calls]
         return "".join(out), calls
 
     def _feed_llama3(self) -> tuple[str, list[ToolCall]]:
@@ -167,6 +171,6 @@ class StreamingToolParser:
         text, self._buf = self._buf, ""
         if self.parser == "llama3_json" and self._json_mode is not False:
             parsed = parse_llama3_json(text, self.names)
-            self.num_calls += len(parsed.tool_calls)
+            self.called += [c.name for c in parsed.tool_calls]
             return parsed.content or "", parsed.tool_calls
         return text, []

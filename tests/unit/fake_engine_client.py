@@ -64,6 +64,7 @@ class FakeEngineClient(EngineClient):
         self.fail_with = fail_with
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
+        self.tools_called: list[tuple[str, list[str]]] = []  # (program, tool names)
         self.active: set[str] = set()
         self.seen_prompts: list[list[int]] = []
         self.totals = EngineStats()
@@ -150,6 +151,9 @@ class FakeEngineClient(EngineClient):
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         self.active.discard(request_id)
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        self.tools_called.append((program, tools))
 
     async def shutdown(self) -> None:
         self.shut_down = True

@@ -82,6 +82,33 @@ def test_a_miss_that_reloads_from_host_is_worth_a_shorter_pin() -> None:
     assert policy.choose("slow", 4, 1.0, miss_cost=0.05) == 0, "not worth device memory"
 
 
+def test_ttl_follows_the_tool_a_turn_called() -> None:
+    """Per tool (Continuum): once the server reports a turn's tool calls, its pin's TTL comes
+    from the gaps that followed that tool in any program; a requested TTL stays."""
+    sched, worker, _ = make()
+    pins = sched.kv.pins
+    assert pins is not None
+    policy = pins.policy
+    for i in range(8):  # other programs' history: "run_tests" pauses ~40 s, "ls" ~0.5 s
+        for tool, gap in (("run_tests", 40.0 + i), ("ls", 0.5)):
+            program = f"{tool}-{i}"
+            policy.turn_ended(program, 0.0)
+            assert policy.tool_called(program, [tool])
+            policy.turn_started(program, gap)
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A")
+    pin = pins.pin_of("A")
+    assert pin is not None
+    sched.tool_called("A", ["run_tests"])
+    assert 47 <= pin.ttl <= 120, pin.ttl  # covers the slowest run seen (47 s)
+    sched.tool_called("A", ["ls"])  # (a correction: the latest report wins)
+    assert 0 < pin.ttl <= 2, pin.ttl
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=7.0)
+    sched.tool_called("B", ["run_tests"])
+    assert pins.pin_of("B").ttl == 7.0  # type: ignore[union-attr]
+    sched.tool_called("nobody", ["ls"])  # unknown programs are ignored
+    assert_no_leaks(sched)
+
+
 def test_gaps_are_measured_with_the_engine_clock() -> None:
     sched, worker, clock = make()
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A")

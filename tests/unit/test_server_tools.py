@@ -184,3 +184,20 @@ def test_native_template_gets_tools_calls_and_tool_messages() -> None:
     assert rendered[1]["tool_calls"][0]["function"] == {"name": "get_weather",
                                                         "arguments": {"city": "Paris"}}
     assert rendered[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_agent_programs_tool_calls_reach_the_engine(stream: bool) -> None:
+    """TTL pins learn per tool: a program's turn ending in tool calls tells the engine which
+    tools run (not without a program, nor after its last step)."""
+    engine = _engine(HERMES)
+    with serve(engine, tool_call_parser="hermes") as (http, _, _):
+        client = _client(http)
+        for extra in ({"prompt_cache_key": "job-1"}, {}, {"job_id": "job-2",
+                                                          "is_last_step": True}):
+            r = client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "weather?"}],
+                tools=TOOLS, stream=stream, extra_body=extra)  # type: ignore[arg-type]
+            if stream:
+                list(r)  # type: ignore[arg-type]
+    assert engine.tools_called == [("job-1", ["get_weather"])]
