@@ -1,8 +1,9 @@
 """The engine (P1): scheduler + executor glue, and the loop that drives it.
 
-    inbox (EngineRequest / AbortRequest / ToolCalled / Shutdown) ──► EngineLoop ──► emit(EngineOutputs)
-                                                          │
-                                              EngineCore.step(): schedule → execute → update
+    inbox (EngineRequest / AbortRequest / ToolCalled / Shutdown)
+        ──► EngineLoop ──► emit(EngineOutputs)
+                 │
+    EngineCore.step(): schedule → execute → update
 
 The loop only pops Python objects from a queue and hands results to ``emit``; sockets and
 (de)serialization live in I/O threads (``scheduler.engine_main``) or in the asyncio side of an

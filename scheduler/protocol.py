@@ -299,8 +299,8 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 Message = (
-    EngineRequest | AbortRequest | ToolCalled | EngineOutputs | EngineReady | EngineDead | SchedulerOutput
-    | ModelRunnerOutput | WorkerReady | Shutdown
+    EngineRequest | AbortRequest | ToolCalled | EngineOutputs | EngineReady | EngineDead
+    | SchedulerOutput | ModelRunnerOutput | WorkerReady | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()
