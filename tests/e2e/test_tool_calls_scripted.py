@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from e2e_server import API_KEY, Server, start_server, stop_server
@@ -62,10 +63,11 @@ def client(scripted: tuple[str, Server]) -> openai.OpenAI:
     return openai.OpenAI(base_url=scripted[1].v1, api_key=API_KEY, max_retries=0, timeout=60)
 
 
-def chat(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+def chat(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool,
+         **extra: Any) -> dict[str, Any]:
     """One completion as {content, tool_calls: [{id, name, arguments}], finish_reason}."""
     kw: dict[str, Any] = dict(model="scripted_model", messages=messages, tools=TOOLS,
-                              temperature=0, max_tokens=64)
+                              temperature=0, max_tokens=64, extra_body=extra or None)
     if not stream:
         choice = client.chat.completions.create(**kw).choices[0]
         calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
@@ -93,9 +95,19 @@ def accumulate(stream: Any) -> dict[str, Any]:
             "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
 
 
+def metric(server: Server, name: str) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + " "))
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> None:
-    first = chat(client, ASK, stream)
+def test_tool_call_round_trip(client: openai.OpenAI, scripted: tuple[str, Server],
+                              stream: bool) -> None:
+    """As an agent program (``prompt_cache_key``): the server reports the call to the engine,
+    the first turn's KV stays pinned through the tool, and the second turn hits the pin."""
+    program = {"prompt_cache_key": f"agent-{scripted[0]}-{stream}"}
+    hits = metric(scripted[1], "encore:pin_hits_total")
+    first = chat(client, ASK, stream, **program)
     assert first["finish_reason"] == "tool_calls"
     assert not first["content"]
     (call,) = first["tool_calls"]
@@ -107,8 +119,9 @@ def test_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> None:
                 "id": call["id"], "type": "function",
                 "function": {"name": call["name"], "arguments": call["arguments"]}}]},
             {"role": "tool", "tool_call_id": call["id"], "content": RESULT}]
-    second = chat(client, turn, stream)
+    second = chat(client, turn, stream, **program, is_last_step=True)
     assert second == {"content": ANSWER, "tool_calls": [], "finish_reason": "stop"}
+    assert metric(scripted[1], "encore:pin_hits_total") == hits + 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
