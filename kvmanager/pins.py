@@ -18,7 +18,8 @@ use" for every pool invariant. The TTL policy picks the TTL that maximizes
 
     P(next turn within t) · benefit  −  cost_rate · t · blocks · pressure
 
-with P from the program's (else all programs') observed gaps, mixed with an exponential prior
+with P from observed gaps (after the tool the turn called, in any program, once the server has
+reported it; else the program's own; else all programs'), mixed with an exponential prior
 while there are few (it fades out by the 8th gap); benefit = the prefill a miss would cost
 (blocks · block size tokens), times ``miss_cost``: the fraction of that prefill a released
 pin's KV costs to get back (1 without a lower tier; a host reload is a fraction of it, so a
