@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from kvmanager.block_pool import BlockPool
 
 _MAX_PROGRAMS = 65536  # programs whose gaps are remembered (oldest forgotten first)
+_MAX_TOOLS = 4096  # tools (sets of function names) whose gaps are remembered
 _PRIOR_FADE = 8  # observations after which the exponential prior no longer counts
 CHEAP_MISS = 0.5  # a released pin costing less than half its prefill to reload yields freely
 _GRID_S = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -91,7 +92,7 @@ class TTLPolicy:
             self.observe_gap(program, gap)
             if tool is not None:
                 self._tool_gaps.setdefault(tool, deque(maxlen=self._history)).append(gap)
-                _bound(self._tool_gaps)
+                _bound(self._tool_gaps, _MAX_TOOLS)
 
     def forget(self, program: str) -> None:
         """The program finished (its last step): stop tracking it (its gaps stay in the pool)."""
@@ -144,9 +145,9 @@ class TTLPolicy:
         return best_t
 
 
-def _bound(d: dict) -> None:
-    """Forget the oldest program once a per-program table outgrows ``_MAX_PROGRAMS``."""
-    if len(d) > _MAX_PROGRAMS:
+def _bound(d: dict, limit: int = _MAX_PROGRAMS) -> None:
+    """Forget the oldest entry once a per-program (or per-tool) table outgrows ``limit``."""
+    if len(d) > limit:
         del d[next(iter(d))]
 
 
