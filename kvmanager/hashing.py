@@ -59,10 +59,7 @@ class BlockHasher:
     def block_key(self, parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
         """Key of a full block whose predecessor has key ``parent`` (None for block 0)."""
         h = self._new()
-        h.update(b"block")
-        _field(h, parent or b"")
-        _field(h, extra)
-        _field(h, pack_tokens(tokens))
+        h.update(_block_message(parent or b"", extra, pack_tokens(tokens)))
         return bytes(h.digest())
 
     def chunk_key(self, salt: str | None, tokens: Sequence[int]) -> bytes:
@@ -90,26 +87,27 @@ class BlockHasher:
             limit = min(limit, num_blocks)
         keys = list(known[:limit])
         first = len(keys)
-        if first == limit:
-            return keys
-        if first == 0:
-            keys.append(self.block_key(None, tokens[:block_size], salt_extra(salt)))
-            first = 1
-        # the same bytes as ``block_key`` (parent, no extra), fed as one message per block:
-        # the tokens are packed once, and a prompt of thousands of blocks is hashed each time
-        # a request arrives
+        # ``block_key`` of each block, with the tokens packed once (a prompt of thousands of
+        # blocks is hashed each time a request arrives)
         packed = pack_tokens(tokens[first * block_size : limit * block_size])
         width = block_size * 4
-        head = b"block" + KEY_BYTES.to_bytes(4, "little")
-        tail = bytes(4) + width.to_bytes(4, "little")
         new = self._new
-        parent = keys[-1]
+        parent = keys[-1] if keys else b""
         for i in range(limit - first):
             h = new()
-            h.update(b"".join((head, parent, tail, packed[i * width : (i + 1) * width])))
+            extra = salt_extra(salt) if first + i == 0 else b""
+            h.update(_block_message(parent, extra, packed[i * width : (i + 1) * width]))
             parent = bytes(h.digest())
             keys.append(parent)
         return keys
+
+
+def _block_message(parent: bytes, extra: bytes, packed: bytes) -> bytes:
+    """What a block key hashes: "block" and the length-prefixed parent key, extra bytes and
+    packed tokens."""
+    return b"".join((b"block", len(parent).to_bytes(4, "little"), parent,
+                     len(extra).to_bytes(4, "little"), extra,
+                     len(packed).to_bytes(4, "little"), packed))
 
 
 def _field(h: Any, data: bytes) -> None:
