@@ -247,8 +247,7 @@ class PinTable:
             self._unhold(old)  # its references go after the new pin's: shared blocks stay held
         ttl = 0.0
         if blocks:
-            ttl = ttl_s if ttl_s is not None else self.policy.choose(
-                program, len(blocks), self.pool.usage, self.miss_cost(len(blocks)))
+            ttl = ttl_s if ttl_s is not None else self._chosen_ttl(program, len(blocks))
             ttl = min(ttl, self.policy.max_ttl_s)
         pin = None
         if ttl > 0:
@@ -304,9 +303,7 @@ class PinTable:
         pin = self._turns.get(program)
         if pin is None or pin.fixed or pin.awaited:
             return
-        n = len(pin.blocks)
-        ttl = self.policy.choose(program, n, self.pool.usage, self.miss_cost(n))
-        pin.expires = pin.start + min(ttl, self.policy.max_ttl_s)
+        pin.expires = pin.start + self._chosen_ttl(program, len(pin.blocks))
 
     def awaited(self, program: str) -> None:
         """The program's next turn arrived: its turn pin no longer expires; it ends when that
@@ -396,6 +393,11 @@ class PinTable:
         """Lowest yields first: pins of other programs than the one being admitted, then turn
         pins before explicit ones (a client asked for those), then the least value."""
         return pin.program == self.protected, pin.explicit, self._value(pin)
+
+    def _chosen_ttl(self, program: str, num_blocks: int) -> float:
+        """The policy's TTL (at most its max) for a pin of ``num_blocks`` now."""
+        return self.policy.choose(program, num_blocks, self.pool.usage,
+                                  self.miss_cost(num_blocks))
 
     def _value(self, pin: Pin) -> float:
         """Expected prefill tokens the pin still saves (an explicit pin's are certain), priced
