@@ -76,3 +76,10 @@ def stop_server(server: Server, timeout: float = 30) -> int:
             server.proc.kill()
             server.proc.wait()
     return server.proc.returncode
+
+
+def metric(server: Server, name: str) -> float:
+    """The value of the unlabelled series ``name`` on the server's /metrics."""
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    line = next(x for x in text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[-1])

@@ -4,7 +4,7 @@ after other text."""
 
 from __future__ import annotations
 
-import httpx
+from e2e_server import metric
 
 DOCS = [
     "The lighthouse on Cape Arven was built in 1871 from granite quarried on the island. "
@@ -16,12 +16,6 @@ DOCS = [
 
 def chunk(text: str) -> dict:
     return {"type": "text", "text": text, "prompt_cache_breakpoint": {"mode": "chunk"}}
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    line = next(x for x in text.splitlines() if x.startswith(name + " "))
-    return float(line.split()[-1])
 
 
 def test_chunks_stored_then_blended_in_another_order(server, client, model) -> None:

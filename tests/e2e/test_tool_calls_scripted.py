@@ -11,10 +11,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
-from e2e_server import API_KEY, Server, start_server, stop_server
+from e2e_server import API_KEY, Server, metric, start_server, stop_server
 
 from configs.model_source import ModelLoadError, default_gguf_path, resolve_model
 from configs.types import ModelConfig
@@ -93,11 +92,6 @@ def accumulate(stream: Any) -> dict[str, Any]:
         finish = chunk.choices[0].finish_reason or finish
     return {"content": "".join(content) or None,
             "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
-
-
-def metric(server: Server, name: str) -> float:
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + " "))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
