@@ -360,8 +360,8 @@ class TieredCache:
                 self._disable("disk", error)
             elif ok:  # a link is about as fast both ways (a disk: writes as reads)
                 self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
-            if op.dst == "host" and ok and "disk" in self.tiers and op.key not in self.tiers[
-                    "disk"]:
+            disk = self.tiers.get("disk")
+            if op.dst == "host" and ok and disk is not None and op.key not in disk:
                 self._dirty[op.key] = None
             if op.src == "host":  # a flush: the host entry stays, clean unless it failed
                 self.tiers["host"].complete_load(op.key, True)
