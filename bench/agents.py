@@ -60,10 +60,10 @@ from dataclasses import asdict, dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import add_engine_args, engine_overrides  # noqa: E402
-from configs.loading import build_config  # noqa: E402
-from scheduler.engine import EngineCore  # noqa: E402
-from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
-from worker.executor import InprocExecutor  # noqa: E402
+from encore.configs.loading import build_config  # noqa: E402
+from encore.protocol.messages import EngineRequest, SamplingParams  # noqa: E402
+from encore.scheduler.engine import EngineCore  # noqa: E402
+from encore.worker.executor import InprocExecutor  # noqa: E402
 
 CONFIGS = ("none", "lru", "lru+host", "pins+pfcfs", "pins+pfcfs+host")
 EXTRA_CONFIGS = ("pfcfs", "pfcfs+host")

@@ -73,9 +73,9 @@ def model_numbers(arch) -> dict:
 
 
 def part_engine(args) -> dict:
-    from configs.loading import build_config
-    from scheduler.engine import EngineCore
-    from worker.executor import InprocExecutor
+    from encore.configs.loading import build_config
+    from encore.scheduler.engine import EngineCore
+    from encore.worker.executor import InprocExecutor
 
     config = build_config(overrides={
         "model": args.model, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
@@ -212,7 +212,7 @@ def part_hf(args) -> dict:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from worker.models.presets import preset
+    from encore.worker.models.presets import preset
 
     arch = preset(args.model)
     cfg = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,

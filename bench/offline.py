@@ -22,10 +22,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import add_engine_args, engine_overrides  # noqa: E402
-from configs.loading import build_config  # noqa: E402
-from scheduler.engine import EngineCore  # noqa: E402
-from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
-from worker.executor import InprocExecutor  # noqa: E402
+from encore.configs.loading import build_config  # noqa: E402
+from encore.protocol.messages import EngineRequest, SamplingParams  # noqa: E402
+from encore.scheduler.engine import EngineCore  # noqa: E402
+from encore.worker.executor import InprocExecutor  # noqa: E402
 
 
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import add_engine_args, engine_overrides  # noqa: E402
-from configs.loading import build_config  # noqa: E402
-from scheduler.engine import EngineCore  # noqa: E402
-from scheduler.protocol import EngineRequest, SamplingParams  # noqa: E402
-from server.chat_parts import ChatPrompt, PartMark, encode_marked  # noqa: E402
-from server.chat_tools import render_messages  # noqa: E402
-from server.schemas import ChatCompletionRequest  # noqa: E402
-from server.tokenizer import load_tokenizer  # noqa: E402
-from worker.executor import InprocExecutor  # noqa: E402
-from worker.loader import default_gguf_path  # noqa: E402
+from encore.configs.loading import build_config  # noqa: E402
+from encore.protocol.messages import EngineRequest, SamplingParams  # noqa: E402
+from encore.scheduler.engine import EngineCore  # noqa: E402
+from encore.server.chat_parts import ChatPrompt, PartMark, encode_marked  # noqa: E402
+from encore.server.chat_tools import render_messages  # noqa: E402
+from encore.server.schemas import ChatCompletionRequest  # noqa: E402
+from encore.server.tokenizer import load_tokenizer  # noqa: E402
+from encore.worker.executor import InprocExecutor  # noqa: E402
+from encore.worker.loader import default_gguf_path  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                             "data", "musique_rag_dev.json")

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import multiturn  # noqa: E402
-from scheduler.engine import EngineCore  # noqa: E402
+from encore.scheduler.engine import EngineCore  # noqa: E402
 
 COUNTS = ("tokens", "loads", "stores")
 PHASES = ("wall", "sched", "exec", "tiers_before", "prepare", "fwd_launch", "gpu_fwd",
@@ -90,14 +90,14 @@ def instrument(core: EngineCore, rows: list[dict[str, Any]], other: list[float])
     """Wrap the engine's phases: each prefill step appends its phase times to ``rows``,
     every other step its wall time to ``other``."""
     phases = Phases()
-    runner = core.executor.runner  # type: ignore[attr-defined]
+    worker = core.executor.worker  # type: ignore[attr-defined]
     phases.wrap(core.scheduler, "schedule", "sched")
     phases.wrap(core.scheduler, "update_from_output", "update")
-    phases.wrap(runner.tiers, "before_step", "tiers_before")
-    phases.wrap(runner.tiers, "after_step", "tiers_after")
-    phases.wrap(runner.runner, "_prepare", "prepare")
-    phases.wrap(runner.runner.model, "forward", "fwd_launch", gpu=True)
-    phases.wrap(runner.runner, "sampler", "sample")
+    phases.wrap(worker.tiers, "before_step", "tiers_before")
+    phases.wrap(worker.tiers, "after_step", "tiers_after")
+    phases.wrap(worker.runner, "_prepare", "prepare")
+    phases.wrap(worker.runner.model, "forward", "fwd_launch", gpu=True)
+    phases.wrap(worker.runner, "sampler", "sample")
     execute = core.executor.execute
     step = core.step
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from e2e_server import API_KEY, Server, start_server, stop_server
+
+from tests.e2e.e2e_server import API_KEY, Server, start_server, stop_server
 
 
 @pytest.fixture(scope="session")

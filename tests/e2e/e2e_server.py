@@ -46,7 +46,7 @@ def free_port() -> int:
 def start_server(tmp: Path, *extra: str) -> Server:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", "test", "--host",
+    cmd = [sys.executable, "-m", "encore.server.cli", "serve", "--config", "test", "--host",
            "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
            "--max-body-bytes", "262144", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": ""}

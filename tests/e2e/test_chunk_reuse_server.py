@@ -4,7 +4,7 @@ after other text."""
 
 from __future__ import annotations
 
-from e2e_server import metric
+from tests.e2e.e2e_server import metric
 
 DOCS = [
     "The lighthouse on Cape Arven was built in 1871 from granite quarried on the island. "

@@ -7,14 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from e2e_server import REPO
+
+from tests.e2e.e2e_server import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def test_generate_prints_a_completion() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "generate", "--config", "test",
+        [sys.executable, "-m", "encore.server.cli", "generate", "--config", "test",
          "--prompt", "What is the capital of France?", "--max-tokens", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": ""})

@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from e2e_server import API_KEY, start_server, stop_server
+
+from tests.e2e.e2e_server import API_KEY, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -8,7 +8,8 @@ import re
 import httpx
 import openai
 import pytest
-from e2e_server import API_KEY, start_server, stop_server
+
+from tests.e2e.e2e_server import API_KEY, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 

@@ -106,7 +106,7 @@ def test_cached_tokens_on_repeated_long_prompt(client, model) -> None:
 
 
 def test_32_concurrent_streams(server, model) -> None:
-    from e2e_server import API_KEY
+    from tests.e2e.e2e_server import API_KEY
 
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[int, str]:
         stream = await c.chat.completions.create(

@@ -13,10 +13,10 @@ from typing import Any
 
 import openai
 import pytest
-from e2e_server import API_KEY, Server, metric, start_server, stop_server
 
-from configs.model_source import ModelLoadError, default_gguf_path, resolve_model
-from configs.types import ModelConfig
+from encore.configs.model_source import ModelLoadError, default_gguf_path, resolve_model
+from encore.configs.types import ModelConfig
+from tests.e2e.e2e_server import API_KEY, Server, metric, start_server, stop_server
 from tests.helpers.scripted_model import SCRIPT_ENV
 
 PLUGIN = "python:tests.helpers.scripted_model:build"
@@ -160,8 +160,8 @@ def test_plugin_spec_resolves_without_importing() -> None:
 def test_bad_plugin_target_is_one_line(spec: str, match: str) -> None:
     import torch
 
-    from worker.attention.torch_backend import TorchAttentionBackend
-    from worker.loader import load_model
+    from encore.worker.attention.torch_backend import TorchAttentionBackend
+    from encore.worker.loader import load_model
 
     with pytest.raises(ModelLoadError, match=match) as info:
         load_model(ModelConfig(model=spec), torch.device("cpu"), torch.float32,

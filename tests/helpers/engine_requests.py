@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.protocol import EngineRequest
+from encore.protocol.messages import EngineRequest
 
 
 async def run_request(client, request: EngineRequest) -> tuple[list[int], int]:

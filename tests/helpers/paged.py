@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.attention.base import AttentionMetadata
-from worker.models.arch import ModelArch
-from worker.models.llama import kv_cache_shape
+from encore.worker.attention.base import AttentionMetadata
+from encore.worker.models.arch import ModelArch
+from encore.worker.models.llama import kv_cache_shape
 
 
 @dataclass

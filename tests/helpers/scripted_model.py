@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from configs.model_source import default_gguf_path
-from configs.types import ModelConfig
-from server.tokenizer import EncoreTokenizer, load_tokenizer
-from worker.attention.base import AttentionBackend, AttentionMetadata
-from worker.models.arch import ModelArch
+from encore.configs.model_source import default_gguf_path
+from encore.configs.types import ModelConfig
+from encore.server.tokenizer import EncoreTokenizer, load_tokenizer
+from encore.worker.attention.base import AttentionBackend, AttentionMetadata
+from encore.worker.models.arch import ModelArch
 
 SCRIPT_ENV = "ENCORE_SCRIPTED_MODEL"
 LOGIT = 1e4  # the chosen token's logit; every other token gets 0

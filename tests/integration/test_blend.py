@@ -13,9 +13,8 @@ import time
 import pytest
 import torch
 
-from configs.loading import build_config
-from scheduler.engine import EngineCore
-from scheduler.protocol import (
+from encore.configs.loading import build_config
+from encore.protocol.messages import (
     BlendChunk,
     BlendPlan,
     EngineRequest,
@@ -23,9 +22,10 @@ from scheduler.protocol import (
     ScheduledSeq,
     SchedulerOutput,
 )
+from encore.scheduler.engine import EngineCore
+from encore.worker.executor import InprocExecutor
+from encore.worker.model_runner import ModelRunner
 from tests.helpers.tiny_models import make_tiny_model_dir
-from worker.executor import InprocExecutor
-from worker.model_runner import ModelRunner
 
 BS = 4
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, logprobs=5, ignore_eos=True)
@@ -201,7 +201,7 @@ def test_partial_recompute_keeps_cached_kv_and_measures_deviation(runner):
 def test_moved_chunk_keys_equal_keys_computed_at_the_new_position(runner):
     """Layer 0's K of a token depends only on the token and its position: the stored chunk's
     layer-0 keys, moved by the blend's copy, equal those of a full prefill at the new place."""
-    from worker.blend import ChunkCopy
+    from encore.worker.blend import ChunkCopy
 
     prompt = tokens(43, 9) + tokens(44, 14) + tokens(45, 3)
     blocks = Blocks()

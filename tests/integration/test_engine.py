@@ -13,15 +13,15 @@ import time
 
 import pytest
 
-from configs.loading import build_config
-from scheduler.client import EngineError
-from scheduler.executor import MPExecutor
-from scheduler.inproc_client import InprocEngineClient
-from scheduler.protocol import EngineRequest, SamplingParams
-from server.tokenizer import load_tokenizer
+from encore.configs.loading import build_config
+from encore.protocol.client import EngineError
+from encore.protocol.executor import MPExecutor
+from encore.protocol.messages import EngineRequest, SamplingParams
+from encore.scheduler.inproc_client import InprocEngineClient
+from encore.server.tokenizer import load_tokenizer
+from encore.worker.executor import InprocExecutor
+from encore.worker.loader import default_gguf_path
 from tests.helpers.engine_requests import run_request
-from worker.executor import InprocExecutor
-from worker.loader import default_gguf_path
 
 pytestmark = pytest.mark.slow
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from configs.loading import build_config
-from configs.secrets import block_key_secret
-from kvmanager.hashing import BlockHasher
-from kvmanager.transfer.disk import HEADER, DiskStore
-from scheduler.inproc_client import InprocEngineClient
-from scheduler.protocol import EngineRequest, SamplingParams
-from server.tokenizer import load_tokenizer
+from encore.configs.loading import build_config
+from encore.configs.secrets import block_key_secret
+from encore.kvmanager.hashing import BlockHasher
+from encore.protocol.messages import EngineRequest, SamplingParams
+from encore.scheduler.inproc_client import InprocEngineClient
+from encore.server.tokenizer import load_tokenizer
+from encore.worker.executor import InprocExecutor
+from encore.worker.loader import default_gguf_path
+from encore.worker.tiers.disk_files import HEADER, DiskStore
 from tests.helpers.engine_requests import run_request
-from worker.executor import InprocExecutor
-from worker.loader import default_gguf_path
 
 pytestmark = pytest.mark.slow
 

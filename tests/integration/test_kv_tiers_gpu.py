@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from configs.loading import build_config
-from scheduler.engine import EngineCore
-from scheduler.protocol import EngineRequest, SamplingParams
+from encore.configs.loading import build_config
+from encore.protocol.messages import EngineRequest, SamplingParams
+from encore.scheduler.engine import EngineCore
+from encore.worker.executor import InprocExecutor
 from tests.helpers.tiny_models import make_tiny_model_dir
-from worker.executor import InprocExecutor
 
 pytestmark = [
     pytest.mark.gpu,

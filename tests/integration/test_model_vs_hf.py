@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.types import ModelConfig
+from encore.configs.types import ModelConfig
+from encore.worker.attention.torch_backend import TorchAttentionBackend
+from encore.worker.loader import default_gguf_path, load_model
 from tests.helpers.paged import alloc_kv_caches, disjoint_block_tables, make_batch
 from tests.helpers.tiny_models import make_tiny_model_dir
-from worker.attention.torch_backend import TorchAttentionBackend
-from worker.loader import default_gguf_path, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -168,7 +168,7 @@ def test_smollm2_greedy_matches_hf_generate(smollm):
 
 
 def test_kv_cache_sizing_helpers(tiny):
-    from worker.models.llama import kv_bytes_per_block, kv_cache_shape
+    from encore.worker.models.llama import kv_bytes_per_block, kv_cache_shape
 
     _, arch, _ = tiny
     shape = kv_cache_shape(arch, num_blocks=10, block_size=16)

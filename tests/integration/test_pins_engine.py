@@ -21,12 +21,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from configs.loading import build_config
-from scheduler.inproc_client import InprocEngineClient
-from scheduler.protocol import EngineRequest, SamplingParams
+from encore.configs.loading import build_config
+from encore.protocol.messages import EngineRequest, SamplingParams
+from encore.scheduler.inproc_client import InprocEngineClient
+from encore.worker.executor import InprocExecutor
 from tests.helpers.engine_requests import run_request
 from tests.helpers.tiny_models import make_tiny_model_dir
-from worker.executor import InprocExecutor
 
 pytestmark = pytest.mark.slow
 

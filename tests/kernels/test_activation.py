@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from kernels import reference as R
-from kernels.activation import silu_mul
+from encore.kernels import reference as R
+from encore.kernels.activation import silu_mul
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 @pytest.mark.parametrize("inter", [64, 100, 1536])  # one block, ragged, several blocks

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, paged_batch, rel_err
 
-from kernels import reference as R
-from kernels.decode_attention import decode_attention
-from kernels.prefill_attention import prefill_attention
+from encore.kernels import reference as R
+from encore.kernels.decode_attention import decode_attention
+from encore.kernels.prefill_attention import prefill_attention
+from tests.kernels.conftest import DEVICE, TOL, paged_batch, rel_err
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
 
-from kernels import reference as R
-from kernels.block_copy import gather_blocks, scatter_blocks
+from encore.kernels import reference as R
+from encore.kernels.block_copy import gather_blocks, scatter_blocks
+from tests.kernels.conftest import DEVICE
 
 
 @pytest.mark.parametrize("shape,block_dim", [((2, 9, 16, 2, 32), 1),  # one layer

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
 
-from configs.types import ModelConfig
+from encore.configs.types import ModelConfig
+from encore.worker.attention.torch_backend import TorchAttentionBackend
+from encore.worker.loader import load_model
+from encore.worker.models.ops import TritonOps, select_ops
 from tests.helpers.paged import alloc_kv_caches, make_batch
 from tests.helpers.tiny_models import make_tiny_model_dir
-from worker.attention.torch_backend import TorchAttentionBackend
-from worker.loader import load_model
-from worker.models.ops import TritonOps, select_ops
+from tests.kernels.conftest import DEVICE
 
 pytest.importorskip("transformers")
 BLOCK = 4

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from kernels import reference as R
-from kernels.gemv import gemv
+from encore.kernels import reference as R
+from encore.kernels.gemv import gemv
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 @pytest.mark.parametrize("n,k", [(64, 64), (37, 100), (96, 1100)])  # ragged N and K

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from kernels import reference as R
-from kernels.kv_write import kv_write
+from encore.kernels import reference as R
+from encore.kernels.kv_write import kv_write
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 def _run(num_tokens, hk, d, bs, num_blocks, src_dtype, cache_dtype):

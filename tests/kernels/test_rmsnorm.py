@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from kernels import reference as R
-from kernels.rmsnorm import rmsnorm
+from encore.kernels import reference as R
+from encore.kernels.rmsnorm import rmsnorm
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 @pytest.mark.parametrize("hidden", [64, 100, 576])

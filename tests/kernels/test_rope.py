@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from kernels import reference as R
-from kernels.rope import rerotate_copy, rope_qk, rope_rerotate_blocks
+from encore.kernels import reference as R
+from encore.kernels.rope import rerotate_copy, rope_qk, rope_rerotate_blocks
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 def _llama3_inv_freq(d: int) -> torch.Tensor:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
 
-from worker.attention.base import AttentionMetadata
-from worker.attention.torch_backend import TorchAttentionBackend
-from worker.attention.triton_backend import TritonAttentionBackend
+from encore.worker.attention.base import AttentionMetadata
+from encore.worker.attention.torch_backend import TorchAttentionBackend
+from encore.worker.attention.triton_backend import TritonAttentionBackend
+from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
 def _meta(query_lens, start_pos, block_size, num_blocks):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from scheduler.client import EngineClient, EngineError
-from scheduler.protocol import (
+from encore.protocol.client import EngineClient, EngineError
+from encore.protocol.messages import (
     EngineReady,
     EngineRequest,
     EngineStats,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.protocol import (
+from encore.protocol.messages import (
     EngineRequest,
     KVDone,
     KVTransfer,

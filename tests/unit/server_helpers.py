@@ -6,11 +6,11 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from fake_engine_client import FakeEngineClient, FakeTokenizer
 from fastapi.testclient import TestClient
 
-from configs.loading import build_config
-from server.app import create_app
+from encore.configs.loading import build_config
+from encore.server.app import create_app
+from tests.unit.fake_engine_client import FakeEngineClient, FakeTokenizer
 
 
 @contextmanager

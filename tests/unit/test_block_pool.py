@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmanager.block_pool import BlockPool
+from encore.kvmanager.block_pool import BlockPool
 
 
 def key(i: int) -> bytes:

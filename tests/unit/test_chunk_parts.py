@@ -12,14 +12,14 @@ from typing import Any
 
 import openai
 import pytest
-from fake_engine_client import FakeEngineClient, FakeTokenizer
 from fastapi.testclient import TestClient
 
-from configs.loading import build_config
-from configs.model_source import default_gguf_path
-from scheduler.protocol import EngineRequest
-from server.app import create_app
-from server.tokenizer import load_tokenizer
+from encore.configs.loading import build_config
+from encore.configs.model_source import default_gguf_path
+from encore.protocol.messages import EngineRequest
+from encore.server.app import create_app
+from encore.server.tokenizer import load_tokenizer
+from tests.unit.fake_engine_client import FakeEngineClient, FakeTokenizer
 
 DOC_A = ("The Encore serving daemon keeps a paged KV cache. Blocks are hashed by their "
          "prefix, so two prompts that share a prefix share blocks. ") * 3

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.secrets import block_key_secret, deployment_secret, tenant_salt
-from kvmanager.transfer.disk import HEADER, CorruptFile, DiskStore
+from encore.configs.secrets import block_key_secret, deployment_secret, tenant_salt
+from encore.worker.tiers.disk_files import HEADER, CorruptFile, DiskStore
 
 FP = b"f" * 32
 PAYLOAD = 256

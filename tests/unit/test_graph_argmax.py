@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.cuda_graphs import argmax_rows
+from encore.worker.cuda_graphs import argmax_rows
 
 
 @pytest.mark.parametrize("vocab", [128256, 3000, 1031])  # two-pass, two-pass, prime: one pass

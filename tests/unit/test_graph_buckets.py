@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.decode_attention import _num_splits
-from worker import cuda_graphs
-from worker.cuda_graphs import context_buckets
+from encore.kernels.decode_attention import _num_splits
+from encore.worker import cuda_graphs
+from encore.worker.cuda_graphs import context_buckets
 
 
 @pytest.mark.parametrize(("limit", "expected"), [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmanager.hashing import DEV_SECRET, KEY_BYTES, BlockHasher, pack_tokens, salt_extra
+from encore.kvmanager.hashing import DEV_SECRET, KEY_BYTES, BlockHasher, pack_tokens, salt_extra
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def test_known_answers_pin_the_format() -> None:
 
 def test_deterministic_across_processes() -> None:
     code = (
-        "from kvmanager.hashing import BlockHasher; h = BlockHasher(b'k'); "
+        "from encore.kvmanager.hashing import BlockHasher; h = BlockHasher(b'k'); "
         "k0 = h.block_key(None, [5, 6, 7], b'salt:t'); "
         "print(k0.hex(), h.block_key(k0, [8, 9]).hex(), h.chunk_key('t', [1, 2]).hex())"
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kvmanager.manager import KVCacheManager
+from encore.kvmanager.manager import KVCacheManager
 
 BS = 4
 

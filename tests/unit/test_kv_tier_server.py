@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server_helpers import chat_body, serve
-
-from scheduler.client import _Router
-from scheduler.protocol import EngineOutputs, EngineStats
-from server.metrics import ServerMetrics
+from encore.protocol.client import _Router
+from encore.protocol.messages import EngineOutputs, EngineStats
+from encore.server.metrics import ServerMetrics
+from tests.unit.server_helpers import chat_body, serve
 
 
 def _salt(client, engine, key: str, **body) -> str | None:
@@ -37,8 +36,8 @@ def test_each_api_key_is_a_tenant_with_its_own_salt(tmp_path: Path) -> None:
 def test_unreadable_keys_file_names_the_file(tmp_path: Path) -> None:
     import pytest
 
-    from configs.loading import build_config
-    from server.serving import api_keys
+    from encore.configs.loading import build_config
+    from encore.server.serving import api_keys
 
     cfg = build_config(overrides={"api_keys_file": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="api_keys_file"):

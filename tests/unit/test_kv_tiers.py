@@ -8,14 +8,14 @@ tokens, so every test compares against ``reference_tokens`` and ends with a leak
 from __future__ import annotations
 
 import pytest
-from fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
-from configs.types import CacheConfig, SchedulerConfig
-from kvmanager.cost import AlwaysLoad, CostLoad, CostNumbers
-from kvmanager.tiered import TierSetup
-from kvmanager.tiers import TierIndex
-from scheduler.request import SeqStatus
-from scheduler.scheduler import Scheduler
+from encore.configs.types import CacheConfig, SchedulerConfig
+from encore.kvmanager.cost import AlwaysLoad, CostLoad, CostNumbers
+from encore.kvmanager.tiered import TierSetup
+from encore.kvmanager.tiers import TierIndex
+from encore.scheduler.request import SeqStatus
+from encore.scheduler.scheduler import Scheduler
+from tests.unit.fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
 BS = 4
 
@@ -202,7 +202,7 @@ def test_disk_slower_than_recompute_is_written_only_while_idle() -> None:
 
 
 def test_slot_runs() -> None:
-    from worker.kv_tiers import slot_runs
+    from encore.worker.tiers.host_pool import slot_runs
 
     assert slot_runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
     assert slot_runs([]) == []
@@ -359,7 +359,7 @@ def test_worker_death_forgets_transfers_and_host_then_disk_index_is_rebuilt() ->
 
 
 def test_tiers_without_prefix_caching_are_refused() -> None:
-    from configs.fields import ConfigError
+    from encore.configs.fields import ConfigError
 
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
         CacheConfig(enable_prefix_caching=False, host_cache_gib=1.0)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.model_source import ModelLoadError, default_gguf_path, resolve_model
-from configs.types import ModelConfig
+from encore.configs.model_source import ModelLoadError, default_gguf_path, resolve_model
+from encore.configs.types import ModelConfig
 
 
 def one_line_error(config: ModelConfig, match: str) -> str:
@@ -70,8 +70,8 @@ def test_default_is_embedded_gguf():
 def test_unsupported_architecture(tmp_path: Path):
     import torch
 
-    from worker.attention.torch_backend import TorchAttentionBackend
-    from worker.loader import load_model
+    from encore.worker.attention.torch_backend import TorchAttentionBackend
+    from encore.worker.loader import load_model
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -86,7 +86,7 @@ def test_unsupported_architecture(tmp_path: Path):
 
 
 def test_unsupported_rope_scaling_type():
-    from worker.loader.hf_loader import arch_from_hf_config
+    from encore.worker.loader.hf_loader import arch_from_hf_config
 
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -105,8 +105,8 @@ def test_missing_weights_are_reported(tmp_path: Path):
     import torch
     from safetensors.torch import save_file
 
-    from worker.attention.torch_backend import TorchAttentionBackend
-    from worker.loader import load_model
+    from encore.worker.attention.torch_backend import TorchAttentionBackend
+    from encore.worker.loader import load_model
 
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -130,8 +130,8 @@ def test_missing_weights_are_reported(tmp_path: Path):
 def test_gguf_rope_freqs_that_are_not_llama3_are_refused():
     import numpy as np
 
-    from worker.loader.gguf_loader import _with_llama3_scaling
-    from worker.models.presets import preset
+    from encore.worker.loader.gguf_loader import _with_llama3_scaling
+    from encore.worker.models.presets import preset
 
     arch = preset("tiny")
     with pytest.raises(ModelLoadError, match="rope_freqs do not match llama3"):
@@ -141,7 +141,7 @@ def test_gguf_rope_freqs_that_are_not_llama3_are_refused():
 def test_gguf_of_other_architecture_is_refused(tmp_path: Path):
     import gguf
 
-    from worker.loader.gguf_loader import arch_from_gguf
+    from encore.worker.loader.gguf_loader import arch_from_gguf
 
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
     w.add_block_count(1)
@@ -154,7 +154,7 @@ def test_gguf_of_other_architecture_is_refused(tmp_path: Path):
 
 
 def test_dummy_preset_names_match_the_presets():
-    from configs.model_source import DUMMY_PRESETS
-    from worker.models.presets import PRESETS
+    from encore.configs.model_source import DUMMY_PRESETS
+    from encore.worker.models.presets import PRESETS
 
     assert set(DUMMY_PRESETS) == set(PRESETS)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
-from configs.types import CacheConfig, SchedulerConfig
-from kvmanager.pins import TTLPolicy
-from kvmanager.tiered import TierSetup
-from scheduler.scheduler import Scheduler
-from server.serving import parse_duration
+from encore.configs.types import CacheConfig, SchedulerConfig
+from encore.kvmanager.pins import TTLPolicy
+from encore.kvmanager.tiered import TierSetup
+from encore.scheduler.scheduler import Scheduler
+from encore.server.serving import parse_duration
+from tests.unit.fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
 BS = 4
 A_PROMPT = list(range(1, 13))  # 3 full blocks
@@ -445,7 +445,7 @@ def test_parse_duration() -> None:
 
 # ----------------------------------------------------------------------------- API fields
 def test_api_maps_pin_fields_onto_the_engine_request() -> None:
-    from server_helpers import chat_body, serve
+    from tests.unit.server_helpers import chat_body, serve
 
     with serve() as (client, engine, _):
         r = client.post("/v1/chat/completions", json=chat_body(
@@ -473,9 +473,9 @@ def test_api_maps_pin_fields_onto_the_engine_request() -> None:
 
 
 def test_pin_metrics_are_exported() -> None:
-    from scheduler.client import _Router
-    from scheduler.protocol import EngineOutputs, EngineStats
-    from server.metrics import ServerMetrics
+    from encore.protocol.client import _Router
+    from encore.protocol.messages import EngineOutputs, EngineStats
+    from encore.server.metrics import ServerMetrics
 
     router = _Router()
     router.dispatch(EngineOutputs(stats=EngineStats(pinned_blocks=3, pin_hits=2, pin_expired=1,

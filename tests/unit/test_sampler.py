@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.protocol import SamplingParams
-from worker.sampler import Sampler, make_state
+from encore.protocol.messages import SamplingParams
+from encore.worker.sampler import Sampler, make_state
 
 V = 12
 CPU = torch.device("cpu")

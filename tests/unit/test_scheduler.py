@@ -5,11 +5,19 @@ from __future__ import annotations
 import random
 
 import pytest
-from fake_worker import VOCAB, FakeWorker, Run, make_request, reference_tokens, run_all, step
 
-from configs.types import CacheConfig, SchedulerConfig
-from scheduler.protocol import ModelRunnerOutput
-from scheduler.scheduler import Scheduler
+from encore.configs.types import CacheConfig, SchedulerConfig
+from encore.protocol.messages import ModelRunnerOutput
+from encore.scheduler.scheduler import Scheduler
+from tests.unit.fake_worker import (
+    VOCAB,
+    FakeWorker,
+    Run,
+    make_request,
+    reference_tokens,
+    run_all,
+    step,
+)
 
 BS = 4
 

@@ -6,10 +6,10 @@ import json
 import random
 
 import pytest
-from fake_engine_client import FakeEngineClient
-from server_helpers import chat_body, serve
 
-from server.sse import parse_sse
+from encore.server.sse import parse_sse
+from tests.unit.fake_engine_client import FakeEngineClient
+from tests.unit.server_helpers import chat_body, serve
 
 
 def _err(r, status: int, param: str | None = None) -> dict:

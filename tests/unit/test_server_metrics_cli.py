@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import chat_body, serve
 
-from server.cli import build_parser, resolve_config
+from encore.server.cli import build_parser, resolve_config
+from tests.unit.server_helpers import chat_body, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,7 @@ def test_named_presets_load() -> None:
 def test_bad_values_exit_2_with_one_line(argv, env, needle) -> None:
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", *argv], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "encore.server.cli", "serve", *argv], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -88,7 +88,7 @@ def test_bad_values_exit_2_with_one_line(argv, env, needle) -> None:
 
 
 def test_every_config_field_is_a_flag() -> None:
-    from configs.loading import field_registry
+    from encore.configs.loading import field_registry
 
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for name in field_registry():

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from fake_engine_client import EOS, FakeEngineClient, default_script
-from server_helpers import chat_body, serve
-
-from server.sse import parse_sse
+from encore.server.sse import parse_sse
+from tests.unit.fake_engine_client import EOS, FakeEngineClient, default_script
+from tests.unit.server_helpers import chat_body, serve
 
 SCRIPT0 = default_script(None, 0)  # type: ignore[arg-type]
 
@@ -214,10 +213,10 @@ async def _asgi_call_until_first_chunk(app, path: str, body: dict,
 def test_disconnect_mid_stream_aborts() -> None:
     import asyncio
 
-    from fake_engine_client import FakeTokenizer
+    from tests.unit.fake_engine_client import FakeTokenizer
 
-    from configs.loading import build_config
-    from server.app import create_app
+    from encore.configs.loading import build_config
+    from encore.server.app import create_app
 
     engine = FakeEngineClient(delay=0.02, script=lambda r, i: "y" * 500)
 
@@ -245,10 +244,10 @@ def test_disconnect_mid_stream_aborts() -> None:
 def test_disconnect_while_waiting_for_non_streaming_aborts() -> None:
     import asyncio
 
-    from fake_engine_client import FakeTokenizer
+    from tests.unit.fake_engine_client import FakeTokenizer
 
-    from configs.loading import build_config
-    from server.app import create_app
+    from encore.configs.loading import build_config
+    from encore.server.app import create_app
 
     engine = FakeEngineClient(delay=0.02, script=lambda r, i: "y" * 500)
 

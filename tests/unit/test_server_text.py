@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from fake_engine_client import EOS, FakeTokenizer
 
-from scheduler.protocol import RequestOutput
-from server.detokenizer import IncrementalDetokenizer
-from server.generation import SequenceTracker
-from server.sse import DONE, parse_sse, sse_event
-from server.stop import StopMatcher
+from encore.protocol.messages import RequestOutput
+from encore.server.detokenizer import IncrementalDetokenizer
+from encore.server.generation import SequenceTracker
+from encore.server.sse import DONE, parse_sse, sse_event
+from encore.server.stop import StopMatcher
+from tests.unit.fake_engine_client import EOS, FakeTokenizer
 
 TEXT = "naïve 🌍 日本語 ok"
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import openai
 import pytest
-from fake_engine_client import FakeEngineClient, FakeTokenizer
 from fastapi.testclient import TestClient
-from server_helpers import chat_body, serve
 
-from configs.loading import build_config
-from server.app import create_app
-from server.sse import parse_sse
+from encore.configs.loading import build_config
+from encore.server.app import create_app
+from encore.server.sse import parse_sse
+from tests.unit.fake_engine_client import FakeEngineClient, FakeTokenizer
+from tests.unit.server_helpers import chat_body, serve
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "weather of a city",

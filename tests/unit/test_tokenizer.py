@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.model_source import default_gguf_path
-from server.tokenizer import TokenizerLoadError, load_tokenizer, read_gguf_metadata
+from encore.configs.model_source import default_gguf_path
+from encore.server.tokenizer import TokenizerLoadError, load_tokenizer, read_gguf_metadata
 from tests.helpers.tiny_models import save_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -146,7 +146,7 @@ def test_template_raise_exception_surfaces(hf_dir_pair):
 def test_template_is_sandboxed(hf_dir_pair):
     import jinja2
 
-    from server.tokenizer import EncoreTokenizer
+    from encore.server.tokenizer import EncoreTokenizer
 
     ours, _ = hf_dir_pair
     evil = EncoreTokenizer(
@@ -161,7 +161,7 @@ def test_template_is_sandboxed(hf_dir_pair):
 
 def test_tokenizer_module_is_torch_free():
     code = (
-        "import sys, server.tokenizer, configs.model_source; "
+        "import sys, encore.server.tokenizer, encore.configs.model_source; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     root = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.tool_parsers import StreamingToolParser, parse_hermes, parse_llama3_json
+from encore.server.tool_parsers import StreamingToolParser, parse_hermes, parse_llama3_json
 
 NAMES = {"get_weather", "search"}
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'

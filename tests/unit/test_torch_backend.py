@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from encore.kernels import reference
+from encore.worker.attention.torch_backend import TorchAttentionBackend
 from tests.helpers.paged import disjoint_block_tables, make_metadata
-from worker.attention.torch_backend import TorchAttentionBackend
 
 
 def _setup(seqs: list[tuple[int, int]], heads: int, kv_heads: int, block_size: int,

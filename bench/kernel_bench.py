@@ -1,0 +1,162 @@
+"""GPU micro-benchmarks of the Triton kernels, next to the card's own ceilings.
+
+    python bench/kernel_bench.py [--quick]
+
+Measures (median of triton.testing.do_bench, which flushes L2 between repetitions):
+  * ceilings: device-to-device copy GB/s (bytes read + written), bf16 matmul TFLOP/s;
+  * decode attention achieved GB/s (K + V bytes of every context read once) over a
+    batch x context grid, with split-K on (auto) and off, Llama-3-8B shape per layer
+    (32 query heads, 8 KV heads, head_dim 128, block 16, bf16);
+  * prefill attention TFLOP/s (causal: 4 * H * D * visible (q, k) pairs), with and
+    without a cached prefix, next to torch SDPA on dense tensors of the same shape;
+  * KV write, RoPE, block gather, RMSNorm achieved GB/s.
+Prints one table last. Needs CUDA; not part of pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+
+from encore.kernels.block_copy import gather_blocks
+from encore.kernels.decode_attention import decode_attention
+from encore.kernels.kv_write import kv_write
+from encore.kernels.prefill_attention import prefill_attention
+from encore.kernels.reference import rope_inv_freq
+from encore.kernels.rmsnorm import rmsnorm
+from encore.kernels.rope import rope_qk
+
+H, HK, D, BS = 32, 8, 128, 16
+DT = torch.bfloat16
+ROWS: list[tuple[str, str, str, str]] = []  # (kernel, shape, metric, value)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def row(kernel: str, shape: str, metric: str, value: float, extra: str = "") -> None:
+    text = f"{value:8.1f}" + (f"  ({extra})" if extra else "")
+    ROWS.append((kernel, shape, metric, text))
+    print(f"{kernel:<22} {shape:<34} {metric:<10} {text}", flush=True)
+
+
+def ceilings() -> None:
+    n = 1 << 30
+    src = torch.randn(n // 2, device="cuda", dtype=DT)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    row("d2d copy", "1 GiB", "GB/s", 2 * n / ms / 1e6)
+    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    ms = bench_ms(lambda: a @ b)
+    row("bf16 matmul", "8192^3", "TFLOP/s", 2 * 8192**3 / ms / 1e9)
+
+
+def paged(seq_lens: list[int]):
+    """A shuffled paged cache holding exactly the given contexts."""
+    need = [triton.cdiv(n, BS) for n in seq_lens]
+    kv = torch.randn(2, sum(need) + 1, BS, HK, D, device="cuda", dtype=DT)
+    ids = torch.randperm(sum(need) + 1, device="cuda")[: sum(need)].int()
+    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int32, device="cuda")
+    at = 0
+    for b, nb in enumerate(need):
+        tables[b, :nb] = ids[at : at + nb]
+        at += nb
+    return kv, tables
+
+
+def decode_case(b: int, ctx: int) -> None:
+    kv_bytes = 2 * b * ctx * HK * D * 2
+    kv, tables = paged([ctx] * b)
+    q = torch.randn(b, H, D, device="cuda", dtype=DT)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    ms = bench_ms(lambda: decode_attention(q, kv, tables, lens, D**-0.5, ctx))
+    ms1 = bench_ms(lambda: decode_attention(q, kv, tables, lens, D**-0.5, ctx, num_splits=1))
+    row("decode attention", f"B={b} ctx={ctx}", "GB/s", kv_bytes / ms / 1e6,
+        f"{ms * 1e3:.0f} us; no split {kv_bytes / ms1 / 1e6:.0f} GB/s")
+
+
+def prefill_case(batch: int, qlen: int, prefix: int) -> None:
+    seq = qlen + prefix
+    kv, tables = paged([seq] * batch)
+    q = torch.randn(batch * qlen, H, D, device="cuda", dtype=DT)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * qlen
+    lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+    ms = bench_ms(lambda: prefill_attention(q, kv, tables, qsl, lens, D**-0.5, qlen))
+    flops = 4 * H * D * batch * (qlen * prefix + qlen * (qlen + 1) / 2)
+    extra = f"{ms * 1e3:.0f} us"
+    if prefix == 0:  # dense flash-attention baseline of the same causal problem
+        qd = torch.randn(batch, H, qlen, D, device="cuda", dtype=DT)
+        kd = torch.randn(batch, HK, qlen, D, device="cuda", dtype=DT)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        ms_ref = bench_ms(lambda: sdpa(qd, kd, kd, is_causal=True, enable_gqa=True))
+        extra += f"; torch SDPA dense {flops / ms_ref / 1e9:.0f} TFLOP/s"
+    row("prefill attention", f"B={batch} q={qlen} prefix={prefix}", "TFLOP/s",
+        flops / ms / 1e9, extra)
+
+
+def run_safely(fn, *args) -> None:
+    """One failing case (out of memory, compile error) is reported, not fatal."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a benchmark grid keeps going
+        ROWS.append((fn.__name__, str(args), "FAILED", type(e).__name__))
+        print(f"{fn.__name__}{args} FAILED: {e!r}"[:400], flush=True)
+    torch.cuda.empty_cache()
+
+
+def small_kernels() -> None:
+    t = 8192
+    kv = torch.randn(2, t // BS + 8, BS, HK, D, device="cuda", dtype=DT)
+    k = torch.randn(t, HK, D, device="cuda", dtype=DT)
+    slots = torch.randperm(kv.shape[1] * BS, device="cuda")[:t]
+    ms = bench_ms(lambda: kv_write(kv, k, k, slots))
+    row("kv write", f"T={t} Hk={HK} D={D}", "GB/s", 4 * k.numel() * 2 / ms / 1e6)
+    qkv = torch.randn(t, (H + 2 * HK) * D, device="cuda", dtype=DT)
+    q, kk = qkv[:, : H * D].view(t, H, D), qkv[:, H * D : (H + HK) * D].view(t, HK, D)
+    pos = torch.arange(t, device="cuda")
+    inv = rope_inv_freq(D, 500000.0).cuda()
+    ms = bench_ms(lambda: rope_qk(q, kk, pos, inv))
+    row("rope q/k", f"T={t} H={H} Hk={HK}", "GB/s", 2 * (H + HK) * t * D * 2 / ms / 1e6)
+    pool = torch.randn(32, 2, 4096, BS, HK, D, device="cuda", dtype=DT)  # 32 layers
+    ids = torch.randperm(4096, device="cuda")[:256]
+    out = torch.empty(256, 32, 2, BS, HK, D, device="cuda", dtype=DT)
+    ms = bench_ms(lambda: gather_blocks(pool, ids, 2, out=out))
+    row("block gather", "256 blocks x 32 layers", "GB/s", 2 * out.numel() * 2 / ms / 1e6)
+    x = torch.randn(t, 4096, device="cuda", dtype=DT)
+    res = torch.randn_like(x)
+    w = torch.randn(4096, device="cuda", dtype=DT)
+    ms = bench_ms(lambda: rmsnorm(x, w, 1e-5, res))
+    row("rmsnorm + residual", f"T={t} hidden=4096", "GB/s", 4 * x.numel() * 2 / ms / 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller grid")
+    quick = ap.parse_args().quick
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernel_bench.py needs a CUDA GPU")
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}", flush=True)
+    torch.manual_seed(0)
+    ceilings()
+    for b in [1, 8, 64] if quick else [1, 8, 32, 128]:
+        for ctx in [1024, 8192] if quick else [512, 2048, 8192, 32768]:
+            run_safely(decode_case, b, ctx)
+    prefill_cases = ([(1, 2048, 0), (4, 512, 3000)] if quick else
+                     [(1, 512, 0), (1, 4096, 0), (4, 2048, 0), (8, 256, 4000), (1, 1024, 15000)])
+    for case in prefill_cases:
+        run_safely(prefill_case, *case)
+    run_safely(small_kernels)
+    print(f"\n# {torch.cuda.get_device_name()}")
+    print(f"{'kernel':<22} {'shape':<34} {'metric':<10} value")
+    for r in ROWS:
+        print(f"{r[0]:<22} {r[1]:<34} {r[2]:<10} {r[3]}")
+
+
+if __name__ == "__main__":
+    main()

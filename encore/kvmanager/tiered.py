@@ -1,0 +1,424 @@
+"""Host and disk tiers behind the device pool: what to store, what to load, and when it is done.
+
+    device pool ──evict (write-back) or compute (write-through)──► host ──flush──► disk
+        ▲                                                           │               │
+        ├── host loads: in the step that computes the rest ─────────┘               │
+        └── disk loads: the request waits in WAITING_FOR_KV ────────────────────────┘
+
+One key space: the block key that names a device block also names a host slot and a disk
+file. This module is the bookkeeping half (P1, torch-free): it turns events into
+``KVTransfer`` ops for the step being planned and applies the worker's ``KVDone`` answers.
+It never touches bytes. Per tier it keeps a ``TierIndex``; a key is loadable only after its
+store completed; an entry being loaded is pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from encore.kvmanager.cost import LoadPolicy, make_load_policy
+from encore.kvmanager.tiers import TierIndex
+
+logger = logging.getLogger(__name__)
+
+LOWER_TIERS = ("host", "disk")
+# With a disk tier, the coldest quarter of the host tier is kept "clean" (also on disk) by
+# background writes, so that making room in host never waits for (or loses) a block.
+HOST_CLEAN_FRACTION = 0.25
+MAX_DISK_WRITES_IN_FLIGHT = 64  # beyond this a block is not written (the I/O would lag the
+# steps and its threads compete with the engine); a dropped block is recomputed if needed
+
+
+@dataclass(frozen=True)
+class TierSetup:
+    """What the engine learns from the worker (sizes, the disk index) and the config."""
+
+    block_bytes: int
+    num_host_blocks: int = 0
+    num_disk_blocks: int = 0
+    disk_keys: Sequence[bytes] = ()
+    write_policy: str = "write_back"
+    load_policy: str = "cost"
+
+
+@dataclass
+class Transfer:
+    """One op for the worker (mirrors ``scheduler.protocol.KVTransfer``)."""
+
+    op_id: int
+    key: bytes
+    src: str
+    src_slot: int
+    dst: str
+    dst_slot: int
+    seq_id: str | None = None  # the sequence a load serves
+
+
+@dataclass
+class _SeqLoad:
+    """Loads in flight for one sequence: its load ops in block order."""
+
+    op_ids: list[int]
+    tiers: list[str]
+    started: float
+    failed_at: int | None = None  # first block index whose load failed
+    pending: set[int] = field(default_factory=set)
+    inline: bool = False  # host copies the step's forward pass waits for (already promoted)
+
+
+@dataclass
+class StepOps:
+    stores: list[Transfer] = field(default_factory=list)
+    loads: list[Transfer] = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+
+
+class TieredCache:
+    """The host and disk tier indexes, the ops of the current step, and transfer tracking."""
+
+    def __init__(self, setup: TierSetup, block_size: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 policy: LoadPolicy | None = None) -> None:
+        self.block_bytes = setup.block_bytes
+        self.write_through = setup.write_policy == "write_through"
+        self.clock = clock
+        self.policy = policy or make_load_policy(setup.load_policy, block_size,
+                                                 setup.block_bytes)
+        self.tiers: dict[str, TierIndex] = {}
+        if setup.num_host_blocks > 0:
+            self.tiers["host"] = TierIndex("host", setup.num_host_blocks)
+        if setup.num_disk_blocks > 0:
+            self.tiers["disk"] = TierIndex("disk", setup.num_disk_blocks)
+            self.load_disk_index(setup.disk_keys)
+        self.ops = StepOps()
+        self._inflight: dict[int, Transfer] = {}
+        self._seq_loads: dict[str, _SeqLoad] = {}
+        self._written: list[tuple[bytes, int]] = []  # write-through: computed last step
+        self._next_op = 1
+        self._disk_writes = 0  # writes to disk in flight (flushes and straight from device)
+        self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
+        self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
+        self.transfer_bytes: dict[str, int] = {}
+        self.load_seconds: list[float] = []  # drained by take_stats()
+        self.corrupt_files = 0
+        self._reported: dict[str, Any] = {"hits": {}, "bytes": {}, "corrupt": 0}
+
+    # ------------------------------------------------------------------ set-up
+    def load_disk_index(self, keys: Sequence[bytes]) -> None:
+        """Rebuild the disk index from the worker's start-up scan (oldest first)."""
+        disk = self.tiers.get("disk")
+        if disk is None:
+            return
+        disk.reset()
+        for key in keys:
+            disk.insert_ready(key)
+
+    def reset(self) -> None:
+        """The worker died: every transfer is void and the host tier's bytes are gone."""
+        self._inflight.clear()
+        self._seq_loads.clear()
+        self._written.clear()
+        self._disk_writes = 0
+        self._dirty.clear()
+        self.ops = StepOps()
+        for tier in self.tiers.values():
+            tier.reset()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def is_loading(self, seq_id: str) -> bool:
+        """Staged loads into the sequence's blocks are in flight (inline ones don't count:
+        they are ordered before any later use of the blocks)."""
+        sl = self._seq_loads.get(seq_id)
+        return sl is not None and not sl.inline
+
+    def usage_bytes(self) -> dict[str, int]:
+        return {name: len(t) * self.block_bytes for name, t in self.tiers.items()}
+
+    def take_stats(self) -> dict[str, Any]:
+        """``EngineStats`` tier fields: gauges now, increments since the previous call."""
+        seconds, self.load_seconds = self.load_seconds, []
+        corrupt = self.corrupt_files - self._reported["corrupt"]
+        self._reported["corrupt"] = self.corrupt_files
+        return dict(kv_tier_usage_bytes=self.usage_bytes(),
+                    kv_tier_hit_tokens=_delta(self.hit_tokens, self._reported["hits"]),
+                    kv_tier_transfer_bytes=_delta(self.transfer_bytes, self._reported["bytes"]),
+                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=corrupt)
+
+    # ------------------------------------------------------------------ stores
+    def begin_step(self, idle: bool = False) -> None:
+        """Start a new step's op lists; write-through blocks computed last step go first
+        (their device blocks are intact until this step's forward pass); then host flushes
+        (all of them while the engine is ``idle``)."""
+        self.ops = StepOps()
+        written, self._written = self._written, []
+        for key, block in written:
+            for name in LOWER_TIERS:
+                self._store(key, "device", block, name)
+        self._flush_host(idle)
+
+    def needs_flush(self) -> bool:
+        """Host blocks still have no disk copy (an idle engine keeps stepping to write them)."""
+        disk = self.tiers.get("disk")
+        return bool(self._dirty) and disk is not None and disk.enabled
+
+    def _flush_host(self, everything: bool) -> None:
+        """Write-back from host without stalling a step: the coldest ``HOST_CLEAN_FRACTION``
+        of host (``everything`` when idle) gets a disk copy in the background. The worker's
+        I/O thread reads the block from the host pool, pinned meanwhile; the block stays in
+        host, now clean: evicting it later costs nothing and loses nothing."""
+        host = self.tiers.get("host")
+        budget = MAX_DISK_WRITES_IN_FLIGHT - self._disk_writes
+        if host is None or not self.needs_flush() or budget <= 0:
+            return
+        if not everything and not self.policy.pays_off("disk"):
+            return  # a disk copy would never be loaded: write only while idle (restarts)
+        if everything:
+            cold = [k for k in self._dirty if host.lookup([k])][:budget]
+        else:
+            cold = [k for k in _coldest(host) if k in self._dirty][:budget]
+        for key in cold:
+            slot = host.slot_of(key)
+            assert slot is not None
+            if not self._store(key, "host", slot, "disk"):
+                return  # disk has no room now (everything there in flight) or is off
+            del self._dirty[key]
+            host.prepare_load([key])
+
+    def take_ops(self) -> StepOps:
+        ops, self.ops = self.ops, StepOps()
+        return ops
+
+    def miss_cost(self, blocks: int) -> float:
+        """What ``blocks`` evicted from the device cost to get back, as a fraction of computing
+        them again: a load from the first lower tier that keeps them (``on_device_evict``)
+        and pays off; 1.0 when none would."""
+        for name in LOWER_TIERS:
+            tier = self.tiers.get(name)
+            if tier is not None and tier.enabled and self.policy.pays_off(name):
+                return self.policy.reload_fraction(name, blocks)
+        return 1.0
+
+    def on_device_evict(self, key: bytes, block: int) -> None:
+        """Write-back: a cached device block is about to be reused; save it one tier down.
+        A full host first drops its coldest clean block (one with a disk copy); with none,
+        the block goes straight to disk (host's flush lags behind). While the load policy
+        finds disk slower than recomputing, nothing is written to disk here: host drops its
+        coldest block instead (an idle engine still flushes host to disk)."""
+        if self.write_through:
+            return  # already stored when it was computed
+        host, disk = self.tiers.get("host"), self.tiers.get("disk")
+        order = LOWER_TIERS
+        to_disk = disk is not None and disk.enabled and self.policy.pays_off("disk")
+        if host is not None and key not in host and not host.num_free() and to_disk:
+            clean = next((k for k in _coldest(host) if k not in self._dirty), None)
+            if clean is None:
+                order = ("disk", "host")
+            else:
+                host.evict(clean)
+        for name in order:
+            if (name == "host" or to_disk) and self._store(key, "device", block, name):
+                return
+
+    def on_computed(self, key: bytes, block: int) -> None:
+        """Write-through: ``block`` (key ``key``) is computed in the step being planned."""
+        if self.write_through and self.tiers:
+            self._written.append((key, block))
+
+    def _store(self, key: bytes, src: str, src_slot: int, dst: str) -> bool:
+        """Store ``key`` into tier ``dst`` (no-op if there); False when the tier is absent,
+        off, or has no room (everything pinned or in flight)."""
+        tier = self.tiers.get(dst)
+        if tier is None or not tier.enabled:
+            return False
+        if key in tier:  # most evicted device blocks were loaded from host or stored before
+            return True
+        if dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT:
+            return False
+        plan = tier.prepare_store([key])
+        if plan is None:
+            return False
+        for old_key, old_slot in plan.evicted:
+            self._on_tier_evict(dst, old_key, old_slot)
+        for new_key, slot in plan.stored:
+            self._add_op(self.ops.stores, new_key, src, src_slot, dst, slot)
+        return True
+
+    def _on_tier_evict(self, tier: str, key: bytes, slot: int) -> None:
+        """A store evicted ``key`` from ``tier``. From host it is not written down now (that
+        would copy it on the step's path, its slot being reused this step): the background
+        flush (``_flush_host``) gave cold host blocks their disk copies already."""
+        if tier == "disk":
+            self.ops.deletes.append(key)
+        else:
+            self._dirty.pop(key, None)
+
+    def _add_op(self, out: list[Transfer], key: bytes, src: str, src_slot: int, dst: str,
+                dst_slot: int, seq_id: str | None = None) -> Transfer:
+        op = Transfer(self._next_op, key, src, src_slot, dst, dst_slot, seq_id)
+        self._next_op += 1
+        self._disk_writes += dst == "disk"
+        self._inflight[op.op_id] = op
+        out.append(op)
+        return op
+
+    # ------------------------------------------------------------------ loads
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark ``keys`` recently used in every tier that holds them."""
+        for tier in self.tiers.values():
+            tier.touch(keys)
+
+    def plan_loads(self, keys: Sequence[bytes]) -> list[str]:
+        """The tier to load each of the leading ``keys`` from (host if there, else disk; what
+        follows a miss is unusable), cut where the load policy says recomputing is faster.
+        ``keys`` follow the device hit."""
+        runs: list[tuple[str, int]] = []
+        for key in keys:  # each block from the nearest tier that has it, up to a miss
+            name = next((n for n in LOWER_TIERS if n in self.tiers
+                         and self.tiers[n].lookup([key])), None)
+            if name is None:
+                break
+            if runs and runs[-1][0] == name:
+                runs[-1] = (name, runs[-1][1] + 1)
+            else:
+                runs.append((name, 1))
+        total = self.policy.blocks_to_load(runs) if runs else 0
+        out: list[str] = []
+        for name, n in runs:
+            out.extend([name] * min(n, total - len(out)))
+        return out
+
+    def pin_loads(self, keys: Sequence[bytes], tiers: Sequence[str]) -> list[int]:
+        """Pin the entries to load (before allocating device blocks, whose evictions could
+        otherwise push them out); returns their slots."""
+        return [self.tiers[name].prepare_load([key])[0]
+                for key, name in zip(keys, tiers, strict=True)]
+
+    @staticmethod
+    def loads_inline(tiers: Sequence[str]) -> bool:
+        """Whether loads from ``tiers`` can feed the step that issues them: host copies go
+        before the step's forward pass on the worker (on CUDA each layer waits for its
+        copies) and cannot fail; a disk read completes in a later step."""
+        return all(name == "host" for name in tiers)
+
+    def start_loads(self, seq_id: str, keys: Sequence[bytes], tiers: Sequence[str],
+                    slots: Sequence[int], dst_blocks: Sequence[int],
+                    inline: bool = False) -> None:
+        """Emit one load op per pinned block, in block order. Inline loads (host only, the
+        caller treats them as done) are tracked only to time them; ``loads_done`` reports
+        the others."""
+        ops = [self._add_op(self.ops.loads, key, name, slot, "device", block, seq_id)
+               for key, name, slot, block in zip(keys, tiers, slots, dst_blocks, strict=True)]
+        ids = [op.op_id for op in ops]
+        assert not inline or self.loads_inline(tiers)
+        self._seq_loads[seq_id] = _SeqLoad(ids, list(tiers), self.clock(), pending=set(ids),
+                                           inline=inline)
+
+    def loads_done(self) -> list[tuple[str, int, list[str]]]:
+        """Sequences whose (staged) loads all completed: (seq id, blocks loaded before the
+        first failure, tier of each block). Forgets them, and finished inline loads."""
+        out = []
+        for seq_id, sl in list(self._seq_loads.items()):
+            if sl.pending:
+                continue
+            del self._seq_loads[seq_id]
+            self.load_seconds.append(self.clock() - sl.started)
+            if sl.inline:
+                continue
+            good = len(sl.op_ids) if sl.failed_at is None else sl.failed_at
+            out.append((seq_id, good, sl.tiers[:good]))
+        return out
+
+    def count_hits(self, tiers: Sequence[str], block_size: int) -> None:
+        for name in tiers:
+            self.hit_tokens[name] += block_size
+
+    # ------------------------------------------------------------------ completions
+    def apply_done(self, op_id: int, ok: bool, error: str | None,
+                   seconds: float = 0.0) -> None:
+        """Apply one ``KVDone``: complete the store or load in its tier index; the measured
+        time of every transfer feeds the load policy's bandwidth estimate of its tier."""
+        op = self._inflight.pop(op_id, None)
+        if op is None:
+            return  # from before a reset
+        if op.dst == "device":
+            self._load_done(op, ok)
+            if ok:
+                self.policy.observe_transfer(op.src, self.block_bytes, seconds)
+        else:
+            self.tiers[op.dst].complete_store(op.key, ok)
+            self._disk_writes -= op.dst == "disk"
+            if not ok and op.dst == "disk":
+                self._disable("disk", error)
+            elif ok:  # a link is about as fast both ways (a disk: writes as reads)
+                self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
+            disk = self.tiers.get("disk")
+            if op.dst == "host" and ok and disk is not None and op.key not in disk:
+                self._dirty[op.key] = None
+            if op.src == "host":  # a flush: the host entry stays, clean unless it failed
+                self.tiers["host"].complete_load(op.key, True)
+                if not ok:
+                    self._dirty[op.key] = None
+        if ok:
+            route = f"{op.src}>{op.dst}"
+            self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) + self.block_bytes
+
+    def _load_done(self, op: Transfer, ok: bool) -> None:
+        self.tiers[op.src].complete_load(op.key, ok)
+        sl = self._seq_loads.get(op.seq_id or "")
+        if sl is None:
+            return
+        sl.pending.discard(op.op_id)
+        if not ok:
+            if sl.inline:  # its tokens were already computed from this block
+                logger.error("a host KV copy failed after its step ran: %s", op.key.hex())
+            idx = sl.op_ids.index(op.op_id)
+            sl.failed_at = idx if sl.failed_at is None else min(sl.failed_at, idx)
+
+    def _disable(self, name: str, error: str | None) -> None:
+        tier = self.tiers[name]
+        if tier.enabled:
+            tier.enabled = False
+            logger.warning("the %s KV tier is turned off: %s", name, error or "write failed")
+
+    # ------------------------------------------------------------------ invariants
+    def check_integrity(self) -> None:
+        """Each tier index is sound; pins and storing entries match the transfers in flight."""
+        pins: dict[tuple[str, bytes], int] = {}
+        storing: set[tuple[str, bytes]] = set()
+        for op in self._inflight.values():
+            if op.dst == "device" or op.src == "host":  # loads, and host -> disk flushes
+                pins[(op.src, op.key)] = pins.get((op.src, op.key), 0) + 1
+            if op.dst != "device":
+                storing.add((op.dst, op.key))
+        writes = sum(1 for op in self._inflight.values() if op.dst == "disk")
+        if writes != self._disk_writes:
+            raise AssertionError(f"{self._disk_writes} disk writes counted, {writes} in flight")
+        if self._dirty and not set(self._dirty) <= set(self.tiers["host"].lru_order()):
+            raise AssertionError("a dirty key is not in host")
+        for name, tier in self.tiers.items():
+            tier.check_integrity()
+            busy = {k for (t, k) in pins if t == name} | {k for (t, k) in storing if t == name}
+            if tier.num_busy() != len(busy):
+                raise AssertionError(f"tier {name}: {tier.num_busy()} busy entries but "
+                                     f"{len(busy)} keys with transfers in flight")
+
+
+def _coldest(host: TierIndex) -> Iterator[bytes]:
+    """The coldest ``HOST_CLEAN_FRACTION`` of host's evictable keys (the part kept clean)."""
+    return islice(host.cold_keys(), int(host.num_slots * HOST_CLEAN_FRACTION))
+
+
+def _delta(totals: dict[str, int], reported: dict[str, int]) -> dict[str, int]:
+    """Increments of ``totals`` since ``reported`` (which is updated)."""
+    out = {k: v - reported.get(k, 0) for k, v in totals.items()}
+    reported.update(totals)
+    return out

@@ -1,0 +1,181 @@
+"""The engine (P1): scheduler + executor glue, and the loop that drives it.
+
+    inbox (EngineRequest / AbortRequest / ToolCalled / Shutdown)
+        ──► EngineLoop ──► emit(EngineOutputs)
+                 │
+    EngineCore.step(): schedule → execute → update
+
+The loop only pops Python objects from a queue and hands results to ``emit``; sockets and
+(de)serialization live in I/O threads (``scheduler.engine_main``) or in the asyncio side of an
+in-process client. No CUDA, no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+
+from encore.configs import EncoreConfig
+from encore.configs.secrets import block_key_secret
+from encore.kvmanager.tiered import TierSetup
+from encore.protocol.executor import Executor, WorkerDiedError
+from encore.protocol.messages import (
+    AbortRequest,
+    EngineOutputs,
+    EngineReady,
+    EngineRequest,
+    RequestOutput,
+    Shutdown,
+    ToolCalled,
+    WorkerReady,
+)
+from encore.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how long an idle loop blocks on its inbox before emitting stats again
+
+
+class EngineCore:
+    """One scheduler and one executor; restarts the worker if it dies."""
+
+    def __init__(self, config: EncoreConfig, executor: Executor, model_name: str = "") -> None:
+        self.config = config
+        self.executor = executor
+        self.model_name = model_name
+        self._scheduler: Scheduler | None = None
+        self.worker: WorkerReady | None = None
+        self.worker_dead = False
+
+    def start(self) -> EngineReady:
+        self.worker = self.executor.start()
+        self._scheduler = Scheduler(self.config.cache, self.config.scheduler,
+                                   num_device_blocks=self.worker.num_device_blocks,
+                                   max_model_len=self.worker.max_model_len,
+                                   secret=block_key_secret(self.config.cache.disk_cache_dir),
+                                   tiers=self._tier_setup(self.worker))
+        if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
+            self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files
+        w = self.worker
+        return EngineReady(model_name=self.model_name, max_model_len=w.max_model_len,
+                           vocab_size=w.vocab_size, num_device_blocks=w.num_device_blocks,
+                           block_size=self.config.cache.block_size, device=w.device,
+                           dtype=w.dtype)
+
+    def _tier_setup(self, w: WorkerReady) -> TierSetup:
+        cache = self.config.cache
+        return TierSetup(block_bytes=w.kv_block_bytes, num_host_blocks=w.num_host_blocks,
+                         num_disk_blocks=w.num_disk_blocks, disk_keys=w.disk_keys,
+                         write_policy=cache.cache_write_policy, load_policy=cache.kv_load_policy)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("the engine has not been started")
+        return self._scheduler
+
+    def add_request(self, request: EngineRequest) -> list[RequestOutput]:
+        """Queue a request; returns error outputs if it is refused (e.g. too long)."""
+        return self.scheduler.add_request(request)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        return self.scheduler.abort(request_ids)
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        self.scheduler.tool_called(program, tools)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def has_work(self) -> bool:
+        """Unfinished requests, or finished ids the worker has not been told about yet."""
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule one batch, run it, and return the new outputs."""
+        sched_out = self.scheduler.schedule()
+        tiers = self.scheduler.kv.tiers
+        if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
+                or (tiers is not None and tiers.num_inflight)):
+            return []
+        start = time.perf_counter()
+        try:
+            result = self.executor.execute(sched_out)
+        except WorkerDiedError as e:
+            return self._recover(str(e))
+        self.scheduler.observe_step(sched_out, time.perf_counter() - start)
+        return self.scheduler.update_from_output(sched_out, result)
+
+    def _recover(self, reason: str) -> list[RequestOutput]:
+        """Fail every in-flight request; ``restart_worker`` brings a fresh worker up after."""
+        logger.error("worker failed (%s); failing in-flight requests", reason)
+        self.worker_dead = True
+        self.executor.shutdown()
+        return self.scheduler.fail_all(f"the model worker failed: {reason}")
+
+    def restart_worker(self) -> None:
+        """Start a new worker (raises WorkerDiedError if it cannot start)."""
+        logger.info("restarting the model worker")
+        self.worker = self.executor.start()
+        self.worker_dead = False
+        tiers = self.scheduler.kv.tiers
+        if tiers is not None:  # the disk tier survived; the host tier died with the worker
+            tiers.load_disk_index(self.worker.disk_keys)
+
+    def shutdown(self, flush_timeout_s: float = 30.0) -> None:
+        """Stop the worker; first, when idle, finish writing host KV blocks to the disk tier
+        (so that they survive the restart), for at most ``flush_timeout_s``."""
+        tiers = self.scheduler.kv.tiers
+        deadline = time.monotonic() + flush_timeout_s
+        while (tiers is not None and not self.worker_dead and not self.has_unfinished()
+               and (tiers.num_inflight or tiers.needs_flush()) and time.monotonic() < deadline):
+            self.step()
+        self.executor.shutdown()
+
+
+class EngineLoop:
+    """Pops inputs, steps the core, emits outputs with fresh stats. ``run`` returns on Shutdown."""
+
+    def __init__(self, core: EngineCore, inbox: queue.Queue,
+                 emit: Callable[[EngineOutputs], None]) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.emit = emit
+
+    def _handle(self, msg: object, outputs: list[RequestOutput]) -> bool:
+        if isinstance(msg, EngineRequest):
+            outputs.extend(self.core.add_request(msg))
+        elif isinstance(msg, AbortRequest):
+            outputs.extend(self.core.abort(msg.request_ids))
+        elif isinstance(msg, ToolCalled):
+            self.core.tool_called(msg.program, msg.tools)
+        elif isinstance(msg, Shutdown):
+            return False
+        else:
+            logger.warning("engine ignored unexpected %s", type(msg).__name__)
+        return True
+
+    def _drain(self, outputs: list[RequestOutput]) -> bool:
+        """Handle every queued input; block briefly only when there is nothing to run."""
+        block = not self.core.has_unfinished()
+        while True:
+            try:
+                msg = self.inbox.get(block=block, timeout=IDLE_WAIT_S if block else None)
+            except queue.Empty:
+                return True
+            if not self._handle(msg, outputs):
+                return False
+            block = False
+
+    def run(self) -> None:
+        while True:
+            outputs: list[RequestOutput] = []
+            if not self._drain(outputs):
+                return
+            if self.core.has_work():
+                outputs.extend(self.core.step())
+            self.emit(EngineOutputs(outputs=outputs, stats=self.core.scheduler.stats()))
+            if self.core.worker_dead:
+                self.core.restart_worker()

@@ -1,0 +1,596 @@
+"""The phase-free continuous-batching scheduler (P1 core, torch-free).
+
+Each sequence has ``num_computed_tokens`` chasing ``num_tokens``. A step hands out tokens:
+
+    1. running sequences, best-first by the queue policy's key: a decode takes 1 token, a
+       sequence still prefilling takes min(remaining, budget). When blocks run out, the
+       *last* running sequence (lowest priority / latest arrival, not yet scheduled this
+       step) is preempted by recompute: blocks freed, num_computed_tokens = 0, back to the
+       waiting queue's front. Repeat until it fits, or the sequence preempts itself.
+    2. if nothing was preempted, waiting sequences in queue order: prefix-cache lookup, then
+       a (chunked) prefill under the token budget, while fewer than ``max_num_seqs`` run.
+       With host/disk tiers, a sequence whose lower-tier hit is worth loading (the load
+       policy decides) gets device blocks for it. Host-only loads run in the same step,
+       before (on CUDA: layer by layer alongside) the forward pass, so the sequence computes
+       the rest of its prompt at once. With disk blocks it waits in WAITING_FOR_KV
+       (``self.loading``, no tokens this step) while the worker stages its KV; once every
+       load is done it joins the running batch with those tokens computed (step 0 of the
+       next ``schedule``). Loads and stores travel in ``SchedulerOutput.kv_*``.
+
+Agent programs (``scheduler/programs.py``): a finished turn of a program keeps its KV pinned
+for a TTL (released when allocation would otherwise fail, claimed by the next turn, expired at
+the start of a later ``schedule``); all times come from the injectable ``clock``.
+
+``schedule()`` advances ``num_computed_tokens`` at once; ``update_from_output()`` appends the
+sampled tokens. The two must alternate: every scheduled step runs before the next is planned
+(the KV manager's same-step block sharing and abort-time freeing rely on it).
+
+Worker contract (``ScheduledSeq``):
+- ``token_ids`` are positions ``[start_pos, start_pos + len)``; ``block_table`` is the whole
+  table (block ids >= 1; block 0 is the null/padding block, never allocated).
+- ``sampling``, ``prompt_token_ids`` and ``eos_token_ids`` come once, the first time the
+  worker sees a seq id; the worker keeps the seq's sampling state (RNG, penalty counts)
+  until the id appears in ``SchedulerOutput.finished``. Preemption does *not* finish a seq
+  on the worker.
+- After a preemption the first chunk of the resumed seq also carries ``output_token_ids``
+  (all tokens sampled so far); the worker should take it as the seq's output history.
+- ``seed_index`` is the child index (n > 1 children sample differently under one seed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from encore.configs.types import CacheConfig, SchedulerConfig
+from encore.kvmanager.hashing import DEV_SECRET
+from encore.kvmanager.manager import KVCacheManager
+from encore.kvmanager.tiered import StepOps, TieredCache, TierSetup, Transfer
+from encore.protocol.messages import (
+    BlendPlan,
+    EngineRequest,
+    EngineStats,
+    KVTransfer,
+    ModelRunnerOutput,
+    RequestOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from encore.scheduler.blending import Blender
+from encore.scheduler.programs import Programs
+from encore.scheduler.queue import make_queue
+from encore.scheduler.request import Seq, SeqStatus
+
+_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
+             "chunk_queries", "chunk_hit_tokens", "chunk_recomputed_tokens")
+
+
+@dataclass
+class _Budget:
+    tokens: int
+
+
+class Scheduler:
+    """Owns every unfinished sequence and the KV bookkeeping; see the module docstring."""
+
+    def __init__(
+        self,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        num_device_blocks: int,
+        max_model_len: int,
+        secret: bytes = DEV_SECRET,
+        tiers: TierSetup | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = scheduler_config
+        self.clock = clock
+        self.block_size = cache_config.block_size
+        tiered = None
+        if tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks):
+            tiered = TieredCache(tiers, cache_config.block_size, clock)
+        self.kv = KVCacheManager(
+            num_device_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            cache_config.hash_algorithm,
+            secret,
+            tiered,
+        )
+        self.programs = Programs(self.kv, cache_config, clock, tiers.block_bytes if tiers else 0)
+        self.blender = Blender(self.kv, cache_config)  # chunk reuse (CacheBlend)
+        self.max_model_len = max_model_len
+        # No sequence can outgrow the pool: past this it finishes with "length".
+        self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
+        self.waiting = make_queue(scheduler_config.policy)
+        self.running: list[Seq] = []
+        self.loading: dict[str, Seq] = {}  # WAITING_FOR_KV, in admission order
+        self.requests: dict[str, list[Seq]] = {}  # request id -> its children (until all end)
+        self._seqs: dict[str, Seq] = {}  # unfinished sequences by seq id
+        self._finished_ids: list[str] = []  # for the next SchedulerOutput.finished
+        self._prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
+        self._next_order = 0
+        self._step_id = 0
+        self._step_preempted = False
+        self._blends: dict[str, tuple[BlendPlan, int]] = {}  # this step's plans, by seq id
+        self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
+        self._reported = dict.fromkeys(_COUNTERS, 0)
+        self._device_hits_reported = 0
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, req: EngineRequest) -> list[RequestOutput]:
+        """Queue ``req`` as ``n`` sequences. Returns error outputs if it cannot be served."""
+        error = self._validate(req)
+        if error is not None:
+            n = max(req.sampling.n, 1)
+            return [
+                RequestOutput(
+                    req.request_id,
+                    index=i,
+                    finish_reason="error",
+                    error=error,
+                    num_prompt_tokens=len(req.prompt_token_ids),
+                )
+                for i in range(n)
+            ]
+        if req.prompt_cache_key is not None:
+            self.programs.started(req.prompt_cache_key)
+        seqs = [Seq(req, i, self._next_order + i) for i in range(req.sampling.n)]
+        self._next_order += len(seqs)
+        self.requests[req.request_id] = seqs
+        for seq in seqs:
+            self._seqs[seq.seq_id] = seq
+            self.waiting.add(seq)
+        return []
+
+    def _validate(self, req: EngineRequest) -> str | None:
+        num_prompt = len(req.prompt_token_ids)
+        if req.request_id in self.requests:
+            return f"request id {req.request_id!r} is already in use"
+        if req.sampling.n < 1:
+            return f"n must be >= 1, got {req.sampling.n}"
+        if req.sampling.max_tokens < 1:
+            return f"max_tokens must be >= 1, got {req.sampling.max_tokens}"
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= 2**32:
+            return "prompt token ids must be in [0, 2**32)"
+        if num_prompt >= self.max_seq_len:
+            return (
+                f"the prompt has {num_prompt} tokens, but this engine holds at most "
+                f"{self.max_seq_len - 1} prompt tokens (max_model_len={self.max_model_len}, "
+                f"KV pool {self.kv.num_usable_blocks} blocks of {self.block_size}) so that "
+                "at least one token can be generated"
+            )
+        return None
+
+    def tool_called(self, program: str, tools: list[str]) -> None:
+        """The server parsed calls of ``tools`` from the turn of ``program`` that just ended
+        (the TTL policy learns per tool how long such a pause lasts)."""
+        self.programs.tool_called(program, tools)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Finish every unfinished child of these requests ("abort"); blocks are freed now.
+
+        The worker learns it through the next ``SchedulerOutput.finished``. Unknown ids are
+        ignored.
+        """
+        outputs = []
+        for rid in request_ids:
+            for seq in list(self.requests.get(rid, [])):
+                if not seq.is_finished:
+                    self._finish(seq, SeqStatus.FINISHED_ABORTED)
+                    outputs.append(self._final_output(seq))
+        return outputs
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """Finish every unfinished sequence with "error" (the worker died); free everything.
+
+        The device KV died with the worker, so the prefix cache is forgotten too, and the
+        pending ``finished`` list is dropped (the new worker never knew those ids).
+        """
+        outputs = []
+        for seq in list(self._seqs.values()):
+            self._finish(seq, SeqStatus.FINISHED_ERROR, error=reason)
+            outputs.append(self._final_output(seq))
+        self._finished_ids.clear()
+        self._prompt_logprobs.clear()
+        self.kv.reset_cache()
+        self.blender.reset()
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def has_work(self) -> bool:
+        """Unfinished sequences, finished ids the worker has not been told about yet, tier
+        transfers still in flight, or host blocks to write to disk."""
+        tiers = self.kv.tiers
+        return (bool(self._seqs) or bool(self._finished_ids)
+                or bool(tiers and (tiers.num_inflight or tiers.needs_flush())))
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: which tokens of which sequences to compute (see module docstring)."""
+        self._step_id += 1
+        self._step_preempted = False
+        if self.kv.tiers is not None:
+            self.kv.tiers.begin_step(idle=not self._seqs)
+        self.blender.begin_step()  # the last step's blends have run: release their chunks
+        self.programs.expire()  # before anything allocates: demotions go out this step
+        self._promote_loaded()
+        budget = _Budget(self.config.max_num_batched_tokens)
+        planned: list[tuple[Seq, int]] = []
+        self._blends.clear()
+        extra: list[ScheduledSeq] = []  # store-only chunk computations
+        self._schedule_running(budget, planned)
+        if not self._step_preempted:  # under pressure, admitting more would thrash
+            self._schedule_waiting(budget, planned, extra)
+        seqs = [*extra, *(self._to_wire(seq, n) for seq, n in planned)]
+        finished, self._finished_ids = self._finished_ids, []
+        out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
+        if self.kv.tiers is not None:
+            _attach_ops(out, self.kv.tiers.take_ops())
+        return out
+
+    def _promote_loaded(self) -> None:
+        """Sequences whose KV finished loading join the running batch with it computed."""
+        for seq_id, computed in self.kv.collect_loaded():
+            blended = self.blender.loaded_seq(seq_id)
+            if blended is not None:  # its chunks are on the device: admit it again, first
+                seq = self.loading.pop(blended, None)
+                if seq is not None:
+                    seq.status = SeqStatus.WAITING
+                    self.waiting.prepend(seq)
+                continue
+            self._join_running(self.loading.pop(seq_id), computed)
+
+    def _join_running(self, seq: Seq, computed: int) -> None:
+        """``seq``'s first ``computed`` tokens are in its blocks (prefix hit plus loads)."""
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed_tokens = seq.num_cached_tokens = computed
+        self.running.append(seq)
+
+    def _schedule_running(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
+        self.running.sort(key=self.waiting.key)
+        i = 0
+        while i < len(self.running) and budget.tokens > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            if not self._preempt_until_fits(seq, n):
+                break  # seq preempted itself: it was the last running one
+            planned.append((seq, n))
+            budget.tokens -= n
+            i += 1
+
+    def _preempt_until_fits(self, seq: Seq, num_new_tokens: int) -> bool:
+        """Allocate for ``seq``, preempting from the running tail; False if seq itself went."""
+        while self.kv.allocate_slots(seq, num_new_tokens) is None:
+            victim = self.running[-1]  # not yet scheduled this step (we schedule from the front)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.PREEMPTED
+        seq.resumed = True
+        self.waiting.prepend(seq)
+        self._counts["preemptions"] += 1
+        self._step_preempted = True
+
+    def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]],
+                          extra: list[ScheduledSeq]) -> None:
+        while (self.waiting and budget.tokens > 0
+               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
+            seq = self.waiting.peek()
+            if self.blender.applies(seq):
+                blended = self._admit_blended(seq, budget, planned, extra)
+                if blended is False:
+                    break  # no room or budget: keep queue order, retry next step
+                if blended is True:
+                    continue
+            loaded = self._start_loads(seq)
+            if loaded is not None:
+                if loaded is False:
+                    break  # no room for the load blocks: keep queue order, retry next step
+                self.waiting.pop()
+                if self.kv.tiers is not None and self.kv.tiers.is_loading(seq.seq_id):
+                    seq.status = SeqStatus.WAITING_FOR_KV
+                    self.loading[seq.seq_id] = seq
+                    continue
+                # host loads: this step's forward pass waits for them; compute the rest now
+                self._join_running(seq, loaded)
+                n = min(seq.num_tokens - loaded, budget.tokens)
+                if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
+                    planned.append((seq, n))
+                    budget.tokens -= n
+                continue
+            n = self._admit(seq, budget.tokens)
+            if n == 0:
+                break  # no room: keep queue order, retry next step
+            self.waiting.pop()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            planned.append((seq, n))
+            budget.tokens -= n
+
+    def _admit_blended(self, seq: Seq, budget: _Budget, planned: list[tuple[Seq, int]],
+                       extra: list[ScheduledSeq]) -> bool | None:
+        """Admit ``seq`` with its chunks blended (``scheduler/blending.py``), its whole
+        remaining prompt in this step. None: no chunk to blend (admit it normally); False: no
+        room or budget now; True: admitted."""
+        hits, hit_tokens = self.kv.get_computed_blocks(seq)
+        adm = self.blender.prepare(seq, hit_tokens)
+        if adm is None:
+            return None
+        prefetch = self.blender.start_prefetch(seq, adm)
+        if prefetch is not None:
+            if prefetch:  # its chunks load from a lower tier; it is admitted again after
+                self.waiting.pop()
+                seq.status = SeqStatus.WAITING_FOR_KV
+                self.loading[seq.seq_id] = seq
+            return prefetch
+        n = seq.num_tokens - hit_tokens
+        only_decodes = budget.tokens >= self.config.max_num_batched_tokens - len(planned)
+        if adm.cost(n) > budget.tokens and not only_decodes:
+            return False
+        own = -(-seq.num_tokens // self.block_size) - len(hits)
+        self.programs.admitting(seq, others_running=bool(self.running))
+        room = self.kv.has_room(own + adm.new_chunk_blocks(), [*hits, *adm.hit_blocks()])
+        self.programs.admitting(None)
+        if not room:
+            return False
+        self.waiting.pop()
+        self.blender.hold_hits(seq, adm)
+        self.kv.limit_caching(seq.seq_id, adm.first_start // self.block_size)
+        allocated = self.kv.allocate_slots(seq, n, hits)
+        assert allocated is not None, "room was checked"
+        plan, stores = self.blender.store(seq, adm)
+        extra.extend(stores)
+        self.programs.claim(seq, hits)
+        seq.num_computed_tokens = hit_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit_tokens + adm.reused
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        planned.append((seq, n))
+        self._blends[seq.seq_id] = (plan, adm.reused)
+        budget.tokens -= adm.cost(n)
+        return True
+
+    def _start_loads(self, seq: Seq) -> int | bool | None:
+        """Load ``seq``'s tier hits into device blocks if the load policy wants any.
+
+        None: nothing to load (admit it normally); False: worth loading but no room now;
+        else the tokens computed once the loads started (``KVCacheManager.start_loads``).
+        """
+        if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
+            return None
+        hits, _ = self.kv.get_computed_blocks(seq)
+        tiers = self.kv.plan_tier_loads(seq, len(hits))
+        if not tiers:
+            return None
+        self.programs.admitting(seq, others_running=bool(self.running))
+        loaded = self.kv.start_loads(seq, hits, tiers)
+        self.programs.admitting(None)
+        if loaded is None:
+            return False
+        self.programs.claim(seq, hits)
+        return loaded
+
+    def _admit(self, seq: Seq, token_budget: int) -> int:
+        """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
+        hits: list[int] = []
+        hit_tokens = 0
+        if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
+            hits, hit_tokens = self.kv.get_computed_blocks(seq)
+        n = min(seq.num_tokens - hit_tokens, token_budget)
+        self.programs.admitting(seq, others_running=bool(self.running))
+        allocated = self.kv.allocate_slots(seq, n, hits)
+        self.programs.admitting(None)
+        if allocated is None:
+            return 0
+        self.programs.claim(seq, hits)
+        seq.num_computed_tokens = hit_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit_tokens
+        return n
+
+    def _to_wire(self, seq: Seq, n: int) -> ScheduledSeq:
+        """The worker's view of ``seq``'s chunk; advances ``num_computed_tokens`` by ``n``."""
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        first = not seq.sent_to_worker
+        resume_outputs = seq.output_token_ids if seq.resumed and seq.num_output_tokens else None
+        out = ScheduledSeq(
+            seq_id=seq.seq_id,
+            token_ids=seq.all_token_ids[start:end],
+            start_pos=start,
+            block_table=list(self.kv.block_table(seq.seq_id)),
+            sample=end == seq.num_tokens,
+            sampling=seq.sampling if first else None,
+            prompt_token_ids=seq.prompt_token_ids if first else None,
+            output_token_ids=resume_outputs,
+            seed_index=seq.index,
+            eos_token_ids=sorted(seq.eos_token_ids) if first and seq.eos_token_ids else None,
+        )
+        blend = self._blends.pop(seq.seq_id, None)
+        if blend is not None:
+            out.blend = blend[0]
+            self._counts["prompt_tokens"] -= blend[1]  # reused chunk tokens were not computed
+        seq.sent_to_worker, seq.resumed = True, False
+        self._counts["prompt_tokens"] += max(0, min(end, seq.num_prompt_tokens) - start)
+        seq.num_computed_tokens = end
+        return out
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
+    ) -> list[RequestOutput]:
+        """Append sampled tokens, finish sequences that stop; one output per sampled token."""
+        if runner_out.error is not None:
+            return self.fail_all(f"the model worker failed: {runner_out.error}")
+        if runner_out.step_id != sched_out.step_id:
+            return self.fail_all(
+                f"the worker answered step {runner_out.step_id} for step {sched_out.step_id}"
+            )
+        tiers = self.kv.tiers
+        if tiers is not None:
+            for done in runner_out.kv_done:
+                tiers.apply_done(done.op_id, done.ok, done.error, done.seconds)
+            tiers.corrupt_files += runner_out.kv_disk_corrupt_files
+        row = {seq_id: i for i, seq_id in enumerate(runner_out.seq_ids)}
+        self.blender.observe(runner_out.chunk_deviation)
+        self._collect_prompt_logprobs(runner_out)
+        outputs = []
+        for ss in sched_out.seqs:
+            seq = self._seqs.get(ss.seq_id)
+            if not ss.sample or seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # mid-prefill chunk, or aborted since it was scheduled
+            i = row.get(ss.seq_id)
+            if i is None:
+                self._finish(seq, SeqStatus.FINISHED_ERROR, error="the worker sampled no token")
+                outputs.append(self._final_output(seq))
+                continue
+            lp = runner_out.logprobs[i] if runner_out.logprobs is not None else None
+            outputs.append(self._append(seq, runner_out.sampled_token_ids[i], lp))
+        return outputs
+
+    def _append(self, seq: Seq, token_id: int, logprob: TokenLogprobs | None) -> RequestOutput:
+        seq.append_token(token_id)
+        self._counts["generation_tokens"] += 1
+        status = seq.check_stop(token_id, self.max_seq_len)
+        out = RequestOutput(
+            seq.request_id,
+            index=seq.index,
+            new_token_ids=[token_id],
+            logprobs=[logprob] if logprob is not None else None,
+            prompt_logprobs=self._prompt_logprobs.pop(seq.seq_id, None),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+        )
+        if status is not None:
+            self._finish(seq, status)
+            out.finish_reason = status.finish_reason
+            out.stop_token_id = seq.stop_token_id
+        return out
+
+    def _collect_prompt_logprobs(self, runner_out: ModelRunnerOutput) -> None:
+        """Gather prompt logprobs across prefill chunks until the first token is emitted."""
+        for seq_id, part in (runner_out.prompt_logprobs or {}).items():
+            seq = self._seqs.get(seq_id)
+            if seq is not None and seq.num_output_tokens == 0:
+                self._prompt_logprobs.setdefault(seq_id, []).extend(part)
+
+    def _finish(self, seq: Seq, status: SeqStatus, error: str | None = None) -> None:
+        """Mark finished, free its blocks, tell the worker next step, forget it."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING_FOR_KV:
+            del self.loading[seq.seq_id]
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.error = status, error
+        self.programs.turn_ended(seq, status)
+        self.blender.forget(seq.seq_id)
+        self.kv.free(seq.seq_id)
+        if seq.sent_to_worker:
+            self._finished_ids.append(seq.seq_id)
+        del self._seqs[seq.seq_id]
+        self._prompt_logprobs.pop(seq.seq_id, None)
+        if all(s.is_finished for s in self.requests[seq.request_id]):
+            del self.requests[seq.request_id]
+
+    @staticmethod
+    def _final_output(seq: Seq) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            index=seq.index,
+            finish_reason=seq.status.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            error=seq.error,
+        )
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> EngineStats:
+        """Gauges now, and counter increments since the previous call."""
+        b = self.blender
+        totals = dict(
+            self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits,
+            chunk_queries=b.queries, chunk_hit_tokens=b.hit_tokens,
+            chunk_recomputed_tokens=b.recomputed_tokens,
+        )
+        delta: dict[str, Any] = {k: totals[k] - self._reported[k] for k in _COUNTERS}
+        self._reported = {k: totals[k] for k in _COUNTERS}
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting) + len(self.loading),
+            kv_cache_usage=self.kv.usage,
+            **delta,
+            **self._tier_stats(),
+            **self.programs.stats(),
+        )
+
+    def _tier_stats(self) -> dict[str, Any]:
+        """Tier gauges and increments since the last call (empty without tiers)."""
+        tiers = self.kv.tiers
+        device_hits = self.kv.device_hits - self._device_hits_reported
+        self._device_hits_reported = self.kv.device_hits
+        if tiers is None:
+            return {}
+        stats = tiers.take_stats()
+        stats["kv_tier_hit_tokens"]["device"] = device_hits
+        stats["kv_tier_usage_bytes"]["device"] = self.kv.pool.num_cached * tiers.block_bytes
+        return stats
+
+    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """Feed the load-vs-recompute policy with how long a step took."""
+        if self.kv.tiers is not None and sched_out.seqs:
+            prefill = sum(len(s.token_ids) for s in sched_out.seqs if len(s.token_ids) > 1)
+            self.kv.tiers.policy.observe_step(prefill, seconds)
+
+    def check_integrity(self) -> None:
+        """KV invariants plus: every unfinished seq is in exactly one queue, in a sane state."""
+        self.kv.check_integrity()
+        queued = list(self.waiting) + self.running + list(self.loading.values())
+        ids = [s.seq_id for s in queued]
+        _require(len(set(ids)) == len(ids), f"a sequence is queued twice: {ids}")
+        _require(set(ids) == set(self._seqs), "queues and the sequence table disagree")
+        _require(len(self.running) <= self.config.max_num_seqs, "more than max_num_seqs running")
+        for s in self.running:
+            blocks = len(self.kv.block_table(s.seq_id))
+            _require(s.status is SeqStatus.RUNNING, f"{s} in running")
+            # 0 only for a sequence promoted from WAITING_FOR_KV whose loads all failed
+            _require(0 <= s.num_computed_tokens <= s.num_tokens, f"{s} progress out of range")
+            _require(blocks * self.block_size >= s.num_computed_tokens, f"{s} lacks blocks")
+        for s in self.waiting:
+            _require(s.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED), f"{s} in waiting")
+            _require(s.num_computed_tokens == 0, f"{s} waiting with computed tokens")
+            _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
+        for s in self.loading.values():
+            _require(s.status is SeqStatus.WAITING_FOR_KV, f"{s} in loading")
+            _require(bool(self.kv.block_table(s.seq_id))
+                     or self.kv.is_prefetching(self.blender.loader_id(s.seq_id)),
+                     f"{s} loading without blocks")
+
+
+def _attach_ops(out: SchedulerOutput, ops: StepOps) -> None:
+    out.kv_stores = [_wire(t) for t in ops.stores]
+    out.kv_loads = [_wire(t) for t in ops.loads]
+    out.kv_deletes = ops.deletes
+
+
+def _wire(t: Transfer) -> KVTransfer:
+    return KVTransfer(t.op_id, t.key, t.src, t.src_slot, t.dst, t.dst_slot)  # type: ignore[arg-type]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise AssertionError(message)

@@ -1,0 +1,242 @@
+"""Pydantic models of the OpenAI request bodies Encore accepts (plus its extensions).
+
+Unknown fields are ignored; a known field with a bad value is a 400 whose ``param`` names it
+(:func:`parse_body`). Responses are built as plain dicts in ``server.responses``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from encore.server.errors import APIError
+
+MAX_N = 64
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+BREAKPOINT_MODES = ("implicit", "explicit", "chunk")
+
+
+def _breakpoint_mode(bp: dict[str, Any]) -> Any:
+    """The breakpoint's mode; without one, ``explicit`` if it has a ttl, else ``implicit``."""
+    return bp.get("mode", "explicit" if bp.get("ttl") is not None else "implicit")
+
+
+class ContentPart(_Model):
+    """A content part; only ``text`` parts are supported. ``prompt_cache_breakpoint`` may mark
+    it: ``implicit`` (a no-op: prefix caching is always on), ``explicit`` with a ``ttl`` (pin
+    the prefix up to this part's end), or ``chunk`` (Encore: a position-independent chunk)."""
+
+    type: str
+    text: str | None = None
+    prompt_cache_breakpoint: dict[str, Any] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError("only 'text' content parts are supported")
+        return v
+
+    @field_validator("prompt_cache_breakpoint")
+    @classmethod
+    def _breakpoint(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The mode must be known, and a ``ttl`` belongs to mode ``explicit`` only (its value
+        is checked against the server's config when the prompt is built)."""
+        if v is None:
+            return v
+        mode = _breakpoint_mode(v)
+        if mode not in BREAKPOINT_MODES:
+            raise ValueError(f"prompt_cache_breakpoint mode {str(mode)[:20]!r} is not one of "
+                             "'implicit', 'explicit', 'chunk'")
+        if v.get("ttl") is not None and mode != "explicit":
+            raise ValueError(f"a ttl on a prompt_cache_breakpoint needs mode 'explicit', not "
+                             f"{mode!r}")
+        return v
+
+    def breakpoint_mode(self) -> str | None:
+        """``implicit``, ``explicit`` or ``chunk``; None without a breakpoint."""
+        bp = self.prompt_cache_breakpoint
+        return None if bp is None else _breakpoint_mode(bp)
+
+    def breakpoint_ttl(self) -> Any:
+        """The raw ``ttl`` of an explicit breakpoint (None when absent)."""
+        return (self.prompt_cache_breakpoint or {}).get("ttl")
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    """An OpenAI function tool: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Model):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class _CommonRequest(_Model):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_options: dict[str, Any] | None = None
+    job_id: str | None = Field(default=None, max_length=1024)
+    is_last_step: bool | None = None
+    # extensions
+    top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    stop_token_ids: list[NonNegInt] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    priority: int = 0
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def program_key(self) -> str | None:
+        return self.prompt_cache_key or self.job_id
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: PromptInput
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else 16
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+def _param_of(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("str", "list[str]", "list[int]", "list[list[int]]", "int", "float"):
+            continue  # pydantic's union-branch labels
+        elif "[" in str(item) or "-" in str(item):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def parse_body(model: type[_Model], data: Any) -> Any:
+    """Validate a decoded JSON body; raise a 400 APIError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        err = next((x for x in errors if x["type"] == "value_error"), errors[0])
+        param = _param_of(tuple(err["loc"])) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"invalid value for {param!r}: {msg}" if param else msg,
+                       param=param, code="invalid_value") from None

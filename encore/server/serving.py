@@ -1,0 +1,302 @@
+"""Shared request handling: the serving context, admission, limits and engine requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from encore.configs.secrets import deployment_secret, tenant_salt
+from encore.configs.types import EncoreConfig, ServerConfig
+from encore.protocol.client import EngineClient
+from encore.protocol.messages import EngineReady, EngineRequest, SamplingParams
+from encore.server.errors import APIError, invalid
+from encore.server.metrics import ServerMetrics
+from encore.server.schemas import _CommonRequest
+
+T = TypeVar("T")
+RETRY_AFTER_S = 5
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServingContext:
+    """Everything a route needs; one per app. ``ready`` is set once the engine has started."""
+
+    config: EncoreConfig
+    engine: EngineClient
+    tokenizer: Any
+    metrics: ServerMetrics
+    info: EngineReady | None = None
+    model_name: str = ""
+    in_flight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    tenants: dict[str, str] = field(default_factory=dict)  # API key -> its cache salt
+
+    def __post_init__(self) -> None:
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        keys = api_keys(self.config.server)
+        if keys:
+            secret = deployment_secret(self.config.cache.disk_cache_dir)
+            self.tenants = {k: tenant_salt(secret, k) for k in keys}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.info is not None
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        assert self.info is not None
+        return self.info.vocab_size
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def api_keys(server: ServerConfig) -> list[str]:
+    """``api_keys`` plus the keys in ``api_keys_file`` (one per line; blank lines and lines
+    starting with # are skipped). Raises ValueError naming the file if it cannot be read."""
+    keys = list(server.api_keys)
+    if server.api_keys_file:
+        try:
+            with open(server.api_keys_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except OSError as e:
+            raise ValueError(f"api_keys_file {server.api_keys_file!r}: {e.strerror}") from None
+        keys += [line for line in lines if line and not line.startswith("#")]
+    return list(dict.fromkeys(keys))
+
+
+def check_api_key(ctx: ServingContext, request: Request) -> str | None:
+    """401 unless the Bearer token is one of the configured keys (constant-time compare).
+
+    Returns the caller's tenant salt (None when authentication is off)."""
+    if not ctx.tenants:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    salt = None
+    if scheme.lower() == "bearer" and token:
+        given = token.strip().encode()
+        for key, key_salt in ctx.tenants.items():  # compare every key: timing hides which
+            if hmac.compare_digest(given, key.encode()):
+                salt = key_salt
+    if salt is None:
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+    return salt
+
+
+def check_ready(ctx: ServingContext) -> None:
+    if ctx.info is None or not ctx.engine.ready:
+        raise APIError(503, "the engine is not ready; retry shortly", code="engine_not_ready",
+                       retry_after=RETRY_AFTER_S)
+
+
+async def read_json(ctx: ServingContext, request: Request) -> Any:
+    """Read the body within ``max_body_bytes`` (413 above) and decode it (400 if malformed)."""
+    limit = ctx.config.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+
+
+def check_model(ctx: ServingContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        shown = model[:64] + ("..." if len(model) > 64 else "")
+        raise APIError(404, f"model {shown!r} does not exist; this server serves "
+                            f"{ctx.model_name!r}", param="model", code="model_not_found")
+
+
+def admit(ctx: ServingContext) -> None:
+    """429 when the waiting queue is full (engine's view, or ours if it lags)."""
+    cfg = ctx.config
+    limit = cfg.server.max_waiting_requests
+    waiting = ctx.engine.stats().num_waiting if ctx.engine.stats() else 0
+    if waiting >= limit or ctx.in_flight >= limit + cfg.scheduler.max_num_seqs:
+        raise APIError(429, "too many requests are waiting; retry later",
+                       code="queue_full", retry_after=RETRY_AFTER_S)
+
+
+def check_common(ctx: ServingContext, req: _CommonRequest) -> None:
+    """Checks that need the server's config or the model (not expressible in the schema)."""
+    if req.cache_salt is not None and not ctx.config.server.allow_client_cache_salt:
+        raise invalid("cache_salt is not supported by this server (the operator has not "
+                      "enabled allow_client_cache_salt)", "cache_salt")
+    for tok in req.stop_token_ids or []:
+        if tok >= ctx.vocab_size:
+            raise invalid(f"stop_token_ids contains {tok}, beyond the vocabulary "
+                          f"({ctx.vocab_size})", "stop_token_ids")
+
+
+def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | None,
+                       param: str, prompt_param: str) -> int:
+    """Output budget of one prompt; 400 when the prompt plus it exceed the context."""
+    limit = ctx.max_model_len
+    if prompt_len >= limit:
+        raise invalid(f"the prompt has {prompt_len} tokens; this model's context is {limit} "
+                      "tokens", prompt_param)
+    if prompt_len == 0:
+        raise invalid("the prompt is empty", prompt_param)
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise invalid(f"{param}={requested} plus the prompt's {prompt_len} tokens exceeds "
+                      f"this model's context of {limit} tokens", param)
+    return requested
+
+
+def sampling_params(req: Any, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    if req.min_tokens > max_tokens:
+        raise invalid(f"min_tokens={req.min_tokens} exceeds the output budget {max_tokens}",
+                      "min_tokens")
+    return SamplingParams(
+        n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        min_p=req.min_p, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def cache_salt(tenant: str | None, client: str | None) -> str | None:
+    """The salt of a request's cache namespace: its tenant's, refined by the client's own
+    ``cache_salt`` (already checked to be allowed). With API keys every salt starts with the
+    tenant's part, so no client salt can reach another tenant's namespace."""
+    if tenant is None:
+        return client
+    return f"t:{tenant}" if client is None else f"t:{tenant}|c:{client}"
+
+
+def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
+                   prompt_ids: list[int], sampling: SamplingParams,
+                   arrival: float, tenant: str | None = None,
+                   chunks: list[tuple[int, int]] | None = None,
+                   pin_breakpoints: list[tuple[int, float]] | None = None) -> EngineRequest:
+    """The engine's request; ``chunks`` and ``pin_breakpoints`` are token positions of the
+    prompt's marked content parts (chat only, see server.chat_parts)."""
+    return EngineRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
+        arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
+        priority=req.priority, cache_salt=cache_salt(tenant, req.cache_salt),
+        prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
+        is_last_step=req.is_last_step, chunks=list(chunks or []),
+        pin_breakpoints=list(pin_breakpoints or []))
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration like "90s", "30m" or "12h"; None if malformed or not > 0."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    try:
+        value = float(text[:-1]) * unit if unit is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value < float("inf") else None
+
+
+def pin_ttl(ctx: ServingContext, req: _CommonRequest) -> float | None:
+    """The explicit pin TTL of ``prompt_cache_options.ttl`` (None: the engine's policy picks);
+    400 as :func:`checked_pin_ttl` says."""
+    opts = req.prompt_cache_options or {}
+    if opts.get("ttl") is None:
+        return None
+    return checked_pin_ttl(ctx, req, opts["ttl"], "prompt_cache_options.ttl")
+
+
+def checked_pin_ttl(ctx: ServingContext, req: _CommonRequest, value: Any, param: str) -> float:
+    """Seconds of a requested pin TTL (``prompt_cache_options.ttl`` or a content part's
+    breakpoint ``ttl``, named by ``param``); 400 when malformed, above
+    ``cache.max_pin_ttl_s``, without a program key, or pins are off."""
+    cache = ctx.config.cache
+    if not cache.enable_ttl_pins or not cache.enable_prefix_caching:
+        raise invalid(f"{param} is not supported: TTL pins are turned off on this server "
+                      "(cache.enable_ttl_pins)", param)
+    ttl = parse_duration(value) if isinstance(value, str) else None
+    if ttl is None:
+        raise invalid(f"{param} must be a duration like \"90s\", \"30m\" or \"12h\"", param)
+    if ttl > cache.max_pin_ttl_s:
+        raise invalid(f"{param}={value!r} exceeds this server's limit of "
+                      f"{cache.max_pin_ttl_s:g}s (cache.max_pin_ttl_s)", param)
+    if req.program_key() is None:
+        raise invalid(f"{param} needs a prompt_cache_key (or job_id) naming the program whose "
+                      "KV to pin", param)
+    return ttl
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; cancel it (aborting its engine request) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class UsageTracker:
+    """Token counts of one API call (possibly several engine requests)."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._cached: dict[str, int] = {}
+
+    def add_prompt(self, num_tokens: int) -> None:
+        self.prompt_tokens += num_tokens
+
+    def observe(self, delta: Any) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        out = delta.output
+        if out is not None and out.num_cached_tokens:
+            prev = self._cached.get(out.request_id, 0)
+            self._cached[out.request_id] = max(prev, out.num_cached_tokens)
+
+    def body(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens, sum(self._cached.values()))

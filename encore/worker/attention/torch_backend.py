@@ -1,0 +1,91 @@
+"""Reference attention over paged KV in plain torch (the CPU backend).
+
+Per sequence: gather its context K/V from the block table, then scaled-dot-product attention
+with a causal mask offset by ``start_pos`` (new token i sees positions ``<= start_pos + i``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from encore.worker.attention.base import AttentionBackend, AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V ([T, Hk, D]) at their flat slots of ``kv_cache`` ([2, N, bs, Hk, D])."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions [0, seq_len) of one sequence: two [seq_len, Hk, D] tensors."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_cache[:, block_table[:num_blocks]]  # [2, nb, bs, Hk, D]
+    blocks = blocks.flatten(1, 2)[:, :seq_len]
+    return blocks[0], blocks[1]
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence: gather every context padded to the longest, one SDPA.
+
+    q [B, H, D] -> [B, H, D]. Padding positions are masked out by ``seq_lens``.
+    """
+    block_size, seq = kv_cache.shape[2], meta.max_seq_len
+    tables = meta.block_tables[:, :(seq + block_size - 1) // block_size]
+    kv = kv_cache[:, tables].flatten(2, 3)[:, :, :seq]  # [2, B, S, Hk, D]
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hk, S, D]
+    mask = None
+    if min(meta.start_pos) + 1 < seq:  # ragged contexts: hide each row's padding
+        cols = torch.arange(seq, device=q.device)
+        mask = (cols[None, :] < meta.seq_lens[:, None]).view(len(meta.start_pos), 1, 1, seq)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype),
+                                       attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o.squeeze(2)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Correct for ragged batches, prefix hits and chunked prefill; decode batched in one call."""
+
+    name = "torch"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_decode_only:
+            return decode_attention(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
+        num_heads, num_kv_heads = q.shape[1], k.shape[1]
+        tables = meta.block_tables
+        q_start = 0
+        for i, (qlen, start) in enumerate(zip(meta.query_lens, meta.start_pos, strict=True)):
+            seq_len = start + qlen
+            kc, vc = gather_kv(kv_cache, tables[i], seq_len)
+            qi = q[q_start:q_start + qlen].transpose(0, 1)  # [H, q, D]
+            kc = kc.transpose(0, 1).to(q.dtype)  # [Hk, S, D]
+            vc = vc.transpose(0, 1).to(q.dtype)
+            if num_heads != num_kv_heads:
+                rep = num_heads // num_kv_heads
+                kc = kc.repeat_interleave(rep, dim=0)
+                vc = vc.repeat_interleave(rep, dim=0)
+            mask = None
+            if meta.q_positions is not None:
+                rows = meta.q_positions[q_start:q_start + qlen, None]
+                mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+            elif qlen > 1:
+                rows = torch.arange(qlen, device=q.device)[:, None] + start
+                cols = torch.arange(seq_len, device=q.device)[None, :]
+                mask = cols <= rows
+            # 4-D inputs: torch's CPU flash kernel takes them; 3-D ones fall back to the math
+            # path (measured 9x slower at 2k tokens, bf16, 2-core Xeon).
+            o = F.scaled_dot_product_attention(qi[None], kc[None], vc[None], attn_mask=mask,
+                                               scale=scale)[0]
+            out[q_start:q_start + qlen] = o.transpose(0, 1)
+            q_start += qlen
+        return out

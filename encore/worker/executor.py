@@ -1,0 +1,41 @@
+"""In-process executor: the model runner in the engine's own process (tests, offline)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from encore.configs import EncoreConfig
+from encore.protocol.executor import Executor, WorkerDiedError
+from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
+
+if TYPE_CHECKING:  # the model (torch) loads only when the worker starts
+    from encore.worker.worker import Worker
+
+
+class InprocExecutor(Executor):
+    def __init__(self, config: EncoreConfig) -> None:
+        self.config = config
+        self.worker: Worker | None = None
+
+    def start(self) -> WorkerReady:
+        from encore.worker.worker import Worker
+
+        if self.worker is None:
+            try:
+                self.worker = Worker(self.config)
+            except Exception as e:
+                raise WorkerDiedError(f"{type(e).__name__}: {e}") from e
+        return self.worker.ready_message()
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        if self.worker is None:
+            raise WorkerDiedError("worker is not running")
+        try:
+            return self.worker.execute(step)
+        except Exception as e:
+            raise WorkerDiedError(f"worker failed a step: {type(e).__name__}: {e}") from e
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.worker: Worker | None = None

@@ -1,0 +1,83 @@
+"""P2 entry point: ``python -m encore.worker.main --in ADDR --out ADDR --config-json JSON``.
+
+Loads the model, sends ``WorkerReady`` (or ``EngineDead`` with the reason if loading fails),
+then answers each ``SchedulerOutput`` with a ``ModelRunnerOutput`` until ``Shutdown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from encore.configs import EncoreConfig
+from encore.protocol.lifeline import exit_with_parent
+from encore.protocol.messages import (
+    EngineDead,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    Shutdown,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("encore.worker")
+
+if TYPE_CHECKING:  # the model (torch) loads only when the worker starts
+    from encore.worker.worker import Worker
+
+
+def serve(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    while True:
+        msg = decode(inbox.recv(copy=False).buffer)
+        if isinstance(msg, Shutdown):
+            return
+        if not isinstance(msg, SchedulerOutput):
+            logger.error("worker got unexpected %s", type(msg).__name__)
+            continue
+        try:
+            out = worker.execute(msg)
+        except Exception as e:  # a failed step must reach the engine, not hang it
+            logger.exception("step %d failed", msg.step_id)
+            out = ModelRunnerOutput(step_id=msg.step_id, error=f"{type(e).__name__}: {e}")
+        outbox.send(encode(out), copy=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="encore-worker")
+    ap.add_argument("--in", dest="inbox", required=True)
+    ap.add_argument("--out", dest="outbox", required=True)
+    ap.add_argument("--config-json", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    exit_with_parent()
+    config = msgspec.json.decode(args.config_json, type=EncoreConfig)
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(args.inbox)
+    outbox.connect(args.outbox)
+    try:
+        from encore.worker.worker import Worker
+
+        worker = Worker(config)
+    except Exception as e:
+        logger.error("worker failed to start: %s", e)
+        outbox.send(encode(EngineDead(reason=f"{type(e).__name__}: {e}")))
+        outbox.close(linger=2000)
+        return 1
+    outbox.send(encode(worker.ready_message()))
+    try:
+        serve(worker, inbox, outbox)
+    finally:
+        worker.close()  # let disk writes in flight finish
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3) in plain torch.
+
+One flat batch of T tokens, no batch dimension; attention over the paged KV cache is the
+backend's job. Read top to bottom:
+
+    input_ids [T] -> embed -> N x DecoderLayer -> final norm -> hidden [T, d]
+    DecoderLayer:  x += o_proj(attn(rope(qkv(norm(x)))))  ;  x += down(silu(gate) * up)(norm(x))
+
+On CUDA (triton attention) the layers take a fused path instead (``worker/models/ops.py``):
+the residual stream is carried between layers so each add rides in a Triton RMSNorm, RoPE
+rotates q and k in place inside the qkv output, and SiLU x up is one kernel:
+
+    h, r = add_norm(x, r) -> qkv -> rope_qk (in place) -> attn -> o_proj = x
+    h, r = add_norm(x, r) -> gate_up -> silu_mul -> down = x        ... final: add_norm(x, r)
+
+Speed on a 2-core CPU comes from a few choices: q/k/v is one matmul and gate/up is one
+matmul; the RoPE cos/sin table is built once (in the model dtype, as HF casts it) and indexed
+by position once per forward; q and k are rotated together in one pass; RMSNorm is torch's
+fused ``F.rms_norm``.
+
+Weights are loaded by :meth:`LlamaForCausalLM.load_weight` under Hugging Face names
+(``model.layers.3.self_attn.q_proj.weight``), which copies each tensor into its slice of the
+fused parameter; the GGUF loader renames to HF names first.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encore.worker.attention.base import AttentionBackend, AttentionMetadata
+from encore.worker.models.arch import ModelArch, rope_type
+from encore.worker.models.ops import TritonOps, select_ops
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim. torch's fused kernel accumulates in float32 for bf16/fp16
+    input (like HF's explicit upcast) and applies the weight before rounding, which is one
+    rounding fewer than HF and one kernel instead of six."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except one bf16 row on the CPU goes through ``torch.mv``: batch-1 decode is
+    memory-bound and oneDNN's bf16 GEMM reaches about half the bandwidth mv does for M=1
+    (measured 2x on the lm_head, 1.3-1.7x on the layer matmuls, on a 2-core Xeon)."""
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        y = torch.mv(weight, x[0]).unsqueeze(0)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, computed exactly as HF does (incl. llama3)."""
+    dim, base = arch.head_dim, arch.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    if rope_type(arch.rope_scaling) == "llama3":
+        inv = llama3_scale(inv, arch.rope_scaling or {})
+    return inv
+
+
+def llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """HF ``_compute_llama3_parameters``: slow the low frequencies by ``factor``, keep the high
+    ones, interpolate smoothly between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * torch.pi / inv_freq
+    inv = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv / factor + smooth * inv
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, inv)
+
+
+def rope_cache(
+    arch: ModelArch, max_positions: int, device: torch.device | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed-sin tables [max_positions, head_dim] (float32 math, stored in ``dtype``).
+
+    cos = [cos f, cos f], sin = [-sin f, sin f], so that rotate-half RoPE is one roll and one
+    multiply-add (see ``apply_rope``).
+    """
+    inv = rope_inv_freq(arch).to(device)
+    pos = torch.arange(max_positions, dtype=torch.float32, device=device)
+    freqs = torch.outer(pos, inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF/NeoX layout): x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1] = roll(x, D/2) * sign, the sign living in ``sin``.
+    x [T, H, D]; cos, sin [T, 1, D] from ``rope_cache``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """Shape of one layer's paged KV cache: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    return (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+
+
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers (K and V)."""
+    per_layer = 2 * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
+    return per_layer * arch.num_layers
+
+
+def _empty(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP, with fused qkv and gate_up projections."""
+
+    def __init__(self, arch: ModelArch, attn: AttentionBackend, index: int) -> None:
+        super().__init__()
+        d, qkv = arch.hidden_size, arch.q_size + 2 * arch.kv_size
+        self.index, self.attn, self.eps = index, attn, arch.rms_norm_eps
+        self.num_heads = arch.num_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim**-0.5
+        self.input_norm = _empty(d)
+        self.qkv_proj = _empty(qkv, d)
+        self.qkv_bias = _empty(qkv) if arch.attention_bias else None
+        self.q_norm = _empty(arch.head_dim) if arch.qk_norm else None
+        self.k_norm = _empty(arch.head_dim) if arch.qk_norm else None
+        self.o_proj = _empty(d, arch.q_size)
+        self.post_norm = _empty(d)
+        self.gate_up_proj = _empty(2 * arch.intermediate_size, d)
+        self.down_proj = _empty(d, arch.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self._attention(rms_norm(x, self.input_norm, self.eps), cos, sin, kv_cache, meta)
+        return x + self._mlp(rms_norm(x, self.post_norm, self.eps))
+
+    def _attention(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv(h, cos, sin)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.project_out(out)
+
+    def project_qkv(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, Hk, D] of the normed input ``h``, q and k rotated.
+        They are views of one qkv tensor (last dim contiguous)."""
+        t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
+        qkv = linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
+        if self.q_norm is not None:  # Qwen3: per-head norm before RoPE
+            qk = torch.cat(
+                (
+                    rms_norm(qk[:, :nh], self.q_norm, self.eps),
+                    rms_norm(qk[:, nh:], self.k_norm, self.eps),
+                ),
+                dim=1,
+            )
+        qk = apply_rope(qk, cos, sin)  # q and k share positions: rotate them in one pass
+        return qk[:, :nh], qk[:, nh:], v
+
+    def project_out(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [T, H, D] -> [T, d]."""
+        return linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj)
+
+    # ---- fused path (CUDA, TritonOps) ----------------------------------------------------
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embedding, residual None, at layer 0);
+        returns (this layer's output, the residual stream before it). Mutates residual."""
+        h, residual = ops.add_rmsnorm(x, residual, self.input_norm, self.eps)
+        x = self._attention_fused(h, positions, inv_freq, kv_cache, meta, ops)
+        h, residual = ops.add_rmsnorm(x, residual, self.post_norm, self.eps)
+        return self.mlp_fused(h, ops), residual
+
+    def _attention_fused(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        return ops.linear(out.reshape(h.shape[0], -1), self.o_proj)
+
+    def project_qkv_fused(
+        self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ops: TritonOps
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project_qkv`` on the fused kernels: RoPE in place, angles in fp32."""
+        t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
+        qkv = ops.linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
+        if self.q_norm is not None:  # Qwen3 (rare here): torch norms, a new qk tensor
+            qk = torch.cat(
+                (
+                    rms_norm(qk[:, :nh], self.q_norm, self.eps),
+                    rms_norm(qk[:, nh:], self.k_norm, self.eps),
+                ),
+                dim=1,
+            )
+        q, k = qk[:, :nh], qk[:, nh:]
+        ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
+        return q, k, v
+
+    def mlp_fused(self, h: torch.Tensor, ops: TritonOps) -> torch.Tensor:
+        return ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
+
+
+def _wait_layer(meta: AttentionMetadata, i: int) -> None:
+    """Layer ``i`` reads KV that host-tier loads are still copying: wait for them."""
+    if meta.layer_ready is not None:
+        meta.layer_ready.wait(i)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder over a flat token batch; ``forward`` returns final-normed hidden states."""
+
+    waits_per_layer = True  # honours ``AttentionMetadata.layer_ready``
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        attn: AttentionBackend,
+        *,
+        max_positions: int | None = None,
+        ops: TritonOps | None | str = "auto",
+    ) -> None:
+        """Parameters are allocated uninitialised on torch's current default device and dtype
+        (the loaders wrap this in ``torch.device(...)`` / default dtype); RoPE tables cover
+        ``max_positions`` (default: the model's max_position_embeddings). ``ops``: "auto"
+        picks by device and backend (``select_ops``); None forces the plain-torch layers."""
+        super().__init__()
+        self.arch, self.attn = arch, attn
+        self.embed_tokens = _empty(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, attn, i) for i in range(arch.num_layers))
+        self.norm = _empty(arch.hidden_size)
+        self.lm_head = (
+            self.embed_tokens
+            if arch.tie_word_embeddings
+            else _empty(arch.vocab_size, arch.hidden_size)
+        )
+        positions = max_positions or arch.max_position_embeddings
+        cos, sin = rope_cache(arch, positions, self.embed_tokens.device, self.embed_tokens.dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        inv_freq = rope_inv_freq(arch).to(self.embed_tokens.device, torch.float32)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.ops = select_ops(self.embed_tokens.device, attn.name) if ops == "auto" else ops
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: one per layer (mutated); -> hidden [T, d]."""
+        if isinstance(self.ops, TritonOps):
+            return self._forward_fused(input_ids, positions, kv_caches, meta, self.ops)
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers
+        sin = self.rope_sin[positions].unsqueeze(1)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            _wait_layer(meta, i)
+            x = layer(x, cos, sin, kv_cache, meta)
+        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> torch.Tensor:
+        """The same function on the fused kernels (positions must be contiguous)."""
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            _wait_layer(meta, i)
+            x, residual = layer.forward_fused(
+                x, residual, positions, self.rope_inv_freq, kv_cache, meta, ops
+            )
+        return ops.add_rmsnorm(x, residual, self.norm, self.arch.rms_norm_eps)[0]
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d] -> logits [N, vocab] in float32 (written into ``out`` if given)."""
+        logits = linear(hidden, self.lm_head)
+        return logits.float() if out is None else out.copy_(logits)
+
+    # ---- weight loading (HF names) -------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one HF-named tensor into its (slice of a fused) parameter; casts dtype/device."""
+        dest = self._destination(name)
+        if dest.shape != tensor.shape:
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
+        dest.copy_(tensor)
+
+    def _destination(self, name: str) -> torch.Tensor:
+        top = {
+            "model.embed_tokens.weight": self.embed_tokens,
+            "model.norm.weight": self.norm,
+            "lm_head.weight": self.lm_head,
+        }
+        if name in top:
+            return top[name]
+        m = re.fullmatch(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)", name)
+        if m is None or int(m[1]) >= len(self.layers):
+            raise KeyError(f"unexpected weight {name!r}")
+        return _layer_slot(self.layers[int(m[1])], self.arch, m[2], m[3], name)
+
+
+def _layer_slot(
+    layer: DecoderLayer, arch: ModelArch, part: str, kind: str, name: str
+) -> torch.Tensor:
+    """The (view of the) parameter of ``layer`` that HF weight ``part.kind`` fills."""
+    q, kv, i = arch.q_size, arch.kv_size, arch.intermediate_size
+    qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+    if part.startswith("self_attn.") and part[10:] in qkv_rows:
+        lo, hi = qkv_rows[part[10:]]
+        target = layer.qkv_proj if kind == "weight" else layer.qkv_bias
+        if target is not None:
+            return target[lo:hi]
+    elif part in ("mlp.gate_proj", "mlp.up_proj") and kind == "weight":
+        return layer.gate_up_proj[:i] if part == "mlp.gate_proj" else layer.gate_up_proj[i:]
+    elif kind == "weight":
+        simple = {
+            "self_attn.o_proj": layer.o_proj,
+            "mlp.down_proj": layer.down_proj,
+            "input_layernorm": layer.input_norm,
+            "post_attention_layernorm": layer.post_norm,
+            "self_attn.q_norm": layer.q_norm,
+            "self_attn.k_norm": layer.k_norm,
+        }
+        if simple.get(part) is not None:
+            return simple[part]
+    raise KeyError(f"unexpected weight {name!r} for {arch.architecture}")
+
+
+def expected_weight_names(arch: ModelArch) -> list[str]:
+    """Every HF weight name a checkpoint of ``arch`` must provide."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for n in range(arch.num_layers):
+        p = f"model.layers.{n}."
+        names += [
+            p + s + ".weight"
+            for s in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+                "input_layernorm",
+                "post_attention_layernorm",
+            )
+        ]
+        if arch.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if arch.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    return names

@@ -1,0 +1,146 @@
+"""Token sampling for one step: penalties, min-tokens masking, logprobs, then pick.
+
+Every row is independent of its batch neighbours: a seeded request draws its randomness from
+its own ``torch.Generator`` (seeded from ``(seed, child index)``), so the same seed gives the
+same tokens whatever else runs in the batch. Sampling uses the exponential race
+(``argmax(p / q)``, ``q ~ Exp(1)``), which draws exactly from ``p``.
+
+Order, as in vLLM: penalties → min-tokens mask → logprobs (of the penalized logits, before
+temperature) → temperature → top-k → top-p → min-p → sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from encore.protocol.messages import Logprob, SamplingParams, TokenLogprobs
+
+
+def child_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for child ``index`` of a request seeded with ``seed`` (stable anywhere)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class SeqSamplingState:
+    """What the sampler remembers about one sequence between steps."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)  # masked until min_tokens is reached
+    generator: torch.Generator | None = None
+
+
+def make_state(params: SamplingParams, prompt: list[int], output: list[int] | None,
+               eos_ids: list[int], seed_index: int, device: torch.device) -> SeqSamplingState:
+    gen = None
+    if params.seed is not None and not params.greedy:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(child_seed(params.seed, seed_index))
+    stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_ids))
+    return SeqSamplingState(params, list(prompt), list(output or []), stop_ids, gen)
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> bool:
+    """In place, row by row, only for rows that ask for a penalty; True if any did."""
+    changed = False
+    for i, st in enumerate(states):
+        p = st.params
+        if p.repetition_penalty != 1.0:
+            changed = True
+            seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
+                                dtype=torch.long, device=logits.device)
+            if seen.numel():
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                              vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and st.output_token_ids:
+            changed = True
+            out = torch.tensor(st.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return changed
+
+
+def _mask_min_tokens(logits: torch.Tensor, states: list[SeqSamplingState]) -> bool:
+    """Mask stop ids of rows below min_tokens; True if any row was masked."""
+    changed = False
+    for i, st in enumerate(states):
+        if st.stop_ids and len(st.output_token_ids) < st.params.min_tokens:
+            logits[i, st.stop_ids] = float("-inf")
+            changed = True
+    return changed
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row [V]: temperature, top-k, top-p, min-p; returns probabilities."""
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = (cum - sorted_p) > p.top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprobs]:
+    """Per row of ``logprobs`` [N, V]: the logprob of ``token_ids[i]`` and the top ``k``."""
+    rows = torch.arange(len(token_ids), device=logprobs.device)
+    chosen = logprobs[rows, torch.tensor(token_ids, device=logprobs.device)].tolist()
+    tops: list[list[Logprob]] = [[] for _ in token_ids]
+    if k > 0:
+        vals, ids = torch.topk(logprobs, k, dim=-1)
+        tops = [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
+                for ti, vi in zip(ids.tolist(), vals.tolist(), strict=True)]
+    return [TokenLogprobs(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
+
+
+class Sampler:
+    """Picks one token per row. ``default_generator`` serves unseeded random rows."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.default_generator = torch.Generator(device=device)
+        self.default_generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState],
+                 argmax: torch.Tensor | None = None
+                 ) -> tuple[list[int], list[TokenLogprobs] | None]:
+        """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs.
+
+        ``argmax`` [N] int64: the argmax of ``logits`` as given, already computed (inside a
+        decode CUDA graph); used, and mutated, unless a penalty or min-tokens mask applies.
+        """
+        changed = _apply_penalties(logits, states)
+        changed = _mask_min_tokens(logits, states) or changed
+        want_lp = any(st.params.logprobs is not None for st in states)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        chosen = argmax if argmax is not None and not changed else torch.argmax(logits, dim=-1)
+        for i, st in enumerate(states):
+            if st.params.greedy:
+                continue
+            probs = _filter(logits[i], st.params)
+            gen = st.generator or self.default_generator
+            q = torch.empty_like(probs).exponential_(generator=gen)
+            chosen[i] = torch.argmax(probs / q)
+        ids = chosen.tolist()  # the one host sync of the step
+        lps = None
+        if logprobs is not None:
+            k = max(st.params.logprobs or 0 for st in states)
+            lps = token_logprobs(logprobs, ids, k)
+            for lp, st in zip(lps, states, strict=True):
+                del lp.top[st.params.logprobs or 0:]
+        for st, tok in zip(states, ids, strict=True):
+            st.output_token_ids.append(tok)
+        return ids, lps

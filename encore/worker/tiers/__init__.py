@@ -1,0 +1,11 @@
+"""The tier data plane that runs in the worker (P2): the bytes of the KV tiers.
+
+P1 decides (``encore.kvmanager.tiered``); this package moves. One file per thing moved:
+
+``blocks``       the device KV pool seen as whole blocks: gather, scatter, events, bytes
+``host_pool``    the host tier's pinned tensors (one per layer group)
+``host_copies``  device <-> host copies, issued a layer group ahead of the forward pass
+``disk_files``   the disk tier's file format (header, checksum, atomic writes, start-up scan)
+``disk_io``      device/host <-> disk transfers on I/O threads
+``data_plane``   one step's tier ops in their documented order; completions as ``KVDone``
+"""

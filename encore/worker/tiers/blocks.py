@@ -1,0 +1,76 @@
+"""The device KV pool seen as whole blocks (all layers of a block id at once).
+
+KV per layer: ``[2, blocks, bs, heads, dim]``; a gathered block is
+``[layers, 2, bs, heads, dim]``. On CUDA every tier copy runs on one side ``stream``; on the
+CPU ``stream`` is None, copies are done when issued and events are None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class DeviceBlocks:
+    """Gathers and scatters whole blocks of ``kv_caches``; records events on ``stream``."""
+
+    def __init__(self, kv_caches: list[torch.Tensor]) -> None:
+        self.kv = kv_caches
+        first = kv_caches[0]
+        self.device = first.device
+        self.block_shape = (len(kv_caches), 2, *first.shape[2:])
+        self.dtype = first.dtype
+        self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
+        # one side stream for every copy: the stores' copies to host queue behind the step's
+        # loads, which the forward pass waits for (on a stream of their own they competed
+        # with the loads for PCIe and slowed the step down)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv)
+
+    def ids(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def gather(self, ids: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
+        """Device blocks ``ids`` of ``layers`` as ``[n, layers, 2, bs, heads, dim]`` (new,
+        contiguous, same device): one index op per layer, however many blocks."""
+        return torch.stack([self.kv[i].index_select(1, ids).transpose(0, 1)
+                            for i in range(*layers)], dim=1)
+
+    def scatter(self, ids: torch.Tensor, data: torch.Tensor, layers: tuple[int, int]) -> None:
+        """``data`` ``[n, layers, 2, ...]`` (on the device) into device blocks ``ids``."""
+        for i in range(*layers):
+            self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
+
+    @staticmethod
+    def to_bytes(t: torch.Tensor) -> memoryview:
+        return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return raw.view(self.dtype).view(self.block_shape)
+
+    def record(self, timing: bool = False) -> Any:
+        """An event recorded on the side stream; None on the CPU."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record(self.stream)
+        return event
+
+    def timed(self, spans: list[Any], copy: Callable[[], None]) -> None:
+        """Issue ``copy`` between two timing events (CUDA; appends the pair to ``spans``) or
+        time it on the clock (CPU, where copies are done when issued; appends seconds)."""
+        if self.stream is None:
+            start = time.perf_counter()
+            copy()
+            spans.append(time.perf_counter() - start)
+        else:
+            started = self.record(timing=True)
+            copy()
+            spans.append((started, self.record(timing=True)))

@@ -1,0 +1,148 @@
+"""One step's tier ops, in order, and their completions.
+
+Order within a step (each op may read a slot that a later op of the same step overwrites):
+
+    1. delete disk files of keys the disk index evicted
+    2. host -> disk flushes: the I/O pool reads the (pinned, in the index) host slot itself
+    3. device -> disk stores: gathered, copied to the CPU, written by the I/O pool
+    4. disk -> device loads: read in the I/O pool, copied to the device once read (later)
+    5. per layer group: gather the group's layers of the blocks to store in host, then copy
+       the group's host -> device loads (``LayerCopies``)
+    6. the stores' copies into the host pool
+    7. the forward pass: on CUDA each layer group waits for its group's event; group g+1 is
+       issued when the forward pass reaches group g (the CPU work of issuing copies runs
+       while the GPU computes), so the first layers compute while later groups are still
+       crossing PCIe. Group 0 is one layer: nothing computes before it is in.
+
+On the CPU steps 5-6 are done before the forward pass. Finished ops come back as ``KVDone``
+(``ModelRunnerOutput.kv_done``), possibly steps later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import torch
+
+from encore.configs import EncoreConfig
+from encore.protocol.messages import KVDone, SchedulerOutput
+from encore.worker.tiers.blocks import DeviceBlocks
+from encore.worker.tiers.disk_io import DiskIO
+from encore.worker.tiers.host_copies import HostCopies, LayerCopies
+from encore.worker.tiers.host_pool import HostPool
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+LOAD_GROUPS = 8  # layer groups of a host load (CUDA): layer group g computes once g is in
+
+
+class TierDataPlane:
+    """Runs tier transfers against ``kv_caches`` (per layer ``[2, blocks, bs, heads, dim]``)."""
+
+    def __init__(self, config: EncoreConfig, kv_caches: list[torch.Tensor],
+                 fingerprint: bytes) -> None:
+        self.blocks = DeviceBlocks(kv_caches)
+        self.host = self._host_pool(config.cache.host_cache_gib)
+        self.host_copies = HostCopies(self.blocks, self.host) if self.host is not None else None
+        self.disk = DiskIO(self.blocks, self.host, config.cache.disk_cache_dir,
+                           config.cache.disk_cache_gib, fingerprint)
+
+    def _host_pool(self, gib: float) -> HostPool | None:
+        blocks = self.blocks
+        num = int(gib * GIB // blocks.block_bytes)
+        if num <= 0:
+            return None
+        pin = blocks.stream is not None
+        logger.info("host KV tier: %d blocks (%.2f GiB)%s", num, num * blocks.block_bytes / GIB,
+                    ", pinned" if pin else "")
+        return HostPool(num, blocks.block_shape, blocks.dtype, pin, LOAD_GROUPS)
+
+    @property
+    def num_host_blocks(self) -> int:
+        return 0 if self.host is None else len(self.host)
+
+    def before_step(self, step: SchedulerOutput) -> tuple[list[KVDone], LayerCopies | None]:
+        """Issue the step's ops (in the documented order); return those already finished and,
+        on CUDA with host copies (loads, stores to host), the ``LayerCopies`` the forward pass
+        waits on (None: none)."""
+        done: list[KVDone] = []
+        for key in step.kv_deletes:
+            self.disk.delete(key)
+        ready = self._copies(step, done) if step.kv_stores or step.kv_loads else None
+        done.extend(self.poll())
+        return done, ready
+
+    def after_step(self, idle: bool) -> list[KVDone]:
+        """Transfers that finished meanwhile; an idle step waits briefly for disk I/O."""
+        if idle:
+            self.disk.wait_briefly()
+        return self.poll()
+
+    def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerCopies | None:
+        """Stores, then loads; on CUDA on the side stream, which waits for the forward passes
+        before it. Layer group by layer group, the gathers of blocks to store in host (before
+        a load or this step's forward pass overwrites them) and the host loads, issued one
+        group ahead of the forward pass, whose layers wait for their group (``LayerCopies``);
+        the stores' copies to host after the last group. On the CPU everything is done
+        before returning."""
+        stream = self.blocks.stream
+        if stream is None:
+            groups, after = self._stages(step, done)
+            for stage in (*groups, *after):
+                stage()
+            return None
+        main = torch.cuda.current_stream(self.blocks.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            groups, after = self._stages(step, done)
+            main.wait_event(self.blocks.record())  # the gathers of stores straight to disk
+        if not groups:
+            return None
+        copies = LayerCopies(stream, self.host.bounds if self.host else [], groups, after)
+        copies.issue(1)  # group 0 before the forward pass starts
+        return copies
+
+    def _stages(self, step: SchedulerOutput, done: list[KVDone]) -> tuple[list[Any], list[Any]]:
+        """Issue now: flushes from host, stores straight to disk, disk reads (steps 2-4).
+        Return the host copies' stages (steps 5-6, ``HostCopies.stages``)."""
+        for op in step.kv_stores:
+            if op.src == "host":
+                self.disk.write(op, None, done)
+        from_device = [op for op in step.kv_stores if op.src != "host"]
+        to_host = sorted((op for op in from_device if op.dst == "host"),
+                         key=lambda op: op.dst_slot)
+        to_disk = [op for op in from_device if op.dst != "host"]
+        if to_disk:
+            ids = self.blocks.ids([op.src_slot for op in to_disk])
+            gathered = self.blocks.gather(ids, (0, self.blocks.num_layers))
+            for op, data in zip(to_disk, gathered, strict=True):
+                self.disk.write(op, data, done)
+        for op in step.kv_loads:
+            if op.src != "host":
+                self.disk.read(op, done)
+        loads = [op for op in step.kv_loads if op.src == "host"]
+        if self.host_copies is None:
+            return [], []
+        return self.host_copies.stages(to_host, loads, done)
+
+    def poll(self) -> list[KVDone]:
+        """Finished transfers: host copy batches, then disk I/O."""
+        done = self.host_copies.poll() if self.host_copies is not None else []
+        done.extend(self.disk.poll())
+        return done
+
+    def close(self) -> None:
+        self.disk.close()
+
+
+def kv_fingerprint(config: EncoreConfig, arch: Any, dtype: torch.dtype,
+                   block_shape: tuple[int, ...]) -> bytes:
+    """32 bytes naming the model and the KV layout: files of another model never load."""
+    desc = {"model": config.model.model or "embedded-smollm2", "load_format":
+            config.model.load_format, "arch": repr(arch), "dtype": str(dtype),
+            "block_shape": list(block_shape), "format": 1}
+    return hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=32).digest()

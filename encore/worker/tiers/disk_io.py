@@ -1,0 +1,174 @@
+"""Device/host <-> disk transfers of whole blocks, on I/O threads.
+
+Writes and reads have their own thread pools (a load never queues behind a backlog of
+writes) and complete in a later step. A store from the device is gathered and copied to the
+CPU behind an event; a store from host is read by the I/O thread straight from the pinned
+host slot (the slot is pinned in P1's host index until the op completes). A finished read is
+copied into its device block on the side stream, then reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from encore.protocol.messages import KVDone, KVTransfer
+from encore.worker.tiers.blocks import DeviceBlocks
+from encore.worker.tiers.disk_files import CorruptFile, DiskStore
+from encore.worker.tiers.host_pool import HostPool
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+IDLE_WAIT_S = 0.005  # an idle step waits this long for disk I/O before answering
+
+
+@dataclass
+class _Pending:
+    """A disk transfer not finished yet: an I/O future, then (a read) a copy to the device."""
+
+    op: KVTransfer
+    future: Future | None = None
+    event: Any = None  # torch.cuda.Event of the read's copy to the device
+    staged: torch.Tensor | None = None  # a disk read waiting to be copied to the device
+    seconds: float = 0.0  # how long the disk read took
+
+
+class DiskIO:
+    """The disk tier's transfers; ``store`` is None when the tier is off (every op fails)."""
+
+    def __init__(self, blocks: DeviceBlocks, host: HostPool | None, root: str | None,
+                 gib: float, fingerprint: bytes) -> None:
+        self.blocks = blocks
+        self.host = host
+        self.store: DiskStore | None = None
+        self.num_blocks, self.keys, self.corrupt = 0, [], 0
+        if root:
+            self._open(root, gib, fingerprint)
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
+        self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
+        self.pending: list[_Pending] = []
+
+    def _open(self, root: str, gib: float, fingerprint: bytes) -> None:
+        capacity = int(gib * GIB // self.blocks.block_bytes)
+        if capacity <= 0:
+            return
+        try:
+            store = DiskStore(root, fingerprint, self.blocks.block_bytes)
+            self.keys, self.corrupt = store.scan(capacity)
+        except OSError as e:
+            logger.warning("the disk KV tier is off: %s", e)
+            return
+        self.store, self.num_blocks = store, capacity
+        logger.info("disk KV tier: %d of %d blocks found in %s (%d bad files removed)",
+                    len(self.keys), capacity, store.dir, self.corrupt)
+
+    def delete(self, key: bytes) -> None:
+        if self.store is not None:
+            self.store.delete(key)
+
+    def write(self, op: KVTransfer, data: torch.Tensor | None, done: list[KVDone]) -> None:
+        """Write one block in the I/O pool: ``data`` (a gathered device block, copied to the
+        CPU behind an event) or, for None, the host slot ``op.src_slot``."""
+        if self.store is None:
+            done.append(KVDone(op.op_id, False, "the disk tier is off"))
+            return
+        event = None
+        if data is not None:
+            data = data.to("cpu", copy=True, non_blocking=self.blocks.stream is not None)
+            event = self.blocks.record()
+        self.pending.append(_Pending(op, self.io.submit(self._write, op, data, event)))
+
+    def _write(self, op: KVTransfer, data: torch.Tensor | None, event: Any) -> float:
+        if event is not None:
+            event.synchronize()
+        if data is None:
+            assert self.host is not None
+            data = self.host.block(op.src_slot)
+        assert self.store is not None
+        start = time.perf_counter()
+        self.store.write(op.key, self.blocks.to_bytes(data))
+        return time.perf_counter() - start
+
+    def read(self, op: KVTransfer, done: list[KVDone]) -> None:
+        """Read one block in the read pool; copied into ``op.dst_slot`` once read."""
+        if self.store is None:
+            done.append(KVDone(op.op_id, False, "the disk tier is off"))
+        else:
+            self.pending.append(_Pending(op, self.io_read.submit(self._read, op.key)))
+
+    def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
+        assert self.store is not None
+        start = time.perf_counter()
+        data = self.blocks.from_bytes(self.store.read(key))
+        return data, time.perf_counter() - start
+
+    def wait_briefly(self) -> None:
+        """An idle step gives running I/O ``IDLE_WAIT_S`` to finish."""
+        futures = [p.future for p in self.pending if p.future is not None and not p.future.done()]
+        if futures:
+            wait(futures, timeout=IDLE_WAIT_S, return_when="FIRST_COMPLETED")
+
+    def poll(self) -> list[KVDone]:
+        """Finished transfers; a finished read is copied into its device block first."""
+        done: list[KVDone] = []
+        still: list[_Pending] = []
+        for p in self.pending:
+            if p.future is not None:
+                if not p.future.done():
+                    still.append(p)
+                    continue
+                result = self._future_result(p)
+                if result is not None:
+                    done.append(result)
+                    continue
+            if p.staged is not None:  # a disk read to copy into its device block now
+                self._copy_in(p)
+            if p.event is not None and not p.event.query():
+                still.append(p)
+                continue
+            done.append(KVDone(p.op.op_id, True, seconds=p.seconds))
+        self.pending = still
+        return done
+
+    def _copy_in(self, p: _Pending) -> None:
+        blocks = self.blocks
+        stream = blocks.stream
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            assert p.staged is not None
+            staged = p.staged.to(blocks.device, non_blocking=True)[None]
+            blocks.scatter(blocks.ids([p.op.dst_slot]), staged, (0, blocks.num_layers))
+        p.staged, p.event = None, blocks.record()
+
+    def _future_result(self, p: _Pending) -> KVDone | None:
+        """A KVDone if the I/O finished the op (or failed it); None if a copy remains."""
+        assert p.future is not None
+        try:
+            result = p.future.result()
+        except CorruptFile as e:
+            self.corrupt += 1
+            logger.warning("disk KV tier: dropped a bad file (%s)", e)
+            return KVDone(p.op.op_id, False, str(e))
+        except OSError as e:
+            return KVDone(p.op.op_id, False, f"{type(e).__name__}: {e}")
+        p.future = None
+        if p.op.dst == "disk":
+            return KVDone(p.op.op_id, True, seconds=result)
+        p.staged, p.seconds = result
+        return None
+
+    def take_corrupt(self) -> int:
+        n, self.corrupt = self.corrupt, 0
+        return n
+
+    def close(self) -> None:
+        """Finish the disk I/O already submitted, then stop the I/O threads."""
+        self.io.shutdown(wait=True)
+        self.io_read.shutdown(wait=True)

@@ -1,0 +1,62 @@
+"""The worker's front door: one ``Worker`` per device, one explicit pipeline per step.
+
+    SchedulerOutput ──► 1. tier ops in   (deletes, stores, loads: ``TierDataPlane.before_step``)
+                        2. model step    (``ModelRunner.execute``; its layers wait for the
+                                          host copies they read, layer group by layer group)
+                        3. tier ops out  (copies the forward pass did not reach, finished
+                                          transfers: ``TierDataPlane.after_step``)
+                    ◄── ModelRunnerOutput (sampled ids + ``kv_done``)
+
+Both executors drive this class: ``python -m encore.worker.main`` (the worker process) and
+``encore.worker.executor.InprocExecutor`` (tests, offline).
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from encore.configs import EncoreConfig
+from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
+from encore.worker.model_runner import ModelRunner
+from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint
+
+
+class Worker:
+    """The model runner of one device and its tier data plane."""
+
+    def __init__(self, config: EncoreConfig) -> None:
+        self.runner = ModelRunner(config)
+        kv = self.runner.kv_caches
+        shape = (len(kv), 2, *kv[0].shape[2:])
+        fingerprint = kv_fingerprint(config, self.runner.arch, kv[0].dtype, shape)
+        self.tiers = TierDataPlane(config, kv, fingerprint)
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """The device KV pool, per layer ``[2, blocks, bs, heads, dim]``."""
+        return self.runner.kv_caches
+
+    def ready_message(self) -> WorkerReady:
+        """The start-up answer to the engine: pool sizes, and the disk blocks found."""
+        tiers = self.tiers
+        return msgspec.structs.replace(
+            self.runner.ready_message(), kv_block_bytes=tiers.blocks.block_bytes,
+            num_host_blocks=tiers.num_host_blocks, num_disk_blocks=tiers.disk.num_blocks,
+            disk_keys=tiers.disk.keys, kv_disk_corrupt_files=tiers.disk.take_corrupt())
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        done, copies = self.tiers.before_step(step)
+        try:
+            out = self.runner.execute(step, copies)
+        finally:
+            if copies is not None:
+                copies.finish()  # what the forward pass did not reach
+        done.extend(self.tiers.after_step(idle=not step.seqs))
+        out.kv_done = done
+        out.kv_disk_corrupt_files = self.tiers.disk.take_corrupt()
+        return out
+
+    def close(self) -> None:
+        """Let the disk writes in flight finish."""
+        self.tiers.close()
