@@ -18,12 +18,12 @@ The manager never imports the scheduler: a sequence is anything with the ``KVSeq
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from encore.kvmanager.block_pool import BlockPool
-from encore.kvmanager.hashing import DEV_SECRET, BlockHasher, HashAlgorithm
-from encore.kvmanager.pins import PinTable
+from encore.kvmanager.hashing import BlockHasher
+from encore.kvmanager.pins import Admission, PinTable
 from encore.kvmanager.tiered import TieredCache
 
 
@@ -43,21 +43,16 @@ class KVSeq(Protocol):
 class KVCacheManager:
     """Allocates blocks to sequences and shares identical full-block prefixes between them."""
 
-    def __init__(
-        self,
-        num_blocks: int,
-        block_size: int,
-        enable_prefix_caching: bool = True,
-        hash_algorithm: HashAlgorithm = "blake2b",
-        secret: bytes = DEV_SECRET,
-        tiers: TieredCache | None = None,
-    ) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, hasher: BlockHasher,
+                 tiers: TieredCache | None = None, pins: PinTable | None = None) -> None:
+        """Collaborators come built and connected (``encore.kvmanager.wiring.build_kv``):
+        the pool reports evictions to ``tiers``, ``pins`` hold references on the pool."""
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
-        self.tiers = tiers if enable_prefix_caching else None
-        on_evict = self.tiers.on_device_evict if self.tiers is not None else None
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, on_evict=on_evict)
-        self.hasher = BlockHasher(secret, hash_algorithm)
+        self.pool = pool
+        self.enable_prefix_caching = pool.enable_caching
+        self.hasher = hasher
+        self.tiers = tiers
+        self.pins = pins  # TTL pins of agent programs
         self._blocks: dict[str, list[int]] = {}
         self._keys: dict[str, list[bytes]] = {}  # keys of a sequence's leading full blocks
         self._num_registered: dict[str, int] = {}  # leading blocks already offered to the map
@@ -68,15 +63,6 @@ class KVCacheManager:
         self._held: dict[str, list[int]] = {}  # extra references (chunk blocks a blend reads)
         self._cache_limit: dict[str, int] = {}  # blocks past this index are never registered
         self._prefetch: dict[str, tuple[list[int], list[bytes]]] = {}  # chunk loads in flight
-        self.pins: PinTable | None = None  # TTL pins of agent programs (``enable_pins``)
-
-    def enable_pins(self, make: Callable[[BlockPool], PinTable]) -> None:
-        """Attach a pin table (built on this pool); its pins yield when allocation needs room."""
-        if self.enable_prefix_caching:
-            self.pins = make(self.pool)
-            if self.tiers is not None:
-                self.pins.on_demote = self.tiers.on_device_evict
-                self.pins.miss_cost = self.tiers.miss_cost
 
     # ------------------------------------------------------------------ queries
     @property
@@ -116,7 +102,8 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ mutations
     def allocate_slots(
-        self, seq: KVSeq, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+        self, seq: KVSeq, num_new_tokens: int, computed_blocks: Sequence[int] = (),
+        admission: Admission | None = None,
     ) -> list[int] | None:
         """Make room for ``num_new_tokens`` after the computed ones; return the new block ids.
 
@@ -124,6 +111,7 @@ class KVCacheManager:
         allocation) are referenced and become the head of its table; their tokens count as
         computed after ``seq.num_computed_tokens``. Returns None and changes nothing when the
         pool has no room. Registers every block filled by the end of this step in the map.
+        ``admission``: ``seq`` is being admitted (how TTL pins yield for it, ``Admission``).
         """
         if num_new_tokens <= 0:
             raise ValueError(f"{seq.seq_id}: num_new_tokens must be >= 1, got {num_new_tokens}")
@@ -133,7 +121,7 @@ class KVCacheManager:
         num_hit_tokens = len(computed_blocks) * self.block_size
         total = seq.num_computed_tokens + num_hit_tokens + num_new_tokens
         need = max(0, -(-total // self.block_size) - len(table) - len(computed_blocks))
-        if not self._has_room(need, computed_blocks):
+        if not self._has_room(need, computed_blocks, admission):
             if not table:
                 del self._blocks[seq.seq_id]
             return None
@@ -149,14 +137,15 @@ class KVCacheManager:
         self._register_full_blocks(seq, total)
         return new
 
-    def _has_room(self, need: int, hits: Sequence[int]) -> bool:
+    def _has_room(self, need: int, hits: Sequence[int],
+                  admission: Admission | None = None) -> bool:
         """Whether ``need`` blocks fit besides the unreferenced ``hits``; releases TTL pins,
         lowest value first, only when it would otherwise fail."""
         while True:
             evictable_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
             if need <= self.pool.num_free - evictable_hits:
                 return True
-            if self.pins is None or not self.pins.release_lowest():
+            if self.pins is None or not self.pins.release_lowest(admission):
                 return False
 
     def pin_prefix(self, seq: KVSeq, program: str, ttl_s: float | None,
@@ -228,9 +217,10 @@ class KVCacheManager:
             out.append(b)
         return out
 
-    def has_room(self, need: int, hits: Sequence[int]) -> bool:
+    def has_room(self, need: int, hits: Sequence[int],
+                 admission: Admission | None = None) -> bool:
         """Whether ``need`` new blocks fit besides the cached ``hits`` (see ``_has_room``)."""
-        return self._has_room(need, list(dict.fromkeys(hits)))
+        return self._has_room(need, list(dict.fromkeys(hits)), admission)
 
     def hold(self, holder: str, blocks: Sequence[int]) -> None:
         """Reference cached ``blocks`` for ``holder`` (e.g. chunk blocks a blend reads) until
@@ -287,8 +277,8 @@ class KVCacheManager:
         keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
         return self.tiers.plan_loads(keys) if keys else []
 
-    def start_loads(self, seq: KVSeq, device_hits: Sequence[int],
-                    tiers: Sequence[str]) -> int | None:
+    def start_loads(self, seq: KVSeq, device_hits: Sequence[int], tiers: Sequence[str],
+                    admission: Admission | None = None) -> int | None:
         """Reference the device hits, allocate a block per tier hit and emit its load.
 
         The sequence's table becomes ``device_hits + load blocks``. Staged loads (any disk
@@ -299,7 +289,7 @@ class KVCacheManager:
         (nothing changed) if no room.
         """
         assert self.tiers is not None and seq.seq_id not in self._blocks
-        if not self._has_room(len(tiers), device_hits):
+        if not self._has_room(len(tiers), device_hits, admission):
             return None
         keys = self._keys[seq.seq_id][len(device_hits):len(device_hits) + len(tiers)]
         slots = self.tiers.pin_loads(keys, tiers)

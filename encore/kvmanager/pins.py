@@ -151,6 +151,20 @@ def _bound(d: dict, limit: int = _MAX_PROGRAMS) -> None:
         del d[next(iter(d))]
 
 
+@dataclass(frozen=True)
+class Admission:
+    """The waiting sequence whose admission needs room, when pins may have to yield for it.
+
+    Its ``program``'s pins yield last (the admission is about to claim them). While
+    ``others_running``, Continuum's rule holds: an admission waits for room instead of taking
+    a paused program's KV, so only pins that reload cheaply yield; pressure from running
+    sequences (no ``Admission``), or an admission into an otherwise idle engine, releases any.
+    """
+
+    program: str | None
+    others_running: bool
+
+
 @dataclass
 class Pin:
     """Leading blocks of a sequence, held for ``program`` (of ``tenant``) until ``expires``.
@@ -207,11 +221,6 @@ class PinTable:
         self.expired = 0  # pins that ran out (cumulative)
         self.released = 0  # pins released early under memory pressure or a cap (cumulative)
         self.ttls: list[float] = []  # chosen TTLs, drained by take_ttls()
-        self.protected: str | None = None  # the program being admitted: its pins go last
-        # Continuum: while other sequences run, an admission waits instead of releasing pins,
-        # except those cheap to reload (set by the scheduler around admissions; pressure from
-        # running sequences, or an otherwise idle engine, releases any pin)
-        self.frozen = False
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -337,15 +346,17 @@ class PinTable:
         self.expired += len(done)
         return len(done)
 
-    def release_lowest(self) -> bool:
-        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none; while
-        ``frozen``, only pins whose KV comes back cheaply (``CHEAP_MISS``) count."""
+    def release_lowest(self, admission: Admission | None = None) -> bool:
+        """Memory pressure: release the pin that ranks lowest (``_rank``). False if none. For
+        an ``admission`` while others run, only pins whose KV comes back cheaply
+        (``CHEAP_MISS``) count (see ``Admission``)."""
         pins = self.all_pins()
-        if self.frozen:
+        if admission is not None and admission.others_running:
             pins = [p for p in pins if self.miss_cost(len(p.blocks)) < CHEAP_MISS]
         if not pins:
             return False
-        self._release(min(pins, key=self._rank), demote=True)
+        protected = admission.program if admission is not None else None
+        self._release(min(pins, key=lambda p: self._rank(p, protected)), demote=True)
         self.released += 1
         return True
 
@@ -389,10 +400,11 @@ class PinTable:
                     self.on_demote(key, b)
         self.pool.free(pin.blocks[::-1])
 
-    def _rank(self, pin: Pin) -> tuple[bool, bool, float]:
-        """Lowest yields first: pins of other programs than the one being admitted, then turn
-        pins before explicit ones (a client asked for those), then the least value."""
-        return pin.program == self.protected, pin.explicit, self._value(pin)
+    def _rank(self, pin: Pin, protected: str | None = None) -> tuple[bool, bool, float]:
+        """Lowest yields first: pins of other programs than ``protected`` (the one being
+        admitted), then turn pins before explicit ones (a client asked for those), then the
+        least value."""
+        return pin.program == protected, pin.explicit, self._value(pin)
 
     def _chosen_ttl(self, program: str, num_blocks: int) -> float:
         """The policy's TTL (at most its max) for a pin of ``num_blocks`` now."""

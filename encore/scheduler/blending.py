@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from encore.configs.types import CacheConfig
-from encore.kvmanager.chunks import ChunkMetaTable, chunk_block_keys, make_policy
+from encore.kvmanager.chunks import chunk_block_keys
 from encore.kvmanager.manager import KVCacheManager
+from encore.kvmanager.wiring import ChunkStore
 from encore.protocol.messages import BlendChunk, BlendPlan, ScheduledSeq
 from encore.scheduler.request import Seq
 
@@ -85,12 +85,12 @@ class BlendAdmission:
 class Blender:
     """Chunk lookups, the recompute policy, chunk metadata and the chunk counters."""
 
-    def __init__(self, kv: KVCacheManager, config: CacheConfig) -> None:
+    def __init__(self, kv: KVCacheManager, store: ChunkStore) -> None:
         self.kv = kv
         self.block_size = kv.block_size
-        self.check_layer = config.chunk_check_layer
-        self.policy = make_policy(config.chunk_recompute_policy, config.chunk_recompute_fraction)
-        self.meta = ChunkMetaTable()
+        self.check_layer = store.check_layer
+        self.policy = store.policy
+        self.meta = store.meta
         self.queries = self.hit_tokens = self.recomputed_tokens = 0  # cumulative
         self._holders: list[str] = []  # released at the next begin_step
         self._measuring: dict[str, list[_Chunk]] = {}  # seq id -> its chunks, until measured

@@ -51,11 +51,12 @@ class EngineCore:
 
     def start(self) -> EngineReady:
         self.worker = self.executor.start()
-        self._scheduler = Scheduler(self.config.cache, self.config.scheduler,
-                                   num_device_blocks=self.worker.num_device_blocks,
-                                   max_model_len=self.worker.max_model_len,
-                                   secret=block_key_secret(self.config.cache.disk_cache_dir),
-                                   tiers=self._tier_setup(self.worker))
+        self._scheduler = Scheduler.build(
+            self.config.cache, self.config.scheduler,
+            num_device_blocks=self.worker.num_device_blocks,
+            max_model_len=self.worker.max_model_len,
+            secret=block_key_secret(self.config.cache.disk_cache_dir),
+            tiers=self._tier_setup(self.worker))
         if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
             self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files
         w = self.worker

@@ -22,29 +22,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from encore.configs.types import CacheConfig
 from encore.kvmanager.manager import KVCacheManager
-from encore.kvmanager.pins import PinTable, TTLPolicy
+from encore.kvmanager.pins import Admission
 from encore.scheduler.request import Seq, SeqStatus
 
 _MAX_PROGRAMS = 65536  # programs whose first arrival is remembered (oldest forgotten first)
 
 
 class Programs:
-    """The scheduler's per-program bookkeeping; owns the KV manager's pin table, if on."""
+    """The scheduler's per-program bookkeeping over the KV manager's pin table (if any)."""
 
-    def __init__(self, kv: KVCacheManager, cache: CacheConfig,
-                 clock: Callable[[], float], block_bytes: int = 0) -> None:
-        """``block_bytes``: device bytes of one KV block (all layers), from the worker; needed
-        only for ``max_pinned_gib_per_tenant``."""
+    def __init__(self, kv: KVCacheManager, clock: Callable[[], float]) -> None:
         self.kv = kv
         self.clock = clock
-        if cache.enable_ttl_pins:
-            cap = int(cache.max_pinned_fraction * kv.num_usable_blocks)
-            quota = _tenant_quota_blocks(cache, block_bytes)
-            policy = TTLPolicy(cache.max_pin_ttl_s, cache.block_size)
-            kv.enable_pins(lambda pool: PinTable(pool, policy, cap, clock,
-                                                 max_tenant_blocks=quota))
         self._start: OrderedDict[str, float] = OrderedDict()  # first request's arrival
         self._job_seconds: list[float] = []  # completion times, drained by stats()
         self._reported = dict.fromkeys(("hits", "expired"), 0)
@@ -70,14 +60,11 @@ class Programs:
         if self.kv.pins is not None:
             self.kv.pins.expire()
 
-    def admitting(self, seq: Seq | None, others_running: bool = False) -> None:
-        """While ``seq`` is being admitted, pressure releases its program's pin last (it is
-        about to be claimed), and none at all while ``others_running`` (the admission waits
-        for room instead: Continuum keeps a paused program's KV over admitting a new one);
-        None ends that."""
-        if self.kv.pins is not None:
-            self.kv.pins.protected = seq.program if seq is not None else None
-            self.kv.pins.frozen = seq is not None and others_running
+    @staticmethod
+    def admission(seq: Seq, others_running: bool) -> Admission:
+        """How pins yield to ``seq``'s admission: its program's last, and while
+        ``others_running`` only those cheap to reload (Continuum; see ``Admission``)."""
+        return Admission(seq.program, others_running)
 
     def claim(self, seq: Seq, hits: list[int]) -> None:
         """``seq`` was admitted holding ``hits``: its program's pin has done its job."""
@@ -121,12 +108,3 @@ class Programs:
                     pin_expired=delta["expired"], pin_ttl_seconds=pins.take_ttls(),
                     job_completion_seconds=jobs)
 
-
-def _tenant_quota_blocks(cache: CacheConfig, block_bytes: int) -> int | None:
-    """``max_pinned_gib_per_tenant`` in whole blocks (None = no quota)."""
-    if cache.max_pinned_gib_per_tenant <= 0:
-        return None
-    if block_bytes <= 0:
-        raise ValueError("cache.max_pinned_gib_per_tenant needs the KV block size in bytes "
-                         "(the engine passes it from the worker)")
-    return int(cache.max_pinned_gib_per_tenant * 2**30) // block_bytes

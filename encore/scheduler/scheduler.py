@@ -39,15 +39,16 @@ Worker contract (``ScheduledSeq``):
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from encore.configs.types import CacheConfig, SchedulerConfig
 from encore.kvmanager.hashing import DEV_SECRET
-from encore.kvmanager.manager import KVCacheManager
-from encore.kvmanager.tiered import StepOps, TieredCache, TierSetup, Transfer
+from encore.kvmanager.tiered import StepOps, TierSetup, Transfer
+from encore.kvmanager.wiring import KVParts, build_kv
 from encore.protocol.messages import (
     BlendPlan,
     EngineRequest,
@@ -69,43 +70,44 @@ _COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "g
 
 
 @dataclass
-class _Budget:
+class _StepPlan:
+    """The step being planned: its token budget left, the sequences with their token counts,
+    and the store-only chunk computations that go first."""
+
     tokens: int
+    planned: list[tuple[Seq, int]] = field(default_factory=list)
+    extra: list[ScheduledSeq] = field(default_factory=list)
+
+    def add(self, seq: Seq, n: int, cost: int | None = None) -> None:
+        self.planned.append((seq, n))
+        self.tokens -= n if cost is None else cost
+
+
+class Admit(enum.Enum):
+    """What an admission path did with the sequence at the head of the waiting queue."""
+
+    SKIP = "skip"  # the path does not apply: the next one decides
+    NO_ROOM = "no room"  # it applies, but no room or budget now: keep queue order, retry
+    RUNNING = "running"  # admitted: running, its tokens planned (this step, or next if no slots)
+    STAGING = "staging"  # admitted to WAITING_FOR_KV: its KV loads from a lower tier
 
 
 class Scheduler:
     """Owns every unfinished sequence and the KV bookkeeping; see the module docstring."""
 
-    def __init__(
-        self,
-        cache_config: CacheConfig,
-        scheduler_config: SchedulerConfig,
-        num_device_blocks: int,
-        max_model_len: int,
-        secret: bytes = DEV_SECRET,
-        tiers: TierSetup | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.config = scheduler_config
+    def __init__(self, config: SchedulerConfig, parts: KVParts, max_model_len: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``parts``: the connected KV bookkeeping (``encore.kvmanager.wiring.build_kv``)."""
+        self.config = config
         self.clock = clock
-        self.block_size = cache_config.block_size
-        tiered = None
-        if tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks):
-            tiered = TieredCache(tiers, cache_config.block_size, clock)
-        self.kv = KVCacheManager(
-            num_device_blocks,
-            cache_config.block_size,
-            cache_config.enable_prefix_caching,
-            cache_config.hash_algorithm,
-            secret,
-            tiered,
-        )
-        self.programs = Programs(self.kv, cache_config, clock, tiers.block_bytes if tiers else 0)
-        self.blender = Blender(self.kv, cache_config)  # chunk reuse (CacheBlend)
+        self.kv = parts.kv
+        self.block_size = self.kv.block_size
+        self.programs = Programs(self.kv, clock)  # agent programs (Continuum)
+        self.blender = Blender(self.kv, parts.chunks)  # chunk reuse (CacheBlend)
         self.max_model_len = max_model_len
         # No sequence can outgrow the pool: past this it finishes with "length".
         self.max_seq_len = min(max_model_len, self.kv.num_usable_blocks * self.block_size)
-        self.waiting = make_queue(scheduler_config.policy)
+        self.waiting = make_queue(config.policy)
         self.running: list[Seq] = []
         self.loading: dict[str, Seq] = {}  # WAITING_FOR_KV, in admission order
         self.requests: dict[str, list[Seq]] = {}  # request id -> its children (until all end)
@@ -119,6 +121,14 @@ class Scheduler:
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
         self._reported = dict.fromkeys(_COUNTERS, 0)
         self._device_hits_reported = 0
+
+    @classmethod
+    def build(cls, cache: CacheConfig, config: SchedulerConfig, num_device_blocks: int,
+              max_model_len: int, secret: bytes = DEV_SECRET, tiers: TierSetup | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Scheduler:
+        """A scheduler over freshly built KV bookkeeping (``build_kv``)."""
+        parts = build_kv(cache, num_device_blocks, secret=secret, tiers=tiers, clock=clock)
+        return cls(config, parts, max_model_len, clock)
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, req: EngineRequest) -> list[RequestOutput]:
@@ -222,14 +232,12 @@ class Scheduler:
         self.blender.begin_step()  # the last step's blends have run: release their chunks
         self.programs.expire()  # before anything allocates: demotions go out this step
         self._promote_loaded()
-        budget = _Budget(self.config.max_num_batched_tokens)
-        planned: list[tuple[Seq, int]] = []
+        plan = _StepPlan(self.config.max_num_batched_tokens)
         self._blends.clear()
-        extra: list[ScheduledSeq] = []  # store-only chunk computations
-        self._schedule_running(budget, planned)
+        self._schedule_running(plan)
         if not self._step_preempted:  # under pressure, admitting more would thrash
-            self._schedule_waiting(budget, planned, extra)
-        seqs = [*extra, *(self._to_wire(seq, n) for seq, n in planned)]
+            self._schedule_waiting(plan)
+        seqs = [*plan.extra, *(self._to_wire(seq, n) for seq, n in plan.planned)]
         finished, self._finished_ids = self._finished_ids, []
         out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
         if self.kv.tiers is not None:
@@ -254,16 +262,15 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_cached_tokens = computed
         self.running.append(seq)
 
-    def _schedule_running(self, budget: _Budget, planned: list[tuple[Seq, int]]) -> None:
+    def _schedule_running(self, plan: _StepPlan) -> None:
         self.running.sort(key=self.waiting.key)
         i = 0
-        while i < len(self.running) and budget.tokens > 0:
+        while i < len(self.running) and plan.tokens > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            n = min(seq.num_tokens - seq.num_computed_tokens, plan.tokens)
             if not self._preempt_until_fits(seq, n):
                 break  # seq preempted itself: it was the last running one
-            planned.append((seq, n))
-            budget.tokens -= n
+            plan.add(seq, n)
             i += 1
 
     def _preempt_until_fits(self, seq: Seq, num_new_tokens: int) -> bool:
@@ -285,123 +292,113 @@ class Scheduler:
         self._counts["preemptions"] += 1
         self._step_preempted = True
 
-    def _schedule_waiting(self, budget: _Budget, planned: list[tuple[Seq, int]],
-                          extra: list[ScheduledSeq]) -> None:
-        while (self.waiting and budget.tokens > 0
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        while (self.waiting and plan.tokens > 0
                and len(self.running) + len(self.loading) < self.config.max_num_seqs):
-            seq = self.waiting.peek()
-            if self.blender.applies(seq):
-                blended = self._admit_blended(seq, budget, planned, extra)
-                if blended is False:
-                    break  # no room or budget: keep queue order, retry next step
-                if blended is True:
-                    continue
-            loaded = self._start_loads(seq)
-            if loaded is not None:
-                if loaded is False:
-                    break  # no room for the load blocks: keep queue order, retry next step
-                self.waiting.pop()
-                if self.kv.tiers is not None and self.kv.tiers.is_loading(seq.seq_id):
-                    seq.status = SeqStatus.WAITING_FOR_KV
-                    self.loading[seq.seq_id] = seq
-                    continue
-                # host loads: this step's forward pass waits for them; compute the rest now
-                self._join_running(seq, loaded)
-                n = min(seq.num_tokens - loaded, budget.tokens)
-                if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
-                    planned.append((seq, n))
-                    budget.tokens -= n
-                continue
-            n = self._admit(seq, budget.tokens)
-            if n == 0:
-                break  # no room: keep queue order, retry next step
-            self.waiting.pop()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            planned.append((seq, n))
-            budget.tokens -= n
+            if self._admit(self.waiting.peek(), plan) is Admit.NO_ROOM:
+                break  # keep queue order: the head is retried next step
 
-    def _admit_blended(self, seq: Seq, budget: _Budget, planned: list[tuple[Seq, int]],
-                       extra: list[ScheduledSeq]) -> bool | None:
-        """Admit ``seq`` with its chunks blended (``scheduler/blending.py``), its whole
-        remaining prompt in this step. None: no chunk to blend (admit it normally); False: no
-        room or budget now; True: admitted."""
+    def _admit(self, seq: Seq, plan: _StepPlan) -> Admit:
+        """Admit the head of the queue by the first path that applies: blended (its chunks
+        reused), loaded (tier hits worth loading), else a plain prefix-cache admission."""
+        for path in (self._admit_blended, self._admit_loaded, self._admit_prefix):
+            outcome = path(seq, plan)
+            if outcome is not Admit.SKIP:
+                return outcome
+        raise AssertionError("a prefix admission always applies")
+
+    def _admit_blended(self, seq: Seq, plan: _StepPlan) -> Admit:
+        """``seq`` with its chunks blended (``scheduler/blending.py``), its whole remaining
+        prompt in this step; or staged while its chunks load from a lower tier."""
+        if not self.blender.applies(seq):
+            return Admit.SKIP
         hits, hit_tokens = self.kv.get_computed_blocks(seq)
         adm = self.blender.prepare(seq, hit_tokens)
         if adm is None:
-            return None
+            return Admit.SKIP
         prefetch = self.blender.start_prefetch(seq, adm)
         if prefetch is not None:
-            if prefetch:  # its chunks load from a lower tier; it is admitted again after
-                self.waiting.pop()
-                seq.status = SeqStatus.WAITING_FOR_KV
-                self.loading[seq.seq_id] = seq
-            return prefetch
+            if not prefetch:
+                return Admit.NO_ROOM
+            self.waiting.pop()
+            self._stage(seq)  # admitted again once its chunks are on the device
+            return Admit.STAGING
         n = seq.num_tokens - hit_tokens
-        only_decodes = budget.tokens >= self.config.max_num_batched_tokens - len(planned)
-        if adm.cost(n) > budget.tokens and not only_decodes:
-            return False
+        only_decodes = plan.tokens >= self.config.max_num_batched_tokens - len(plan.planned)
+        if adm.cost(n) > plan.tokens and not only_decodes:
+            return Admit.NO_ROOM
         own = -(-seq.num_tokens // self.block_size) - len(hits)
-        self.programs.admitting(seq, others_running=bool(self.running))
-        room = self.kv.has_room(own + adm.new_chunk_blocks(), [*hits, *adm.hit_blocks()])
-        self.programs.admitting(None)
-        if not room:
-            return False
+        admission = self.programs.admission(seq, others_running=bool(self.running))
+        if not self.kv.has_room(own + adm.new_chunk_blocks(), [*hits, *adm.hit_blocks()],
+                                admission):
+            return Admit.NO_ROOM
         self.waiting.pop()
         self.blender.hold_hits(seq, adm)
         self.kv.limit_caching(seq.seq_id, adm.first_start // self.block_size)
         allocated = self.kv.allocate_slots(seq, n, hits)
         assert allocated is not None, "room was checked"
-        plan, stores = self.blender.store(seq, adm)
-        extra.extend(stores)
+        blend, stores = self.blender.store(seq, adm)
+        plan.extra.extend(stores)
         self.programs.claim(seq, hits)
-        seq.num_computed_tokens = hit_tokens
-        if seq.num_cached_tokens is None:
-            seq.num_cached_tokens = hit_tokens + adm.reused
-        seq.status = SeqStatus.RUNNING
-        self.running.append(seq)
-        planned.append((seq, n))
-        self._blends[seq.seq_id] = (plan, adm.reused)
-        budget.tokens -= adm.cost(n)
-        return True
+        self._start_running(seq, hit_tokens, hit_tokens + adm.reused)
+        plan.add(seq, n, cost=adm.cost(n))
+        self._blends[seq.seq_id] = (blend, adm.reused)
+        return Admit.RUNNING
 
-    def _start_loads(self, seq: Seq) -> int | bool | None:
-        """Load ``seq``'s tier hits into device blocks if the load policy wants any.
-
-        None: nothing to load (admit it normally); False: worth loading but no room now;
-        else the tokens computed once the loads started (``KVCacheManager.start_loads``).
-        """
+    def _admit_loaded(self, seq: Seq, plan: _StepPlan) -> Admit:
+        """``seq``'s tier hits loaded into device blocks, if the load policy wants any. Host
+        loads run in this step (the forward pass waits for them) and the rest of the prompt
+        computes now; with disk loads ``seq`` waits in WAITING_FOR_KV."""
         if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
-            return None
+            return Admit.SKIP
         hits, _ = self.kv.get_computed_blocks(seq)
         tiers = self.kv.plan_tier_loads(seq, len(hits))
         if not tiers:
-            return None
-        self.programs.admitting(seq, others_running=bool(self.running))
-        loaded = self.kv.start_loads(seq, hits, tiers)
-        self.programs.admitting(None)
+            return Admit.SKIP
+        admission = self.programs.admission(seq, others_running=bool(self.running))
+        loaded = self.kv.start_loads(seq, hits, tiers, admission)
         if loaded is None:
-            return False
+            return Admit.NO_ROOM
         self.programs.claim(seq, hits)
-        return loaded
+        self.waiting.pop()
+        if self.kv.tiers.is_loading(seq.seq_id):
+            self._stage(seq)
+            return Admit.STAGING
+        self._join_running(seq, loaded)
+        n = min(seq.num_tokens - loaded, plan.tokens)
+        if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
+            plan.add(seq, n)
+        return Admit.RUNNING
 
-    def _admit(self, seq: Seq, token_budget: int) -> int:
-        """Prefix lookup plus the first chunk's blocks; tokens to compute, 0 if no room."""
+    def _admit_prefix(self, seq: Seq, plan: _StepPlan) -> Admit:
+        """Prefix lookup plus the first chunk's blocks."""
         hits: list[int] = []
         hit_tokens = 0
         if seq.sampling.prompt_logprobs is None:  # prompt logprobs need every prompt position
             hits, hit_tokens = self.kv.get_computed_blocks(seq)
-        n = min(seq.num_tokens - hit_tokens, token_budget)
-        self.programs.admitting(seq, others_running=bool(self.running))
-        allocated = self.kv.allocate_slots(seq, n, hits)
-        self.programs.admitting(None)
-        if allocated is None:
-            return 0
+        n = min(seq.num_tokens - hit_tokens, plan.tokens)
+        admission = self.programs.admission(seq, others_running=bool(self.running))
+        if self.kv.allocate_slots(seq, n, hits, admission) is None:
+            return Admit.NO_ROOM
         self.programs.claim(seq, hits)
-        seq.num_computed_tokens = hit_tokens
+        self.waiting.pop()
+        self._start_running(seq, hit_tokens, hit_tokens)
+        plan.add(seq, n)
+        return Admit.RUNNING
+
+    def _start_running(self, seq: Seq, computed: int, cached: int) -> None:
+        """``seq`` (popped from the queue) runs from ``computed`` tokens; ``cached`` is what
+        its first admission reports as reused (``num_cached_tokens``)."""
+        seq.num_computed_tokens = computed
         if seq.num_cached_tokens is None:
-            seq.num_cached_tokens = hit_tokens
-        return n
+            seq.num_cached_tokens = cached
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def _stage(self, seq: Seq) -> None:
+        """``seq`` (popped from the queue) waits in WAITING_FOR_KV while its KV loads."""
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.loading[seq.seq_id] = seq
 
     def _to_wire(self, seq: Seq, n: int) -> ScheduledSeq:
         """The worker's view of ``seq``'s chunk; advances ``num_computed_tokens`` by ``n``."""

@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from encore.configs.types import CacheConfig
 from encore.kvmanager.manager import KVCacheManager
+from encore.kvmanager.wiring import build_kv
 
 BS = 4
+
+
+def manager(num_blocks: int, caching: bool = True) -> KVCacheManager:
+    """A bare KV manager (no tiers, no pins)."""
+    cache = CacheConfig(block_size=BS, enable_prefix_caching=caching, enable_ttl_pins=False)
+    return build_kv(cache, num_blocks).kv
 
 
 @dataclass
@@ -36,7 +44,7 @@ def assert_no_leaks(kv: KVCacheManager) -> None:
 
 
 def test_prefix_hit_after_a_sequence_computed_it() -> None:
-    kv = KVCacheManager(16, BS)
+    kv = manager(16)
     a = FakeSeq("a", list(range(10)))
     assert prefill(kv, a) == [1, 2, 3]
     b = FakeSeq("b", list(range(8)) + [99, 98, 97])
@@ -50,7 +58,7 @@ def test_prefix_hit_after_a_sequence_computed_it() -> None:
 
 
 def test_full_hit_still_leaves_one_token_to_compute() -> None:
-    kv = KVCacheManager(16, BS)
+    kv = manager(16)
     prefill(kv, FakeSeq("a", list(range(8))))
     again = FakeSeq("b", list(range(8)))
     assert kv.get_computed_blocks(again) == ([1], 4)  # backs off the last full block
@@ -61,7 +69,7 @@ def test_full_hit_still_leaves_one_token_to_compute() -> None:
 
 
 def test_same_step_registration_lets_a_sibling_share() -> None:
-    kv = KVCacheManager(16, BS)
+    kv = manager(16)
     a = FakeSeq("a", list(range(9)))
     hits, _ = kv.get_computed_blocks(a)
     kv.allocate_slots(a, 9, hits)  # not computed yet: the step is only being planned
@@ -70,7 +78,7 @@ def test_same_step_registration_lets_a_sibling_share() -> None:
 
 
 def test_blocks_are_registered_as_chunks_fill_them() -> None:
-    kv = KVCacheManager(16, BS)
+    kv = manager(16)
     a = FakeSeq("a", list(range(10)))
     assert kv.allocate_slots(a, 3) == [1]
     a.num_computed_tokens = 3
@@ -84,7 +92,7 @@ def test_blocks_are_registered_as_chunks_fill_them() -> None:
 
 
 def test_no_room_allocates_nothing() -> None:
-    kv = KVCacheManager(4, BS)  # 3 usable blocks
+    kv = manager(4)  # 3 usable blocks
     a = FakeSeq("a", list(range(8)))
     prefill(kv, a)
     before = kv.num_free_blocks
@@ -96,7 +104,7 @@ def test_no_room_allocates_nothing() -> None:
 
 
 def test_evictable_hits_are_not_counted_as_room() -> None:
-    kv = KVCacheManager(4, BS)  # 3 usable blocks
+    kv = manager(4)  # 3 usable blocks
     prefill(kv, FakeSeq("a", list(range(8))))
     kv.free("a")  # blocks 1, 2 cached but unreferenced, 3 free
     b = FakeSeq("b", list(range(8)) + [50, 51, 52, 53, 54])  # hits 2 blocks, needs 2 more
@@ -110,7 +118,7 @@ def test_evictable_hits_are_not_counted_as_room() -> None:
 
 
 def test_salt_separates_sharing() -> None:
-    kv = KVCacheManager(16, BS)
+    kv = manager(16)
     prefill(kv, FakeSeq("a", list(range(9)), cache_salt="t1"))
     assert kv.get_computed_blocks(FakeSeq("b", list(range(9)), cache_salt="t2")) == ([], 0)
     assert kv.get_computed_blocks(FakeSeq("c", list(range(9)))) == ([], 0)
@@ -121,7 +129,7 @@ def test_salt_separates_sharing() -> None:
 
 
 def test_disabled_prefix_caching_never_hits_or_counts() -> None:
-    kv = KVCacheManager(16, BS, enable_prefix_caching=False)
+    kv = manager(16, caching=False)
     prefill(kv, FakeSeq("a", list(range(9))))
     assert kv.get_computed_blocks(FakeSeq("b", list(range(9)))) == ([], 0)
     assert (kv.prefix_queries, kv.prefix_hits) == (0, 0)
@@ -130,7 +138,7 @@ def test_disabled_prefix_caching_never_hits_or_counts() -> None:
 
 
 def test_free_returns_tail_first_and_keeps_prefix_longest() -> None:
-    kv = KVCacheManager(5, BS)
+    kv = manager(5)
     prefill(kv, FakeSeq("a", list(range(12))))  # blocks 1,2,3 all full and cached
     kv.free("a")
     assert kv.pool.free_queue_order() == [4, 3, 2, 1]
@@ -143,7 +151,7 @@ def test_free_returns_tail_first_and_keeps_prefix_longest() -> None:
 
 
 def test_integrity_catches_a_table_the_pool_disagrees_with() -> None:
-    kv = KVCacheManager(8, BS)
+    kv = manager(8)
     prefill(kv, FakeSeq("a", list(range(5))))
     kv._blocks["a"].append(5)  # a block the pool never gave out
     with pytest.raises(AssertionError, match="block 5"):

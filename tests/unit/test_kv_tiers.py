@@ -94,7 +94,7 @@ def make(num_blocks: int, host: int = 0, disk: int = 0, *, policy: str = "write_
          max_num_seqs: int = 8) -> tuple[Scheduler, FakeWorker]:
     setup = TierSetup(block_bytes=1024, num_host_blocks=host, num_disk_blocks=disk,
                       disk_keys=disk_keys, write_policy=policy, load_policy="always")
-    sched = Scheduler(CacheConfig(block_size=BS),
+    sched = Scheduler.build(CacheConfig(block_size=BS),
                       SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
                       num_device_blocks=num_blocks, max_model_len=256, tiers=setup)
     return sched, FakeWorker(num_blocks, BS)

@@ -34,7 +34,7 @@ def make(num_blocks: int = 17, host: int = 0, block_bytes: int = 0,
     if host or block_bytes:
         setup = TierSetup(block_bytes=block_bytes or 1024, num_host_blocks=host,
                           load_policy="always")
-    sched = Scheduler(CacheConfig(block_size=BS, **cache_kw),
+    sched = Scheduler.build(CacheConfig(block_size=BS, **cache_kw),
                       SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
                       num_device_blocks=num_blocks, max_model_len=256, tiers=setup, clock=clock)
     return sched, FakeWorker(num_blocks, BS), clock

@@ -32,7 +32,7 @@ def make(
     caching: bool = True,
     next_token=None,
 ) -> tuple[Scheduler, FakeWorker]:
-    sched = Scheduler(
+    sched = Scheduler.build(
         CacheConfig(block_size=BS, enable_prefix_caching=caching),
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, policy=policy),
         num_device_blocks=num_blocks,
