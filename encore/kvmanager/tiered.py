@@ -104,9 +104,8 @@ class TieredCache:
         self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
         self.transfer_bytes: dict[str, int] = {}
-        self.load_seconds: list[float] = []  # drained by take_stats()
+        self.load_seconds: list[float] = []  # drained by snapshot()
         self.corrupt_files = 0
-        self._reported: dict[str, Any] = {"hits": {}, "bytes": {}, "corrupt": 0}
 
     # ------------------------------------------------------------------ set-up
     def load_disk_index(self, keys: Sequence[bytes]) -> None:
@@ -143,15 +142,14 @@ class TieredCache:
     def usage_bytes(self) -> dict[str, int]:
         return {name: len(t) * self.block_bytes for name, t in self.tiers.items()}
 
-    def take_stats(self) -> dict[str, Any]:
-        """``EngineStats`` tier fields: gauges now, increments since the previous call."""
+    def snapshot(self) -> dict[str, Any]:
+        """The tier metrics: usage now, counters since start, load times since the last call
+        (keys of ``protocol.metrics.ENGINE_METRICS``)."""
         seconds, self.load_seconds = self.load_seconds, []
-        corrupt = self.corrupt_files - self._reported["corrupt"]
-        self._reported["corrupt"] = self.corrupt_files
         return dict(kv_tier_usage_bytes=self.usage_bytes(),
-                    kv_tier_hit_tokens=_delta(self.hit_tokens, self._reported["hits"]),
-                    kv_tier_transfer_bytes=_delta(self.transfer_bytes, self._reported["bytes"]),
-                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=corrupt)
+                    kv_tier_hit_tokens=dict(self.hit_tokens),
+                    kv_tier_transfer_bytes=dict(self.transfer_bytes),
+                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=self.corrupt_files)
 
     # ------------------------------------------------------------------ stores
     def begin_step(self, idle: bool = False) -> None:
@@ -415,10 +413,3 @@ class TieredCache:
 def _coldest(host: TierIndex) -> Iterator[bytes]:
     """The coldest ``HOST_CLEAN_FRACTION`` of host's evictable keys (the part kept clean)."""
     return islice(host.cold_keys(), int(host.num_slots * HOST_CLEAN_FRACTION))
-
-
-def _delta(totals: dict[str, int], reported: dict[str, int]) -> dict[str, int]:
-    """Increments of ``totals`` since ``reported`` (which is updated)."""
-    out = {k: v - reported.get(k, 0) for k, v in totals.items()}
-    reported.update(totals)
-    return out

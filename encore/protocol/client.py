@@ -11,21 +11,17 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from encore.protocol.messages import (
-    JOB_BUCKETS,
-    KV_LOAD_BUCKETS,
-    PIN_TTL_BUCKETS,
     AbortRequest,
     EngineOutputs,
     EngineReady,
     EngineRequest,
-    EngineStats,
     RequestOutput,
     Shutdown,
     ToolCalled,
 )
+from encore.protocol.metrics import EngineTotals
 
 
 class EngineError(RuntimeError):
@@ -63,44 +59,20 @@ class EngineClient(abc.ABC):
         names, parsed by the server): TTL pins learn how long each tool pauses a program."""
 
     @abc.abstractmethod
-    def stats(self) -> EngineStats:
-        """Latest gauges (and counters accumulated since start) from the engine."""
+    def stats(self) -> EngineTotals:
+        """The engine's metrics: latest gauges, counters and histograms since start."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and its processes."""
 
 
-_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
-             "kv_disk_corrupt_files", "pin_hits", "pin_expired", "chunk_queries",
-             "chunk_hit_tokens", "chunk_recomputed_tokens")
-_DICT_COUNTERS = ("kv_tier_hit_tokens", "kv_tier_transfer_bytes")
-
-
-class LoadHistogram:
-    """Cumulative bucket counts of ``kv_tier_load_seconds`` (bounds: ``KV_LOAD_BUCKETS``)."""
-
-    def __init__(self, bounds: tuple[float, ...] = KV_LOAD_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # last bucket: +Inf
-        self.sum = 0.0
-
-    def observe(self, values: list[float]) -> None:
-        for v in values:
-            i = next((i for i, b in enumerate(self.bounds) if v <= b), len(self.bounds))
-            self.counts[i] += 1
-            self.sum += v
-
-
 class _Router:
-    """Routes outputs to per-request queues and keeps cumulative stats."""
+    """Routes outputs to per-request queues and accumulates the engine's metrics."""
 
     def __init__(self) -> None:
         self.queues: dict[str, asyncio.Queue] = {}
-        self.totals = EngineStats()
-        self.kv_load_seconds = LoadHistogram()
-        self.pin_ttl_seconds = LoadHistogram(PIN_TTL_BUCKETS)
-        self.job_seconds = LoadHistogram(JOB_BUCKETS)
+        self.totals = EngineTotals()
 
     def dispatch(self, batch: EngineOutputs) -> None:
         for out in batch.outputs:
@@ -108,32 +80,11 @@ class _Router:
             if q is not None:
                 q.put_nowait(out)
         if batch.stats is not None:
-            s, t = batch.stats, self.totals
-            self.kv_load_seconds.observe(s.kv_tier_load_seconds)
-            self.pin_ttl_seconds.observe(s.pin_ttl_seconds)
-            self.job_seconds.observe(s.job_completion_seconds)
-            sums: dict[str, Any] = {c: getattr(t, c) + getattr(s, c) for c in _COUNTERS}
-            sums.update({c: _add(getattr(t, c), getattr(s, c)) for c in _DICT_COUNTERS})
-            self.totals = EngineStats(
-                num_running=s.num_running, num_waiting=s.num_waiting,
-                kv_cache_usage=s.kv_cache_usage,
-                kv_tier_usage_bytes=s.kv_tier_usage_bytes or t.kv_tier_usage_bytes,
-                pinned_blocks=s.pinned_blocks,
-                pin_ttl_bucket_counts=list(self.pin_ttl_seconds.counts),
-                pin_ttl_sum=self.pin_ttl_seconds.sum,
-                job_completion_bucket_counts=list(self.job_seconds.counts),
-                job_completion_sum=self.job_seconds.sum, **sums)
+            self.totals.add(batch.stats)
 
     def fail_all(self, reason: str) -> None:
         for q in self.queues.values():
             q.put_nowait(EngineError(reason))
-
-
-def _add(total: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
-    out = dict(total)
-    for k, v in delta.items():
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 class BaseEngineClient(EngineClient):
@@ -148,12 +99,8 @@ class BaseEngineClient(EngineClient):
     def ready(self) -> bool:
         return self._ready
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> EngineTotals:
         return self.router.totals
-
-    def kv_load_histogram(self) -> LoadHistogram:
-        """Cumulative histogram of per-request KV staging times (seconds)."""
-        return self.router.kv_load_seconds
 
     def _send(self, msg: EngineRequest | AbortRequest | ToolCalled | Shutdown) -> None:
         raise NotImplementedError

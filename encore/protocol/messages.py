@@ -9,22 +9,12 @@ decoded with ``decode`` (a union decoder over all message types).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 Tier = Literal["device", "host", "disk"]
-
-# Upper bounds (seconds) of the kv_tier_load_seconds histogram buckets (P1 observes, P0 exports).
-KV_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0)
-# Upper bounds (seconds) of the pin_ttl_seconds histogram buckets (TTLs chosen for pins).
-PIN_TTL_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-# Upper bounds (seconds) of the job_completion_seconds histogram (agent programs, first request
-# to the end of the is_last_step turn).
-JOB_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
-
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     """How to pick tokens for one request (OpenAI fields plus the usual server extras)."""
@@ -114,35 +104,20 @@ class RequestOutput(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 class EngineStats(msgspec.Struct, tag=True, omit_defaults=True):
-    """Gauges and counter increments from P1 since the last stats message."""
+    """P1's metrics since its last stats message, keyed as in ``protocol.metrics``
+    (``ENGINE_METRICS``): gauges as they are now, counters as increments, labelled ones per
+    label value, and new histogram observations."""
 
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0  # 0..1 of device blocks in use by requests
-    prefix_queries: int = 0  # tokens looked up (increment)
-    prefix_hits: int = 0  # tokens hit (increment)
-    preemptions: int = 0  # increment
-    prompt_tokens: int = 0  # increment: prompt tokens computed
-    generation_tokens: int = 0  # increment
-    kv_tier_usage_bytes: dict[str, int] = {}  # gauge per tier: bytes of KV held
-    kv_tier_hit_tokens: dict[str, int] = {}  # increment per tier: prompt tokens reused
-    kv_tier_transfer_bytes: dict[str, int] = {}  # increment per "src>dst": bytes moved
-    kv_tier_load_seconds: list[float] = []  # new observations: a request's KV staging time
-    kv_disk_corrupt_files: int = 0  # increment: bad disk files found (deleted)
-    pinned_blocks: int = 0  # gauge: device blocks held by TTL pins
-    pin_hits: int = 0  # increment: pins claimed by their program's next turn
-    pin_expired: int = 0  # increment: pins whose TTL ran out
-    pin_ttl_seconds: list[float] = []  # new observations: TTLs chosen for new pins
-    # cumulative over PIN_TTL_BUCKETS (+Inf last) and sum: filled by P0's stats router only
-    pin_ttl_bucket_counts: list[int] = []
-    pin_ttl_sum: float = 0.0
-    job_completion_seconds: list[float] = []  # new observations: programs that finished
-    # cumulative over JOB_BUCKETS (+Inf last) and sum: filled by P0's stats router only
-    job_completion_bucket_counts: list[int] = []
-    job_completion_sum: float = 0.0
-    chunk_queries: int = 0  # increment: chunks looked up in the chunk store
-    chunk_hit_tokens: int = 0  # increment: tokens of chunks found cached
-    chunk_recomputed_tokens: int = 0  # increment: tokens of found chunks recomputed (blending)
+    values: dict[str, float] = {}
+    labeled: dict[str, dict[str, float]] = {}
+    observed: dict[str, list[float]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        """The entry for ``key`` wherever it is (KeyError if this message has none)."""
+        for part in (self.values, self.labeled, self.observed):
+            if key in part:
+                return part[key]
+        raise KeyError(key)
 
 
 class EngineOutputs(msgspec.Struct, tag=True, omit_defaults=True):

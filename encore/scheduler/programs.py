@@ -36,8 +36,7 @@ class Programs:
         self.kv = kv
         self.clock = clock
         self._start: OrderedDict[str, float] = OrderedDict()  # first request's arrival
-        self._job_seconds: list[float] = []  # completion times, drained by stats()
-        self._reported = dict.fromkeys(("hits", "expired"), 0)
+        self._job_seconds: list[float] = []  # completion times, drained by snapshot()
 
     def started(self, program: str) -> None:
         """A request of ``program`` arrived."""
@@ -94,17 +93,13 @@ class Programs:
             for num_tokens, ttl_s in seq.pin_breakpoints:
                 self.kv.pin_prefix(seq, program, ttl_s, num_tokens)
 
-    def stats(self) -> dict[str, Any]:
-        """``EngineStats`` fields: pinned blocks now, increments and observations since the
-        previous call."""
+    def snapshot(self) -> dict[str, Any]:
+        """Program metrics (``protocol.metrics``): pinned blocks now, pin counters since
+        start, TTLs and job completion times observed since the last call."""
         jobs, self._job_seconds = self._job_seconds, []
         pins = self.kv.pins
         if pins is None:
-            return dict(job_completion_seconds=jobs)
-        totals = {"hits": pins.hits, "expired": pins.expired}
-        delta = {k: v - self._reported[k] for k, v in totals.items()}
-        self._reported = totals
-        return dict(pinned_blocks=pins.num_pinned_blocks, pin_hits=delta["hits"],
-                    pin_expired=delta["expired"], pin_ttl_seconds=pins.take_ttls(),
+            return dict(pinned_blocks=0, pin_hits=0, pin_expired=0, job_completion_seconds=jobs)
+        return dict(pinned_blocks=pins.num_pinned_blocks, pin_hits=pins.hits,
+                    pin_expired=pins.expired, pin_ttl_seconds=pins.take_ttls(),
                     job_completion_seconds=jobs)
-

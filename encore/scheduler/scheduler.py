@@ -60,13 +60,11 @@ from encore.protocol.messages import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from encore.protocol.metrics import Increments
 from encore.scheduler.blending import Blender
 from encore.scheduler.programs import Programs
 from encore.scheduler.queue import make_queue
 from encore.scheduler.request import Seq, SeqStatus
-
-_COUNTERS = ("prefix_queries", "prefix_hits", "preemptions", "prompt_tokens", "generation_tokens",
-             "chunk_queries", "chunk_hit_tokens", "chunk_recomputed_tokens")
 
 
 @dataclass
@@ -119,8 +117,7 @@ class Scheduler:
         self._step_preempted = False
         self._blends: dict[str, tuple[BlendPlan, int]] = {}  # this step's plans, by seq id
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
-        self._reported = dict.fromkeys(_COUNTERS, 0)
-        self._device_hits_reported = 0
+        self._increments = Increments()
 
     @classmethod
     def build(cls, cache: CacheConfig, config: SchedulerConfig, num_device_blocks: int,
@@ -517,35 +514,32 @@ class Scheduler:
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> EngineStats:
-        """Gauges now, and counter increments since the previous call."""
-        b = self.blender
-        totals = dict(
-            self._counts, prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits,
-            chunk_queries=b.queries, chunk_hit_tokens=b.hit_tokens,
-            chunk_recomputed_tokens=b.recomputed_tokens,
-        )
-        delta: dict[str, Any] = {k: totals[k] - self._reported[k] for k in _COUNTERS}
-        self._reported = {k: totals[k] for k in _COUNTERS}
-        return EngineStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting) + len(self.loading),
-            kv_cache_usage=self.kv.usage,
-            **delta,
-            **self._tier_stats(),
-            **self.programs.stats(),
-        )
+        """Gauges now, counter increments and histogram observations since the last call."""
+        return self._increments.message(self.snapshot())
 
-    def _tier_stats(self) -> dict[str, Any]:
-        """Tier gauges and increments since the last call (empty without tiers)."""
+    def snapshot(self) -> dict[str, Any]:
+        """Every engine metric P1 counts (``protocol.metrics.ENGINE_METRICS``): gauges now,
+        counters cumulative since start, histogram observations since the last call."""
+        b = self.blender
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting) + len(self.loading),
+            "kv_cache_usage": self.kv.usage,
+            "prefix_queries": self.kv.prefix_queries, "prefix_hits": self.kv.prefix_hits,
+            "chunk_queries": b.queries, "chunk_hit_tokens": b.hit_tokens,
+            "chunk_recomputed_tokens": b.recomputed_tokens,
+            **self._counts, **self._tier_snapshot(), **self.programs.snapshot(),
+        }
+
+    def _tier_snapshot(self) -> dict[str, Any]:
+        """The tier metrics (empty without tiers); the device's share comes from the pool."""
         tiers = self.kv.tiers
-        device_hits = self.kv.device_hits - self._device_hits_reported
-        self._device_hits_reported = self.kv.device_hits
         if tiers is None:
             return {}
-        stats = tiers.take_stats()
-        stats["kv_tier_hit_tokens"]["device"] = device_hits
-        stats["kv_tier_usage_bytes"]["device"] = self.kv.pool.num_cached * tiers.block_bytes
-        return stats
+        snap = tiers.snapshot()
+        snap["kv_tier_hit_tokens"]["device"] = self.kv.device_hits
+        snap["kv_tier_usage_bytes"]["device"] = self.kv.pool.num_cached * tiers.block_bytes
+        return snap
 
     def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
         """Feed the load-vs-recompute policy with how long a step took."""

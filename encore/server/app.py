@@ -57,8 +57,7 @@ def create_app(config: EncoreConfig, engine: EngineClient, *, tokenizer: Any = N
     """Build the app. ``app.state.ctx`` is the ServingContext; ``app.state.start_error``
     is set (a one-line reason) if the engine or tokenizer failed to start."""
     ctx = ServingContext(config=config, engine=engine, tokenizer=tokenizer,
-                         metrics=ServerMetrics(engine.stats,
-                                               getattr(engine, "kv_load_histogram", None)))
+                         metrics=ServerMetrics(engine.stats))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

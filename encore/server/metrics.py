@@ -1,15 +1,14 @@
 """Prometheus metrics (prefix ``encore:``, names modelled on vLLM's), on a per-app registry.
 
 Request-level metrics (latencies, token counts, outcomes) are recorded here in P0. Engine
-gauges and counters (running/waiting, KV usage, prefix cache, preemptions) are read from
-``EngineClient.stats()`` at scrape time by :class:`EngineStatsCollector`; ``stats()`` carries
-current gauges and counters accumulated since the engine started.
+metrics are defined once in ``encore.protocol.metrics.ENGINE_METRICS`` and read from
+``EngineClient.stats()`` (the totals accumulated since start) at scrape time by
+:class:`EngineStatsCollector`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -20,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from encore.protocol.messages import JOB_BUCKETS, KV_LOAD_BUCKETS, PIN_TTL_BUCKETS, EngineStats
+from encore.protocol.metrics import ENGINE_METRICS, EngineMetric, EngineTotals
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -32,89 +31,33 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 
 
 class EngineStatsCollector(Collector):
-    """Exposes the engine's gauges and cumulative counters at scrape time."""
+    """Exposes every engine metric of ``ENGINE_METRICS`` from the totals at scrape time."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None],
-                 kv_load_histogram: Callable[[], Any] | None = None) -> None:
-        self._stats = stats
-        self._kv_load = kv_load_histogram
+    def __init__(self, totals: Callable[[], EngineTotals | None]) -> None:
+        self._totals = totals
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats() or EngineStats()
-        yield from self._tier_metrics(s)
-        yield _gauge("encore:num_requests_running", "Requests in the running batch",
-                     s.num_running)
-        yield _gauge("encore:num_requests_waiting", "Requests waiting to be scheduled",
-                     s.num_waiting)
-        yield _gauge("encore:kv_cache_usage_perc", "Fraction of device KV blocks in use (0-1)",
-                     s.kv_cache_usage)
-        yield _counter("encore:prefix_cache_queries", "Prompt tokens looked up in the prefix "
-                       "cache", s.prefix_queries)
-        yield _counter("encore:prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                       s.prefix_hits)
-        yield _counter("encore:num_preemptions", "Sequences preempted by the scheduler",
-                       s.preemptions)
-        yield from _pin_metrics(s)
-        yield from _chunk_metrics(s)
+        totals = self._totals() or EngineTotals()
+        for metric in ENGINE_METRICS:
+            yield _family(metric, totals)
 
 
-    def _tier_metrics(self, s: EngineStats) -> Iterator[Metric]:
-        usage = GaugeMetricFamily("encore:kv_tier_usage_bytes", "Bytes of KV cache held per "
-                                  "tier (device, host, disk)", labels=["tier"])
-        for tier, value in sorted(s.kv_tier_usage_bytes.items()):
-            usage.add_metric([tier], value)
-        yield usage
-        hits = CounterMetricFamily("encore:kv_tier_hit_tokens", "Prompt tokens reused, by the "
-                                   "tier they came from", labels=["tier"])
-        for tier, value in sorted(s.kv_tier_hit_tokens.items()):
-            hits.add_metric([tier], value)
-        yield hits
-        moved = CounterMetricFamily("encore:kv_tier_transfer_bytes", "KV bytes copied between "
-                                    "tiers", labels=["src", "dst"])
-        for route, value in sorted(s.kv_tier_transfer_bytes.items()):
-            moved.add_metric(route.split(">", 1), value)
-        yield moved
-        yield _counter("encore:kv_disk_corrupt_files", "Bad disk KV files found (and "
-                       "deleted): short, corrupt or of another model", s.kv_disk_corrupt_files)
-        hist = self._kv_load() if self._kv_load is not None else None
-        if hist is not None:
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(str, KV_LOAD_BUCKETS), "+Inf"), hist.counts,
-                                    strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            yield HistogramMetricFamily("encore:kv_tier_load_seconds", "Time a request waited "
-                                        "for its KV to load from the host or disk tier",
-                                        buckets=buckets, sum_value=hist.sum)
-
-
-def _pin_metrics(s: EngineStats) -> Iterator[Metric]:
-    """TTL pins of agent programs (Continuum)."""
-    yield _gauge("encore:pinned_blocks", "Device KV blocks held by TTL pins", s.pinned_blocks)
-    yield _counter("encore:pin_hits", "Pins claimed by their program's next turn", s.pin_hits)
-    yield _counter("encore:pin_expired", "Pins whose TTL ran out", s.pin_expired)
-    yield HistogramMetricFamily("encore:pin_ttl_seconds", "TTLs chosen for new KV pins",
-                                buckets=_buckets(PIN_TTL_BUCKETS, s.pin_ttl_bucket_counts),
-                                sum_value=s.pin_ttl_sum)
-    yield HistogramMetricFamily("encore:job_completion_seconds", "Agent programs: first "
-                                "request to the end of the is_last_step turn",
-                                buckets=_buckets(JOB_BUCKETS, s.job_completion_bucket_counts),
-                                sum_value=s.job_completion_sum)
-
-
-def _chunk_metrics(s: EngineStats) -> Iterator[Metric]:
-    """Position-independent chunk reuse (CacheBlend)."""
-    yield _counter("encore:chunk_queries", "Chunks looked up in the chunk store",
-                   s.chunk_queries)
-    yield _counter("encore:chunk_hit_tokens", "Tokens of chunks found cached (blended)",
-                   s.chunk_hit_tokens)
-    yield _counter("encore:chunk_recomputed_tokens", "Tokens of cached chunks recomputed while "
-                   "blending", s.chunk_recomputed_tokens)
+def _family(m: EngineMetric, totals: EngineTotals) -> Metric:
+    if m.kind == "histogram":
+        hist = totals.histograms[m.key]
+        return HistogramMetricFamily(m.name, m.doc, buckets=_buckets(hist.bounds, hist.counts),
+                                     sum_value=hist.sum)
+    family = GaugeMetricFamily if m.kind == "gauge" else CounterMetricFamily
+    if not m.labels:
+        return family(m.name, m.doc, value=totals.value(m.key))
+    out = family(m.name, m.doc, labels=list(m.labels))
+    for label, value in sorted(totals.labeled.get(m.key, {}).items()):
+        out.add_metric(label.split(">", len(m.labels) - 1), value)
+    return out
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
     """Prometheus (le, cumulative count) pairs from per-bucket counts (+Inf last)."""
-    counts = counts or [0] * (len(bounds) + 1)
     cumulative, out = 0, []
     for bound, count in zip((*map(str, bounds), "+Inf"), counts, strict=True):
         cumulative += count
@@ -122,22 +65,13 @@ def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, in
     return out
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
-
-
 class ServerMetrics:
     """All of P0's metrics on one registry (one per app, so tests can build many apps)."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None],
-                 kv_load_histogram: Callable[[], Any] | None = None) -> None:
+    def __init__(self, stats: Callable[[], EngineTotals | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(EngineStatsCollector(stats, kv_load_histogram))
+        r.register(EngineStatsCollector(stats))
         self.prompt_tokens = Counter("encore:prompt_tokens", "Prompt tokens received",
                                      registry=r)
         self.generation_tokens = Counter("encore:generation_tokens", "Tokens generated",

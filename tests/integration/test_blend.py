@@ -266,7 +266,7 @@ def test_engine_stores_chunks_and_blends_them_in_any_order(model_dir):
     _, cached = complete(core, "r1", first, spans1)
     assert cached == 0  # every chunk was computed (stored) by this request
     stats = core.scheduler.stats()
-    assert stats.chunk_queries == 3 and stats.chunk_hit_tokens == 0
+    assert stats["chunk_queries"] == 3 and stats["chunk_hit_tokens"] == 0
     # the same documents in another order, after other text: all three hit
     second = tokens(16, 5) + c + a + b + question
     spans2 = [(5, 18), (18, 39), (39, 57)]
@@ -274,8 +274,8 @@ def test_engine_stores_chunks_and_blends_them_in_any_order(model_dir):
     recomputed = sum(math.ceil(0.25 * n) for n in (13, 21, 18))
     assert cached == 13 + 21 + 18 - recomputed
     stats = core.scheduler.stats()
-    assert (stats.chunk_queries, stats.chunk_hit_tokens) == (3, 52)
-    assert stats.chunk_recomputed_tokens == recomputed
+    assert (stats["chunk_queries"], stats["chunk_hit_tokens"]) == (3, 52)
+    assert stats["chunk_recomputed_tokens"] == recomputed
     # a full recompute blends to the full-prefill answer (blended first: its blocks past the
     # first chunk are never prefix-registered, so the plain run cannot reuse them)
     got, _ = complete(core, "r3", second, spans2, recompute=1.0)
@@ -325,6 +325,6 @@ def test_engine_loads_evicted_chunks_back_from_the_host_tier(model_dir):
     tight.scheduler.stats()  # reset the increments
     got, cached = complete(tight, "b2", second, spans2)
     stats = tight.scheduler.stats()
-    assert stats.kv_tier_hit_tokens.get("host", 0) >= 3 * 16  # chunk blocks came from host
-    assert stats.chunk_hit_tokens == 51
+    assert stats["kv_tier_hit_tokens"].get("host", 0) >= 3 * 16  # chunk blocks came from host
+    assert stats["chunk_hit_tokens"] == 51
     assert (got, cached) == (want, want_cached)

@@ -114,7 +114,7 @@ def test_batch_invariance_with_chunked_prefill_preemption_and_padding(tiny_dir):
                  block_size=16, max_num_batched_tokens=64, max_num_seqs=16)
     alone = generate(core, [batch[4]], tag="alone")[0]
     together = generate(core, batch, tag="b")
-    preemptions = core.scheduler.stats().preemptions
+    preemptions = core.scheduler.stats()["preemptions"]
     core.shutdown()
     assert preemptions > 0, "the pool was meant to force a preemption"
     assert [len(t) for t in together] == [MAX_TOKENS] * 13
@@ -131,7 +131,7 @@ def test_prefix_reuse_gives_the_cold_tokens(tiny_dir):
     warm = start(tiny_dir)
     generate(warm, [first], tag="first")
     got = generate(warm, [second], tag="second")[0]
-    hits = warm.scheduler.stats().prefix_hits
+    hits = warm.scheduler.stats()["prefix_hits"]
     warm.shutdown()
     assert hits >= 160 - 16
     assert got == expected

@@ -56,7 +56,7 @@ def test_tier_hit_on_gpu_equals_cold_run(tiny_dir, tmp_path, tiers):
     core.shutdown()
     assert info.device.startswith("cuda")
     assert warm == cold and cached >= 64
-    assert stats.kv_tier_hit_tokens.get(tiers, 0) > 0
+    assert stats["kv_tier_hit_tokens"].get(tiers, 0) > 0
 
 
 def _config(path, tmp_path, tiers):

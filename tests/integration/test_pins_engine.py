@@ -92,7 +92,7 @@ def two_turns(model_dir: Path, **overrides) -> tuple[int, int]:
         await flood(client)
         _, cached = await generate(client, "t2", prompt + out + tokens(2, 8),
                                    prompt_cache_key="job", is_last_step=False)
-        hits = client.stats().pin_hits
+        hits = client.stats()["pin_hits"]
         await shutdown_and_check(client)
         return cached, hits
 

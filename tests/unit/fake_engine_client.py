@@ -20,6 +20,7 @@ from encore.protocol.messages import (
     RequestOutput,
     TokenLogprobs,
 )
+from encore.protocol.metrics import EngineTotals
 
 EOS = 256
 
@@ -67,7 +68,7 @@ class FakeEngineClient(EngineClient):
         self.tools_called: list[tuple[str, list[str]]] = []  # (program, tool names)
         self.active: set[str] = set()
         self.seen_prompts: list[list[int]] = []
-        self.totals = EngineStats()
+        self.prefix = {"prefix_queries": 0, "prefix_hits": 0}  # cumulative
         self.shut_down = False
 
     async def start(self) -> EngineReady:
@@ -80,11 +81,12 @@ class FakeEngineClient(EngineClient):
     def ready(self) -> bool:
         return self._ready
 
-    def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self.active), num_waiting=0,
-                           kv_cache_usage=0.01 * len(self.active),
-                           prefix_queries=self.totals.prefix_queries,
-                           prefix_hits=self.totals.prefix_hits)
+    def stats(self) -> EngineTotals:
+        totals = EngineTotals()
+        totals.add(EngineStats(values={"num_running": len(self.active), "num_waiting": 0,
+                                       "kv_cache_usage": 0.01 * len(self.active),
+                                       **self.prefix}))
+        return totals
 
     def _cached(self, prompt: list[int]) -> int:
         best = 0
@@ -102,9 +104,8 @@ class FakeEngineClient(EngineClient):
         self.requests.append(request)
         self.active.add(request.request_id)
         cached = self._cached(request.prompt_token_ids)
-        self.totals = EngineStats(prefix_queries=self.totals.prefix_queries
-                                  + len(request.prompt_token_ids),
-                                  prefix_hits=self.totals.prefix_hits + cached)
+        self.prefix["prefix_queries"] += len(request.prompt_token_ids)
+        self.prefix["prefix_hits"] += cached
         try:
             plan = [self._plan(request, i) for i in range(request.sampling.n)]
             step = 0

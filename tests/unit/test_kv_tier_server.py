@@ -48,11 +48,12 @@ def test_tier_metrics_are_exported() -> None:
     router = _Router()
     for _ in range(2):
         router.dispatch(EngineOutputs(stats=EngineStats(
-            kv_tier_usage_bytes={"device": 10, "host": 20, "disk": 30},
-            kv_tier_hit_tokens={"device": 16, "host": 32},
-            kv_tier_transfer_bytes={"device>host": 100, "host>disk": 50},
-            kv_tier_load_seconds=[0.003, 0.2], kv_disk_corrupt_files=1)))
-    metrics = ServerMetrics(lambda: router.totals, lambda: router.kv_load_seconds)
+            values={"kv_disk_corrupt_files": 1},
+            labeled={"kv_tier_usage_bytes": {"device": 10, "host": 20, "disk": 30},
+                     "kv_tier_hit_tokens": {"device": 16, "host": 32},
+                     "kv_tier_transfer_bytes": {"device>host": 100, "host>disk": 50}},
+            observed={"kv_tier_load_seconds": [0.003, 0.2]})))
+    metrics = ServerMetrics(lambda: router.totals)
     text = metrics.exposition().decode()
     assert 'encore:kv_tier_usage_bytes{tier="disk"} 30.0' in text
     assert 'encore:kv_tier_hit_tokens_total{tier="host"} 64.0' in text

@@ -126,14 +126,14 @@ def test_pin_survives_pressure_and_the_next_turn_hits_it() -> None:
     turn(sched, worker, "b1", B_PROMPT)  # unpinned: only LRU-cached
     pins = sched.kv.pins
     assert pins is not None and pins.num_pinned_blocks == 3
-    assert sched.stats().pin_ttl_seconds == [60.0]
+    assert sched.stats()["pin_ttl_seconds"] == [60.0]
     turn(sched, worker, "c", list(range(200, 251)), max_tokens=2)  # 13 blocks: evicts b1's
     clock.t = 30.0
     probe = make_request("probe", B_PROMPT, max_tokens=1)
     assert sched.kv.get_computed_blocks(_Probe(probe))[1] == 0, "unpinned blocks were evicted"
     run = turn(sched, worker, "a2", A_PROMPT + [1, 2, 3, 4, 9], prompt_cache_key="A")
     assert run.finals[("a2", 0)].num_cached_tokens == 12, "the returning turn hit its pin"
-    assert pins.hits == 1 and sched.stats().pin_hits == 1
+    assert pins.hits == 1 and sched.stats()["pin_hits"] == 1
     assert_no_leaks(sched)
 
 
@@ -159,7 +159,7 @@ def test_pin_expires_on_time() -> None:
     step(sched, worker)
     assert pins.num_pinned_blocks == 0 and pins.expired == 1
     stats = sched.stats()
-    assert (stats.pinned_blocks, stats.pin_expired) == (0, 1)
+    assert (stats["pinned_blocks"], stats["pin_expired"]) == (0, 1)
     # the blocks stay LRU-cached: a later turn still hits them while nothing evicts them
     run = turn(sched, worker, "a2", A_PROMPT + [7], prompt_cache_key="A")
     assert run.finals[("a2", 0)].num_cached_tokens == 12 and pins.hits == 0
@@ -308,15 +308,15 @@ def test_job_completion_time_from_first_request_to_last_step() -> None:
     clock.t = 112.5
     turn(sched, worker, "j2", A_PROMPT + [4], prompt_cache_key="J", is_last_step=True)
     stats = sched.stats()
-    assert stats.job_completion_seconds == [12.5] and stats.pinned_blocks == 0
-    assert sched.stats().job_completion_seconds == []
+    assert stats["job_completion_seconds"] == [12.5] and stats["pinned_blocks"] == 0
+    assert sched.stats()["job_completion_seconds"] == []
     assert_no_leaks(sched)
 
 
 def test_pins_off() -> None:
     sched, worker, _ = make(enable_ttl_pins=False)
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=60.0)
-    assert sched.kv.pins is None and sched.stats().pinned_blocks == 0
+    assert sched.kv.pins is None and sched.stats()["pinned_blocks"] == 0
     assert sched.kv.num_free_blocks == sched.kv.num_usable_blocks
 
 
@@ -336,7 +336,7 @@ def test_breakpoint_pins_its_prefix_for_its_ttl_even_on_the_last_step() -> None:
     assert pins is not None and pins.pin_of("A") is None, "no turn pin after the last step"
     (pin,) = pins.all_pins()
     assert pin.explicit and len(pin.blocks) == 2 and pin.ttl == 100.0
-    assert sched.stats().pin_ttl_seconds == [100.0]
+    assert sched.stats()["pin_ttl_seconds"] == [100.0]
     turn(sched, worker, "c", list(range(200, 255)), max_tokens=2)  # 14 blocks: all unpinned
     assert cached_prefix(sched, A_PROMPT) == 8, "the pinned prefix survived, its tail did not"
     clock.t = 99.9
@@ -478,10 +478,10 @@ def test_pin_metrics_are_exported() -> None:
     from encore.server.metrics import ServerMetrics
 
     router = _Router()
-    router.dispatch(EngineOutputs(stats=EngineStats(pinned_blocks=3, pin_hits=2, pin_expired=1,
-                                                    pin_ttl_seconds=[4.0, 90.0],
-                                                    job_completion_seconds=[42.0])))
-    router.dispatch(EngineOutputs(stats=EngineStats(pinned_blocks=1, pin_hits=1)))
+    router.dispatch(EngineOutputs(stats=EngineStats(
+        values={"pinned_blocks": 3, "pin_hits": 2, "pin_expired": 1},
+        observed={"pin_ttl_seconds": [4.0, 90.0], "job_completion_seconds": [42.0]})))
+    router.dispatch(EngineOutputs(stats=EngineStats(values={"pinned_blocks": 1, "pin_hits": 1})))
     text = ServerMetrics(lambda: router.totals).exposition().decode()
     assert "encore:pinned_blocks 1.0" in text
     assert "encore:pin_hits_total 3.0" in text and "encore:pin_expired_total 1.0" in text

@@ -99,7 +99,7 @@ def test_prefix_hit_is_reported_as_cached_tokens() -> None:
     assert run.finals[("b", 0)].num_cached_tokens == 8
     assert run.tokens[("b", 0)] == reference_tokens(prompt_b, 3)  # read through shared KV
     stats = sched.stats()
-    assert (stats.prefix_queries, stats.prefix_hits) == (10 + 11, 8)
+    assert (stats["prefix_queries"], stats["prefix_hits"]) == (10 + 11, 8)
     assert_no_leaks(sched)
 
 
@@ -147,8 +147,8 @@ def test_preemption_recomputes_and_tokens_match_an_unpressured_run() -> None:
         assert run.tokens[(rid, 0)] == reference_tokens(prompt, 10)
         assert run.finals[(rid, 0)].finish_reason == "length"
     stats = sched.stats()
-    assert stats.preemptions >= 1
-    assert [sid for sid, _ in worker.resumes] == ["b#0"] * stats.preemptions  # latest arrival
+    assert stats["preemptions"] >= 1
+    assert [sid for sid, _ in worker.resumes] == ["b#0"] * stats["preemptions"]  # latest arrival
     resumed_at = next(s for o in run.steps for s in o.seqs if s.output_token_ids is not None)
     assert resumed_at.start_pos > 0  # its own freed full blocks were still cached
     assert run.finals[("b", 0)].num_cached_tokens == 0  # the first schedule's hit
@@ -325,13 +325,14 @@ def test_stats_are_increments_plus_gauges() -> None:
     sched.add_request(make_request("a", list(range(10)), max_tokens=5))
     step(sched, worker)
     s1 = sched.stats()
-    assert (s1.num_running, s1.num_waiting, s1.prompt_tokens, s1.generation_tokens) == (1, 0, 10, 1)
-    assert s1.kv_cache_usage == pytest.approx(3 / 63)
+    assert (s1["num_running"], s1["num_waiting"]) == (1, 0)
+    assert (s1["prompt_tokens"], s1["generation_tokens"]) == (10, 1)
+    assert s1["kv_cache_usage"] == pytest.approx(3 / 63)
     run_all(sched, worker)
     s2 = sched.stats()
-    assert (s2.prompt_tokens, s2.generation_tokens, s2.num_running) == (0, 4, 0)
+    assert (s2["prompt_tokens"], s2["generation_tokens"], s2["num_running"]) == (0, 4, 0)
     s3 = sched.stats()
-    assert (s3.generation_tokens, s3.prefix_queries, s3.kv_cache_usage) == (0, 0, 0.0)
+    assert (s3["generation_tokens"], s3["prefix_queries"], s3["kv_cache_usage"]) == (0, 0, 0.0)
     assert_no_leaks(sched)
 
 
@@ -369,7 +370,7 @@ def test_random_load_with_pressure_and_aborts(seed: int) -> None:
         if key[0] not in aborted:
             assert tokens == run.tokens[key], key
             assert run.finals[key].finish_reason == "length"
-    assert sched.stats().preemptions > 0
+    assert sched.stats()["preemptions"] > 0
     assert_no_leaks(sched)
 
 
