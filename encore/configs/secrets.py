@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def derive(secret: bytes, purpose: str) -> bytes:
 
 def block_key_secret(disk_cache_dir: str | None) -> bytes:
     return derive(deployment_secret(disk_cache_dir), "encore block keys")
+
+
+def disk_mac_key(cache: Any) -> bytes:
+    """The key that authenticates the disk tier's files (``cache``: the ``CacheConfig``)."""
+    return derive(deployment_secret(cache.disk_cache_dir), "encore kv file mac")
 
 
 def tenant_salt(secret: bytes, api_key: str) -> str:

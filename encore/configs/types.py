@@ -62,6 +62,13 @@ class CacheConfig:
     kv_load_policy: KVLoadPolicyName = opt("cost", "cost: load a tier hit only when the cost "
                                            "model says it beats recomputing; always: load every "
                                            "hit (tests, benchmarks)")
+    checkpoint_interval_s: float = opt(60.0, "with a disk tier: cached device blocks without a "
+                                             "disk copy are written at least this often while "
+                                             "busy (all of them whenever the engine is idle); "
+                                             "bounds what kill -9 loses")
+    shutdown_flush_timeout_s: float = opt(30.0, "with a disk tier: on graceful shutdown, write "
+                                                "every cached block not yet on disk for at most "
+                                                "this long (seconds)")
     enable_ttl_pins: bool = opt(True, "pin an agent program's KV between turns (programs are "
                                       "named by prompt_cache_key / job_id) for a chosen TTL")
     max_pin_ttl_s: float = opt(600.0, "longest TTL a pin may get, chosen or requested (seconds)")
@@ -95,6 +102,8 @@ class CacheConfig:
         check_range("cache", "gpu_memory_utilization", self.gpu_memory_utilization, lo=0.05, hi=1.0)
         check_range("cache", "host_cache_gib", self.host_cache_gib, lo=0.0)
         check_range("cache", "disk_cache_gib", self.disk_cache_gib, lo=0.0)
+        check_range("cache", "checkpoint_interval_s", self.checkpoint_interval_s, lo=0.1)
+        check_range("cache", "shutdown_flush_timeout_s", self.shutdown_flush_timeout_s, lo=0.0)
         check_range("cache", "max_pin_ttl_s", self.max_pin_ttl_s, lo=1.0)
         check_range("cache", "max_pinned_fraction", self.max_pinned_fraction, lo=0.0, hi=1.0)
         check_range("cache", "max_pinned_gib_per_tenant", self.max_pinned_gib_per_tenant, lo=0.0)

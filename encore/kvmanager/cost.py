@@ -1,19 +1,31 @@
 """Load or recompute: per tier hit, is staging the KV faster than computing it again?
 
-    load(n blocks from tier)  ≈ step_s + latency_s[tier] + n · block_bytes / bandwidth[tier]
+    load(n blocks from tier)  ≈ [step_s] + latency_s[tier] + n · block_bytes / bandwidth[tier]
     recompute(n blocks)       ≈ n · block_size / prefill_tokens_per_s
 
-A load costs at least one engine step (the request waits in WAITING_FOR_KV while others run),
-so short hits are recomputed. Bandwidths, latencies, step time and prefill speed start from
-priors and follow measurements (exponential moving averages); tests inject their own numbers.
+A disk load costs one engine step more while others run (the request waits in WAITING_FOR_KV
+for the batch's next step), so short hits are recomputed; into an idle engine it waits only for
+its read. Bandwidths, latencies, step time and prefill speed start from priors (or the numbers
+a previous run kept beside the disk tier, ``cost.json``) and follow measurements (exponential
+moving averages); tests inject their own numbers. The first ``WARMUP_STEPS`` steps of an
+engine are not measured (kernel set-up and allocator growth make them many times slower).
 Policies are chosen by name (``cache.kv_load_policy``): ``cost`` or ``always``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 _EWMA = 0.2  # weight of a new observation
+WARMUP_STEPS = 2  # steps of a fresh engine that say nothing about the next ones
+COST_FILE = "cost.json"  # beside the disk tier: the numbers measured by the last run
 
 
 @dataclass
@@ -37,10 +49,12 @@ class LoadPolicy:
         self.block_size = block_size
         self.block_bytes = max(block_bytes, 1)
         self.numbers = numbers or CostNumbers()
+        self._warmup = WARMUP_STEPS
 
-    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
-        """``hits``: consecutive (tier, num_blocks) runs after the device hit, nearest first.
-        Returns how many leading blocks to load (a prefix of the runs)."""
+    def blocks_to_load(self, hits: list[tuple[str, int]], busy: bool = True) -> int:
+        """``hits``: consecutive (tier, num_blocks) runs after the device hit, nearest first;
+        ``busy``: other sequences run. Returns how many leading blocks to load (a prefix of
+        the runs)."""
         raise NotImplementedError
 
     def pays_off(self, tier: str) -> bool:
@@ -48,11 +62,11 @@ class LoadPolicy:
         a tier that is not faster than recomputing only costs its writes."""
         return True
 
-    def load_seconds(self, runs: list[tuple[str, int]]) -> float:
-        """Transfer time, plus one engine step when a disk read makes the request wait
-        (host loads run in the step that computes the rest of the prompt)."""
+    def load_seconds(self, runs: list[tuple[str, int]], busy: bool = True) -> float:
+        """Transfer time, plus one engine step when a disk read makes the request wait while
+        others run (host loads run in the step that computes the rest of the prompt)."""
         n = self.numbers
-        total = n.step_s if any(tier != "host" for tier, _ in runs) else 0.0
+        total = n.step_s if busy and any(tier != "host" for tier, _ in runs) else 0.0
         for tier, blocks in runs:
             total += n.latency_s[tier] + blocks * self.block_bytes / n.bandwidth[tier]
         return total
@@ -78,6 +92,9 @@ class LoadPolicy:
         n = self.numbers
         if seconds <= 0:
             return
+        if self._warmup > 0:
+            self._warmup -= 1
+            return
         n.step_s += _EWMA * (seconds - n.step_s)
         if prefill_tokens >= 4 * self.block_size:  # only prefill-heavy steps say much
             n.prefill_tokens_per_s += _EWMA * (prefill_tokens / seconds
@@ -89,7 +106,7 @@ class AlwaysLoad(LoadPolicy):
 
     name = "always"
 
-    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
+    def blocks_to_load(self, hits: list[tuple[str, int]], busy: bool = True) -> int:
         return sum(n for _, n in hits)
 
 
@@ -105,11 +122,11 @@ class CostLoad(LoadPolicy):
         n = self.numbers
         return self.block_bytes / n.bandwidth[tier] < self.recompute_seconds(1)
 
-    def blocks_to_load(self, hits: list[tuple[str, int]]) -> int:
+    def blocks_to_load(self, hits: list[tuple[str, int]], busy: bool = True) -> int:
         best, best_saving = 0, 0.0
         for i in range(1, len(hits) + 1):
             blocks = sum(n for _, n in hits[:i])
-            saving = self.recompute_seconds(blocks) - self.load_seconds(hits[:i])
+            saving = self.recompute_seconds(blocks) - self.load_seconds(hits[:i], busy)
             if saving > best_saving:
                 best, best_saving = blocks, saving
         return best
@@ -124,3 +141,43 @@ def make_load_policy(name: str, block_size: int, block_bytes: int,
         raise ValueError(f"kv_load_policy={name!r} is not supported; choose one of "
                          f"{sorted(_POLICIES)}")
     return _POLICIES[name](block_size, block_bytes, numbers)
+
+
+# ---------------------------------------------------------------------- kept across restarts
+def save_cost_numbers(disk_cache_dir: str | None, policy: LoadPolicy) -> None:
+    """Keep the policy's measured numbers beside the disk tier (``cost.json``), so that after
+    a restart the first disk hits are priced by what this machine measured, not by priors."""
+    if not disk_cache_dir:
+        return
+    path = Path(disk_cache_dir) / COST_FILE
+    body = {"block_size": policy.block_size, "block_bytes": policy.block_bytes,
+            "numbers": asdict(policy.numbers)}
+    tmp = path.with_name(f".{COST_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not keep the load policy's numbers in %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def load_cost_numbers(disk_cache_dir: str | None, block_size: int,
+                      block_bytes: int) -> CostNumbers | None:
+    """The numbers a previous run kept for this block layout; None if none (or unusable)."""
+    if not disk_cache_dir:
+        return None
+    try:
+        body = json.loads((Path(disk_cache_dir) / COST_FILE).read_text())
+        if (body["block_size"], body["block_bytes"]) != (block_size, max(block_bytes, 1)):
+            return None
+        n = body["numbers"]
+        numbers = CostNumbers(bandwidth={k: float(v) for k, v in n["bandwidth"].items()},
+                              latency_s={k: float(v) for k, v in n["latency_s"].items()},
+                              prefill_tokens_per_s=float(n["prefill_tokens_per_s"]),
+                              step_s=float(n["step_s"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if min(*numbers.bandwidth.values(), numbers.prefill_tokens_per_s, numbers.step_s) <= 0:
+        return None
+    return numbers

@@ -268,14 +268,15 @@ class KVCacheManager:
         self._cache_limit[seq_id] = num_blocks
 
     # ------------------------------------------------------------------ tier loads
-    def plan_tier_loads(self, seq: KVSeq, num_device_hits: int) -> list[str]:
+    def plan_tier_loads(self, seq: KVSeq, num_device_hits: int,
+                        busy: bool = True) -> list[str]:
         """Tiers to load the blocks after the device hit from ("host"/"disk" each, in order),
         as far as the load policy finds loading faster than recomputing. [] = none."""
         if self.tiers is None:
             return []
         max_blocks = (len(seq.all_token_ids) - 1) // self.block_size
         keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
-        return self.tiers.plan_loads(keys) if keys else []
+        return self.tiers.plan_loads(keys, busy) if keys else []
 
     def start_loads(self, seq: KVSeq, device_hits: Sequence[int], tiers: Sequence[str],
                     admission: Admission | None = None) -> int | None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from encore.kvmanager.cost import LoadPolicy, make_load_policy
+from encore.kvmanager.cost import CostNumbers, LoadPolicy, make_load_policy
 from encore.kvmanager.tiers import TierIndex
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ class TierSetup:
     num_host_blocks: int = 0
     num_disk_blocks: int = 0
     disk_keys: Sequence[bytes] = ()
+    disk_writable: bool = True  # False: a read-only disk tier (loads only)
     write_policy: str = "write_back"
     load_policy: str = "cost"
+    checkpoint_interval_s: float = 60.0  # a busy engine's device blocks reach disk this often
+    cost: CostNumbers | None = None  # the load policy's numbers kept from the last run
 
 
 @dataclass
@@ -88,7 +92,7 @@ class TieredCache:
         self.write_through = setup.write_policy == "write_through"
         self.clock = clock
         self.policy = policy or make_load_policy(setup.load_policy, block_size,
-                                                 setup.block_bytes)
+                                                 setup.block_bytes, setup.cost)
         self.tiers: dict[str, TierIndex] = {}
         if setup.num_host_blocks > 0:
             self.tiers["host"] = TierIndex("host", setup.num_host_blocks)
@@ -102,6 +106,14 @@ class TieredCache:
         self._next_op = 1
         self._disk_writes = 0  # writes to disk in flight (flushes and straight from device)
         self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
+        self.disk_writable = setup.disk_writable
+        # durability: device blocks computed here and not on disk yet (key -> block, most
+        # recently used last), written by checkpoints; see ``_checkpoint``
+        self._unsaved: OrderedDict[bytes, int] = OrderedDict()
+        self.checkpoint_interval_s = setup.checkpoint_interval_s
+        self._last_checkpoint = clock()
+        self._checkpoint_keys: list[bytes] | None = None  # a busy checkpoint's keys, MRU first
+        self._final = False  # shutting down: write everything
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
         self.transfer_bytes: dict[str, int] = {}
         self.load_seconds: list[float] = []  # drained by snapshot()
@@ -124,6 +136,8 @@ class TieredCache:
         self._written.clear()
         self._disk_writes = 0
         self._dirty.clear()
+        self._unsaved.clear()
+        self._checkpoint_keys = None
         self.ops = StepOps()
         for tier in self.tiers.values():
             tier.reset()
@@ -161,12 +175,64 @@ class TieredCache:
         for key, block in written:
             for name in LOWER_TIERS:
                 self._store(key, "device", block, name)
-        self._flush_host(idle)
+        self._flush_host(idle or self._final)
+        self._checkpoint(idle)
 
     def needs_flush(self) -> bool:
-        """Host blocks still have no disk copy (an idle engine keeps stepping to write them)."""
+        """Cached blocks (host or device) still have no disk copy: an idle engine keeps
+        stepping to write them."""
+        return self._disk_writable() and bool(self._dirty or self._unsaved)
+
+    def begin_final_flush(self) -> None:
+        """Shutting down: from the next step on, every cached block goes to disk (most
+        recently used first); the engine steps while ``needs_flush``."""
+        self._final = True
+
+    def _disk_writable(self) -> bool:
         disk = self.tiers.get("disk")
-        return bool(self._dirty) and disk is not None and disk.enabled
+        return disk is not None and disk.enabled and self.disk_writable
+
+    def _checkpoint(self, idle: bool) -> None:
+        """Write device blocks without a disk copy to disk, most recently used first: while
+        the engine is idle or shutting down all of them; while busy, every
+        ``checkpoint_interval_s``, the ones unsaved when the interval ran out (so ``kill
+        -9`` loses at most about that window). At most the disk tier's capacity per pass,
+        ``MAX_DISK_WRITES_IN_FLIGHT`` at a time; blocks in host go with host's flush."""
+        if not self._unsaved or not self._disk_writable():
+            return
+        now = self.clock()
+        if self._checkpoint_keys is None and not (idle or self._final):
+            if now - self._last_checkpoint < self.checkpoint_interval_s:
+                return
+            self._checkpoint_keys = list(reversed(self._unsaved))
+        keys = self._checkpoint_keys if self._checkpoint_keys is not None else list(
+            reversed(self._unsaved))
+        capacity = self.tiers["disk"].num_slots
+        for key in keys[capacity:]:  # older than a diskful: writing them would only push
+            self._unsaved.pop(key, None)  # out the more recent blocks written before them
+        keys = keys[:capacity]
+        done = 0
+        for key in keys:
+            block = self._unsaved.get(key)
+            if block is not None and not self._save(key, block):
+                break
+            done += 1
+        if done == len(keys):
+            self._checkpoint_keys = None
+            self._last_checkpoint = now
+        elif self._checkpoint_keys is not None:
+            self._checkpoint_keys = keys[done:]
+
+    def _save(self, key: bytes, block: int) -> bool:
+        """Give device ``block`` (``key``) a disk copy; False if disk takes no more now."""
+        host = self.tiers.get("host")
+        if host is not None and key in host:  # host's flush writes it (or did)
+            del self._unsaved[key]
+            return True
+        if not self._store(key, "device", block, "disk"):
+            return False
+        del self._unsaved[key]
+        return True
 
     def _flush_host(self, everything: bool) -> None:
         """Write-back from host without stalling a step: the coldest ``HOST_CLEAN_FRACTION``
@@ -175,7 +241,7 @@ class TieredCache:
         host, now clean: evicting it later costs nothing and loses nothing."""
         host = self.tiers.get("host")
         budget = MAX_DISK_WRITES_IN_FLIGHT - self._disk_writes
-        if host is None or not self.needs_flush() or budget <= 0:
+        if host is None or not self._dirty or not self._disk_writable() or budget <= 0:
             return
         if not everything and not self.policy.pays_off("disk"):
             return  # a disk copy would never be loaded: write only while idle (restarts)
@@ -201,7 +267,8 @@ class TieredCache:
         and pays off; 1.0 when none would."""
         for name in LOWER_TIERS:
             tier = self.tiers.get(name)
-            if tier is not None and tier.enabled and self.policy.pays_off(name):
+            keeps = name == "host" or self.disk_writable
+            if tier is not None and tier.enabled and keeps and self.policy.pays_off(name):
                 return self.policy.reload_fraction(name, blocks)
         return 1.0
 
@@ -211,11 +278,12 @@ class TieredCache:
         the block goes straight to disk (host's flush lags behind). While the load policy
         finds disk slower than recomputing, nothing is written to disk here: host drops its
         coldest block instead (an idle engine still flushes host to disk)."""
+        self._unsaved.pop(key, None)  # written back here, if it is written anywhere
         if self.write_through:
             return  # already stored when it was computed
-        host, disk = self.tiers.get("host"), self.tiers.get("disk")
+        host = self.tiers.get("host")
         order = LOWER_TIERS
-        to_disk = disk is not None and disk.enabled and self.policy.pays_off("disk")
+        to_disk = self._disk_writable() and self.policy.pays_off("disk")
         if host is not None and key not in host and not host.num_free() and to_disk:
             clean = next((k for k in _coldest(host) if k not in self._dirty), None)
             if clean is None:
@@ -227,9 +295,12 @@ class TieredCache:
                 return
 
     def on_computed(self, key: bytes, block: int) -> None:
-        """Write-through: ``block`` (key ``key``) is computed in the step being planned."""
+        """``block`` (key ``key``) is computed in the step being planned: with write-through
+        it is stored down next step; with write-back a disk checkpoint saves it later."""
         if self.write_through and self.tiers:
             self._written.append((key, block))
+        elif self._disk_writable():
+            self._unsaved[key] = block
 
     def _store(self, key: bytes, src: str, src_slot: int, dst: str) -> bool:
         """Store ``key`` into tier ``dst`` (no-op if there); False when the tier is absent,
@@ -239,6 +310,8 @@ class TieredCache:
             return False
         if key in tier:  # most evicted device blocks were loaded from host or stored before
             return True
+        if dst == "disk" and not self.disk_writable:
+            return False
         if dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT:
             return False
         plan = tier.prepare_store([key])
@@ -273,11 +346,14 @@ class TieredCache:
         """Mark ``keys`` recently used in every tier that holds them."""
         for tier in self.tiers.values():
             tier.touch(keys)
+        for key in keys:
+            if key in self._unsaved:
+                self._unsaved.move_to_end(key)
 
-    def plan_loads(self, keys: Sequence[bytes]) -> list[str]:
+    def plan_loads(self, keys: Sequence[bytes], busy: bool = True) -> list[str]:
         """The tier to load each of the leading ``keys`` from (host if there, else disk; what
         follows a miss is unusable), cut where the load policy says recomputing is faster.
-        ``keys`` follow the device hit."""
+        ``keys`` follow the device hit; ``busy``: other sequences run."""
         runs: list[tuple[str, int]] = []
         for key in keys:  # each block from the nearest tier that has it, up to a miss
             name = next((n for n in LOWER_TIERS if n in self.tiers
@@ -288,7 +364,7 @@ class TieredCache:
                 runs[-1] = (name, runs[-1][1] + 1)
             else:
                 runs.append((name, 1))
-        total = self.policy.blocks_to_load(runs) if runs else 0
+        total = self.policy.blocks_to_load(runs, busy) if runs else 0
         out: list[str] = []
         for name, n in runs:
             out.extend([name] * min(n, total - len(out)))
@@ -355,15 +431,15 @@ class TieredCache:
             self.tiers[op.dst].complete_store(op.key, ok)
             self._disk_writes -= op.dst == "disk"
             if not ok and op.dst == "disk":
-                self._disable("disk", error)
+                self._read_only(error)
             elif ok:  # a link is about as fast both ways (a disk: writes as reads)
                 self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
-            disk = self.tiers.get("disk")
-            if op.dst == "host" and ok and disk is not None and op.key not in disk:
+            if op.dst == "host" and ok and self._disk_writable() \
+                    and op.key not in self.tiers["disk"]:
                 self._dirty[op.key] = None
             if op.src == "host":  # a flush: the host entry stays, clean unless it failed
                 self.tiers["host"].complete_load(op.key, True)
-                if not ok:
+                if not ok and self._disk_writable():
                     self._dirty[op.key] = None
         if ok:
             route = f"{op.src}>{op.dst}"
@@ -381,11 +457,15 @@ class TieredCache:
             idx = sl.op_ids.index(op.op_id)
             sl.failed_at = idx if sl.failed_at is None else min(sl.failed_at, idx)
 
-    def _disable(self, name: str, error: str | None) -> None:
-        tier = self.tiers[name]
-        if tier.enabled:
-            tier.enabled = False
-            logger.warning("the %s KV tier is turned off: %s", name, error or "write failed")
+    def _read_only(self, error: str | None) -> None:
+        """A disk write failed (disk full, read-only, I/O error): store nothing more there;
+        the blocks on it still load."""
+        if self.disk_writable:
+            self.disk_writable = False
+            self._unsaved.clear()
+            self._dirty.clear()
+            logger.warning("the disk KV tier is read-only from now on: %s",
+                           error or "write failed")
 
     # ------------------------------------------------------------------ invariants
     def check_integrity(self) -> None:

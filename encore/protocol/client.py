@@ -62,6 +62,9 @@ class EngineClient(abc.ABC):
     def stats(self) -> EngineTotals:
         """The engine's metrics: latest gauges, counters and histograms since start."""
 
+    def begin_shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """The server began shutting down (a signal arrived): restart nothing from now on."""
+
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and its processes."""

@@ -266,6 +266,7 @@ class WorkerReady(msgspec.Struct, tag=True):
     num_host_blocks: int = 0  # host tier slots (0 = off)
     num_disk_blocks: int = 0  # disk tier capacity in blocks (0 = off)
     disk_keys: list[bytes] = []  # valid blocks found on disk at start-up, oldest first
+    disk_writable: bool = True  # False: the disk tier's directory is read-only (loads only)
     kv_disk_corrupt_files: int = 0  # bad files found (and deleted) by the start-up scan
 
 

@@ -128,13 +128,21 @@ class MPEngineClient(BaseEngineClient):
         if self.proc.poll() is None:
             with contextlib.suppress(zmq.ZMQError):
                 self._send(Shutdown())
-            try:
-                await asyncio.to_thread(self.proc.wait, 15)
+            try:  # the engine may flush its KV cache to disk first
+                await asyncio.to_thread(self.proc.wait, self._stop_timeout_s())
             except subprocess.TimeoutExpired:
+                logger.error("the engine did not stop in time; killing it")
                 self.proc.kill()
                 await asyncio.to_thread(self.proc.wait)
         self._close_sockets()
         self.child = None
+
+    def _stop_timeout_s(self) -> float:
+        return self.config.cache.shutdown_flush_timeout_s + 15.0
+
+    def begin_shutdown(self) -> None:
+        """The server is shutting down: from now on a dead engine is not restarted."""
+        self._closing = True
 
     async def shutdown(self) -> None:
         self._closing = True

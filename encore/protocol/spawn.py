@@ -41,14 +41,23 @@ class Child:
 def spawn_child(ctx: zmq.Context, module: str, config: EncoreConfig, *extra_args: str) -> Child:
     """Start ``python -m module`` wired to a fresh PUSH (to it) / PULL (from it) socket pair.
 
-    The child gets the config as JSON on its command line. Works with sync or asyncio contexts.
+    The child reads the config as JSON from its stdin (``read_config``), never from its
+    command line, where any user of the machine could read its API keys. Works with sync or
+    asyncio contexts.
     """
     ipc_dir = tempfile.mkdtemp(prefix="encore-")
     to_child, from_child = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     out_addr, in_addr = f"ipc://{ipc_dir}/to-child", f"ipc://{ipc_dir}/from-child"
     to_child.bind(out_addr)
     from_child.bind(in_addr)
-    cmd = [sys.executable, "-m", module, "--in", out_addr, "--out", in_addr, *extra_args,
-           "--config-json", msgspec.json.encode(config).decode()]
-    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    cmd = [sys.executable, "-m", module, "--in", out_addr, "--out", in_addr, *extra_args]
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    with proc.stdin:
+        proc.stdin.write(msgspec.json.encode(config))
     return Child(proc, to_child, from_child, ipc_dir)
+
+
+def read_config() -> EncoreConfig:
+    """In a child: the config its parent wrote to our stdin (``spawn_child``)."""
+    return msgspec.json.decode(sys.stdin.buffer.read(), type=EncoreConfig)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from encore.configs import EncoreConfig
 from encore.configs.secrets import block_key_secret
+from encore.kvmanager.cost import load_cost_numbers, save_cost_numbers
 from encore.kvmanager.tiered import TierSetup
 from encore.protocol.executor import Executor, WorkerDiedError
 from encore.protocol.messages import (
@@ -67,9 +68,12 @@ class EngineCore:
 
     def _tier_setup(self, w: WorkerReady) -> TierSetup:
         cache = self.config.cache
+        cost = load_cost_numbers(cache.disk_cache_dir, cache.block_size, w.kv_block_bytes)
         return TierSetup(block_bytes=w.kv_block_bytes, num_host_blocks=w.num_host_blocks,
                          num_disk_blocks=w.num_disk_blocks, disk_keys=w.disk_keys,
-                         write_policy=cache.cache_write_policy, load_policy=cache.kv_load_policy)
+                         disk_writable=w.disk_writable, write_policy=cache.cache_write_policy,
+                         load_policy=cache.kv_load_policy,
+                         checkpoint_interval_s=cache.checkpoint_interval_s, cost=cost)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -125,15 +129,31 @@ class EngineCore:
         if tiers is not None:  # the disk tier survived; the host tier died with the worker
             tiers.load_disk_index(self.worker.disk_keys)
 
-    def shutdown(self, flush_timeout_s: float = 30.0) -> None:
-        """Stop the worker; first, when idle, finish writing host KV blocks to the disk tier
-        (so that they survive the restart), for at most ``flush_timeout_s``."""
-        tiers = self.scheduler.kv.tiers
-        deadline = time.monotonic() + flush_timeout_s
-        while (tiers is not None and not self.worker_dead and not self.has_unfinished()
-               and (tiers.num_inflight or tiers.needs_flush()) and time.monotonic() < deadline):
-            self.step()
+    def shutdown(self) -> None:
+        """Stop the worker. First, with a disk tier, write every cached block without a disk
+        copy (device and host, most recently used first) so that the cache survives the
+        restart, for at most ``shutdown_flush_timeout_s``; requests still unfinished (the
+        server drained what it could) are aborted. The load policy's learned numbers are
+        kept beside the disk tier (``cost.json``)."""
+        if self._scheduler is not None and not self.worker_dead:
+            self._final_flush(self.config.cache.shutdown_flush_timeout_s)
         self.executor.shutdown()
+
+    def _final_flush(self, timeout_s: float) -> None:
+        scheduler = self.scheduler
+        tiers = scheduler.kv.tiers
+        if tiers is None:
+            return
+        scheduler.abort(list(scheduler.requests))
+        tiers.begin_final_flush()
+        deadline = time.monotonic() + timeout_s
+        while (tiers.num_inflight or tiers.needs_flush() or scheduler.has_work()) \
+                and time.monotonic() < deadline and not self.worker_dead:
+            self.step()
+        if tiers.needs_flush() or tiers.num_inflight:
+            logger.warning("shutdown: the KV flush to disk did not finish within %.0f s",
+                           timeout_s)
+        save_cost_numbers(self.config.cache.disk_cache_dir, tiers.policy)
 
 
 class EngineLoop:

@@ -1,4 +1,4 @@
-"""P1 entry point: ``python -m scheduler.engine_main --in ADDR --out ADDR --config-json JSON``.
+"""P1 entry point: ``python -m encore.scheduler.engine_main --in ADDR --out ADDR``, config on stdin.
 
 Two I/O threads own the sockets (decode into the inbox queue; encode from the outbox queue);
 the main thread runs the EngineLoop over an MPExecutor (the worker, P2, is our child).
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
-import signal
 import sys
 import threading
 
@@ -19,8 +18,9 @@ import zmq
 
 from encore.configs import EncoreConfig
 from encore.protocol.executor import MPExecutor, WorkerDiedError
-from encore.protocol.lifeline import exit_with_parent
+from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import EngineDead, Message, Shutdown, decode, encode
+from encore.protocol.spawn import read_config
 from encore.scheduler.engine import EngineCore, EngineLoop
 
 logger = logging.getLogger("encore.engine")
@@ -79,13 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="encore-engine")
     ap.add_argument("--in", dest="inbox", required=True)
     ap.add_argument("--out", dest="outbox", required=True)
-    ap.add_argument("--config-json", required=True)
     ap.add_argument("--model-name", default="")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when we stop
+    ignore_group_signals()
     exit_with_parent()
-    config = msgspec.json.decode(args.config_json, type=EncoreConfig)
+    config = read_config()
     return run_engine(config, args.inbox, args.outbox, args.model_name)
 
 

@@ -349,7 +349,7 @@ class Scheduler:
         if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
             return Admit.SKIP
         hits, _ = self.kv.get_computed_blocks(seq)
-        tiers = self.kv.plan_tier_loads(seq, len(hits))
+        tiers = self.kv.plan_tier_loads(seq, len(hits), busy=bool(self.running))
         if not tiers:
             return Admit.SKIP
         admission = self.programs.admission(seq, others_running=bool(self.running))

@@ -150,16 +150,17 @@ def serve(config: EncoreConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; drain running requests; 0 on a clean stop."""
     import uvicorn
 
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals after draining; a drained stop is a clean exit
-            self._captured_signals.clear()
-
     from encore.protocol.mp_client import MPEngineClient
     from encore.server.app import create_app, served_model_name
 
     engine = MPEngineClient(config, model_name=served_model_name(config))
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.begin_shutdown()  # from now on nothing is restarted
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after draining; a drained stop is a clean exit
+            self._captured_signals.clear()
     app = create_app(config, engine, stop_on_start_failure=True)
     server = _Server(uvicorn.Config(
         app, host=config.server.host, port=config.server.port,

@@ -1,4 +1,4 @@
-"""P2 entry point: ``python -m encore.worker.main --in ADDR --out ADDR --config-json JSON``.
+"""P2 entry point: ``python -m encore.worker.main --in ADDR --out ADDR`` (config on stdin).
 
 Loads the model, sends ``WorkerReady`` (or ``EngineDead`` with the reason if loading fails),
 then answers each ``SchedulerOutput`` with a ``ModelRunnerOutput`` until ``Shutdown``.
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-import msgspec
 import zmq
 
-from encore.configs import EncoreConfig
-from encore.protocol.lifeline import exit_with_parent
+from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import (
     EngineDead,
     ModelRunnerOutput,
@@ -25,6 +22,7 @@ from encore.protocol.messages import (
     decode,
     encode,
 )
+from encore.protocol.spawn import read_config
 
 logger = logging.getLogger("encore.worker")
 
@@ -52,12 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="encore-worker")
     ap.add_argument("--in", dest="inbox", required=True)
     ap.add_argument("--out", dest="outbox", required=True)
-    ap.add_argument("--config-json", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    ignore_group_signals()
     exit_with_parent()
-    config = msgspec.json.decode(args.config_json, type=EncoreConfig)
+    config = read_config()
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(args.inbox)

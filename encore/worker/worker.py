@@ -43,7 +43,8 @@ class Worker:
         return msgspec.structs.replace(
             self.runner.ready_message(), kv_block_bytes=tiers.blocks.block_bytes,
             num_host_blocks=tiers.num_host_blocks, num_disk_blocks=tiers.disk.num_blocks,
-            disk_keys=tiers.disk.keys, kv_disk_corrupt_files=tiers.disk.take_corrupt())
+            disk_keys=tiers.disk.keys, disk_writable=tiers.disk.writable,
+            kv_disk_corrupt_files=tiers.disk.take_corrupt())
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         done, copies = self.tiers.before_step(step)

@@ -1,4 +1,4 @@
-"""Start and stop a real Encore server (``python -m server.cli serve``) on loopback.
+"""Start and stop a real Encore server (``python -m encore.server.cli serve``) on loopback.
 
 The server runs the embedded SmolLM2 GGUF on the CPU with the ``test`` preset (small KV pool,
 small batches) and an API key. Its log goes to a file that is printed if start-up fails.
@@ -43,15 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, *extra: str) -> Server:
+def start_server(tmp: Path, *extra: str, preset: str | None = "test",
+                 own_group: bool = False) -> Server:
+    """``preset=None``: the defaults a user gets; ``own_group``: the server leads a new
+    process group (signals to the group reach it and its children, not pytest)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "encore.server.cli", "serve", "--config", "test", "--host",
-           "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-           "--max-body-bytes", "262144", *extra]
+    cmd = [sys.executable, "-m", "encore.server.cli", "serve",
+           *(["--config", preset] if preset else []), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key", API_KEY, "--max-body-bytes", "262144", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": ""}
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=own_group)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

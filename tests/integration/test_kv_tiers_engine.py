@@ -157,7 +157,7 @@ def test_damaged_files_are_misses_deleted_and_counted(tokenizer, tmp_path):
     cold, _, _ = asyncio.run(life("first"))
     hasher = BlockHasher(block_key_secret(str(tmp_path)))
     keys = hasher.prefix_keys(ps[0], 16, None)
-    paths = [DiskStore(tmp_path, b"x" * 32, 1).path(k) for k in keys]
+    paths = [DiskStore(tmp_path, b"x" * 32, 1, b"k" * 32).path(k) for k in keys]
     assert all(p.exists() for p in paths), "write-through put every full block on disk"
     data = bytearray(paths[1].read_bytes())
     data[HEADER.size + 5] ^= 0xFF

@@ -13,6 +13,7 @@ from encore.worker.tiers.disk_files import HEADER, CorruptFile, DiskStore
 
 FP = b"f" * 32
 PAYLOAD = 256
+MAC_KEY = b"m" * 32
 
 
 def key(i: int) -> bytes:
@@ -20,7 +21,7 @@ def key(i: int) -> bytes:
 
 
 def store(tmp_path: Path, fp: bytes = FP) -> DiskStore:
-    return DiskStore(tmp_path, fp, PAYLOAD)
+    return DiskStore(tmp_path, fp, PAYLOAD, MAC_KEY)
 
 
 def test_write_read_round_trip_and_restart_scan(tmp_path: Path) -> None:
@@ -81,6 +82,53 @@ def test_leftover_temp_files_are_removed(tmp_path: Path) -> None:
     tmp.write_bytes(b"partial")
     s.scan(capacity=4)
     assert not tmp.exists() and s.path(key(1)).exists()
+
+
+def test_a_forged_file_with_a_valid_header_is_a_miss(tmp_path: Path) -> None:
+    """Anyone can compute a header (and a CRC) over bytes of their choice; only the holder of
+    the deployment secret can compute the MAC."""
+    s = store(tmp_path)
+    s.write(key(3), bytes(PAYLOAD))
+    path = s.path(key(3))
+    forged = bytes([0xAB]) * PAYLOAD
+    header = bytearray(path.read_bytes()[: HEADER.size])
+    path.write_bytes(bytes(header) + forged)  # same header, other payload
+    with pytest.raises(CorruptFile, match="authentication"):
+        s.read(key(3))
+    other = DiskStore(tmp_path, FP, PAYLOAD, b"another deployment's key!")
+    other.write(key(4), forged)  # a valid file of another secret
+    assert store(tmp_path).scan(capacity=10)[0] == [key(4)], "its header passes the scan"
+    with pytest.raises(CorruptFile):
+        store(tmp_path).read(key(4))
+
+
+def test_scan_skips_what_is_not_a_block_file(tmp_path: Path) -> None:
+    """A stray directory, a link or a foreign file inside the cache directory never turns the
+    tier off; directories and links are left alone, foreign files count as bad."""
+    s = store(tmp_path)
+    s.write(key(1), bytes(PAYLOAD))
+    sub = s.path(key(1)).parent
+    (sub / "stray-dir").mkdir()
+    (sub / (key(2).hex() + ".kv")).mkdir()  # a directory with a block file's name
+    (sub / "link.kv").symlink_to(tmp_path / "nowhere")
+    (sub / "notes.txt").write_text("not ours")
+    keys, bad = store(tmp_path).scan(capacity=10)
+    assert keys == [key(1)] and bad == 1
+    assert (sub / "stray-dir").is_dir() and (sub / "link.kv").is_symlink()
+
+
+def test_a_read_only_directory_is_detected(tmp_path: Path, monkeypatch) -> None:
+    """A read-only mount: the store says so (the engine then stores nothing) and scans."""
+    s = store(tmp_path)
+    s.write(key(1), bytes(PAYLOAD))
+
+    def refuse(self, data):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    ro = store(tmp_path)
+    assert not ro.writable and ro.scan(capacity=10)[0] == [key(1)]
+    assert ro.read(key(1)) == bytes(PAYLOAD)
 
 
 def test_unwritable_directory_raises_oserror(tmp_path: Path) -> None:

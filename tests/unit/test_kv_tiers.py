@@ -90,13 +90,16 @@ def test_cost_policy_loads_only_when_faster_than_recompute() -> None:
 
 # ----------------------------------------------------------------------------- scheduler
 def make(num_blocks: int, host: int = 0, disk: int = 0, *, policy: str = "write_back",
-         disk_keys: tuple[bytes, ...] = (), budget: int = 64,
-         max_num_seqs: int = 8) -> tuple[Scheduler, FakeWorker]:
+         disk_keys: tuple[bytes, ...] = (), budget: int = 64, max_num_seqs: int = 8,
+         clock=None, **setup_kw) -> tuple[Scheduler, FakeWorker]:
     setup = TierSetup(block_bytes=1024, num_host_blocks=host, num_disk_blocks=disk,
-                      disk_keys=disk_keys, write_policy=policy, load_policy="always")
-    sched = Scheduler.build(CacheConfig(block_size=BS),
-                      SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
-                      num_device_blocks=num_blocks, max_model_len=256, tiers=setup)
+                      disk_keys=disk_keys, write_policy=policy, load_policy="always",
+                      **setup_kw)
+    sched = Scheduler.build(
+        CacheConfig(block_size=BS),
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+        num_device_blocks=num_blocks, max_model_len=256, tiers=setup,
+        **({"clock": clock} if clock is not None else {}))
     return sched, FakeWorker(num_blocks, BS)
 
 
@@ -167,10 +170,14 @@ def test_host_hit_is_computed_in_the_step_that_loads_it() -> None:
 def test_host_blocks_get_disk_copies_in_the_background() -> None:
     """With a disk tier, cold host blocks are written to disk from the host pool (pinned
     meanwhile) and stay in host; an idle engine writes the rest. A full host then makes room
-    by dropping a clean block, and nothing is lost."""
-    sched, worker = make(num_blocks=13, host=8, disk=64)
+    by dropping a clean block, and nothing is lost. (The prompts arrive together: an idle
+    engine would checkpoint their device blocks to disk before they reach host.)"""
+    sched, worker = make(num_blocks=13, host=8, disk=64, max_num_seqs=1)
     ps = prompts(6)
-    fill(sched, worker, ps)
+    for i, p in enumerate(ps):
+        assert sched.add_request(make_request(f"fill{i}", p, max_tokens=3)) == []
+    run = run_all(sched, worker)
+    assert all(run.tokens[(f"fill{i}", 0)] == reference_tokens(p, 3) for i, p in enumerate(ps))
     host = sched.kv.tiers.tiers["host"]
     assert len(host) == 8 and set(host.lru_order()) <= set(worker.disk)
     assert sched.stats()["kv_tier_transfer_bytes"].get("host>disk", 0) > 0
@@ -251,7 +258,8 @@ def test_corrupt_disk_block_is_a_miss_and_recomputed() -> None:
     stats = sched.stats()
     assert stats["kv_disk_corrupt_files"] == 1
     disk = sched.kv.tiers.tiers["disk"]
-    assert keys[2] not in disk and keys[2] not in worker.disk, "the bad file is gone"
+    assert keys[2] not in worker.corrupt, "the bad file is gone"
+    assert keys[2] in disk and keys[2] in worker.disk, "the recomputed block was saved again"
     assert set(disk.lru_order()) == set(worker.disk), "the index and the files agree"
 
 
@@ -269,14 +277,17 @@ def test_abort_while_loading_frees_blocks_after_the_load() -> None:
     assert_clean(sched)
 
 
-def test_disk_full_turns_the_tier_off_without_errors() -> None:
+def test_a_full_disk_becomes_read_only_without_errors() -> None:
+    """A failed write (disk full) stops further writes; what the disk holds still loads."""
     sched, worker = make(num_blocks=13, disk=64)
-    worker.full = True
     ps = prompts(6)
     fill(sched, worker, ps)
-    assert not sched.kv.tiers.tiers["disk"].enabled
+    worker.full = True
+    fill(sched, worker, prompts(12)[6:])
+    assert not sched.kv.tiers.disk_writable and not sched.kv.tiers.needs_flush()
     tokens, final = serve_one(sched, worker, "again", ps[0])
     assert tokens == reference_tokens(ps[0], 3) and final.finish_reason == "length"
+    assert final.num_cached_tokens > 0, "blocks written before the disk filled up still load"
 
 
 def test_write_through_stores_every_computed_block() -> None:
@@ -363,3 +374,77 @@ def test_tiers_without_prefix_caching_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
         CacheConfig(enable_prefix_caching=False, host_cache_gib=1.0)
+
+
+# ----------------------------------------------------------------------------- durability
+def full_keys(sched: Scheduler, prompt: list[int]) -> list[bytes]:
+    """Keys of the prompt's full blocks that a later request can hit (all but the last
+    token's block)."""
+    return sched.kv.hasher.prefix_keys(prompt, BS, None)[: (len(prompt) - 1) // BS]
+
+
+def test_an_idle_engine_writes_its_device_blocks_to_disk() -> None:
+    """Default write-back with only a disk tier: nothing is evicted, yet once the engine is
+    idle every cached device block has a disk copy (the idle checkpoint)."""
+    sched, worker = make(num_blocks=64, disk=64)
+    p = prompts(1)[0]
+    serve_one(sched, worker, "a", p)
+    assert all(k in worker.disk for k in full_keys(sched, p))
+    assert not sched.kv.tiers.needs_flush() and not sched.has_work()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_busy_engine_checkpoints_every_interval() -> None:
+    """While requests run, device blocks reach disk only once the checkpoint interval has
+    passed (kill -9 loses at most that window), most recently used first."""
+    clock = Clock()
+    sched, worker = make(num_blocks=64, disk=64, clock=clock, checkpoint_interval_s=10.0)
+    a, b = prompts(2)
+    assert sched.add_request(make_request("a", a, max_tokens=3)) == []
+    assert sched.add_request(make_request("long", b, max_tokens=40)) == []
+    for _ in range(6):
+        step(sched, worker)
+    assert not worker.disk, "busy, interval not over: nothing written yet"
+    clock.now = 10.0
+    step(sched, worker)
+    step(sched, worker)
+    assert all(k in worker.disk for k in full_keys(sched, a))
+    run_all(sched, worker)
+    assert_clean(sched)
+
+
+def test_shutdown_flush_writes_the_most_recent_blocks_first() -> None:
+    """A disk smaller than the cache: the final flush keeps the most recently used blocks."""
+    sched, worker = make(num_blocks=64, disk=6, checkpoint_interval_s=1e9)
+    ps = prompts(3)
+    for i, p in enumerate(ps):
+        assert sched.add_request(make_request(f"r{i}", p, max_tokens=3)) == []
+        run_all_busy = [step(sched, worker) for _ in range(3)]  # stay busy: no idle pass
+        assert run_all_busy
+    sched.abort([f"r{i}" for i in range(3)])
+    sched.kv.tiers.begin_final_flush()
+    run_all(sched, worker)
+    on_disk = set(worker.disk)
+    assert set(full_keys(sched, ps[2])) <= on_disk, "the newest prompt's blocks are kept"
+    assert not set(full_keys(sched, ps[0])) & on_disk
+    assert_clean(sched)
+
+
+def test_a_read_only_disk_serves_loads_and_stores_nothing() -> None:
+    sched, worker = make(num_blocks=13, disk=64)
+    ps = prompts(6)
+    fill(sched, worker, ps)
+    saved = dict(worker.disk)
+    ro, worker2 = make(num_blocks=13, disk=64, disk_keys=tuple(saved), disk_writable=False)
+    worker2.disk = dict(saved)
+    tokens, final = serve_one(ro, worker2, "again", ps[0])
+    assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens > 0
+    fill(ro, worker2, prompts(9)[6:])
+    assert worker2.disk == saved, "nothing written, nothing deleted"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from encore.configs import EncoreConfig
+from encore.configs.secrets import disk_mac_key
 from encore.protocol.messages import KVDone, SchedulerOutput
 from encore.worker.tiers.blocks import DeviceBlocks
 from encore.worker.tiers.disk_io import DiskIO
@@ -49,7 +50,7 @@ class TierDataPlane:
         self.host = self._host_pool(config.cache.host_cache_gib)
         self.host_copies = HostCopies(self.blocks, self.host) if self.host is not None else None
         self.disk = DiskIO(self.blocks, self.host, config.cache.disk_cache_dir,
-                           config.cache.disk_cache_gib, fingerprint)
+                           config.cache.disk_cache_gib, fingerprint, disk_mac_key(config.cache))
 
     def _host_pool(self, gib: float) -> HostPool | None:
         blocks = self.blocks

@@ -44,23 +44,27 @@ class DiskIO:
     """The disk tier's transfers; ``store`` is None when the tier is off (every op fails)."""
 
     def __init__(self, blocks: DeviceBlocks, host: HostPool | None, root: str | None,
-                 gib: float, fingerprint: bytes) -> None:
+                 gib: float, fingerprint: bytes, mac_key: bytes) -> None:
         self.blocks = blocks
         self.host = host
         self.store: DiskStore | None = None
         self.num_blocks, self.keys, self.corrupt = 0, [], 0
         if root:
-            self._open(root, gib, fingerprint)
+            self._open(root, gib, fingerprint, mac_key)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
         self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
         self.pending: list[_Pending] = []
 
-    def _open(self, root: str, gib: float, fingerprint: bytes) -> None:
+    @property
+    def writable(self) -> bool:
+        return self.store is not None and self.store.writable
+
+    def _open(self, root: str, gib: float, fingerprint: bytes, mac_key: bytes) -> None:
         capacity = int(gib * GIB // self.blocks.block_bytes)
         if capacity <= 0:
             return
         try:
-            store = DiskStore(root, fingerprint, self.blocks.block_bytes)
+            store = DiskStore(root, fingerprint, self.blocks.block_bytes, mac_key)
             self.keys, self.corrupt = store.scan(capacity)
         except OSError as e:
             logger.warning("the disk KV tier is off: %s", e)
