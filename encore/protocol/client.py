@@ -54,9 +54,10 @@ class EngineClient(abc.ABC):
         """Abort a request; its blocks are freed at once. Unknown ids are ignored."""
 
     @abc.abstractmethod
-    def tool_called(self, program: str, tools: list[str]) -> None:
-        """The turn of agent program ``program`` that just ended called ``tools`` (function
-        names, parsed by the server): TTL pins learn how long each tool pauses a program."""
+    def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
+        """The turn of agent program ``program`` (of tenant ``cache_salt``) that just ended
+        called ``tools`` (function names, parsed by the server): TTL pins learn how long each
+        tool pauses a program."""
 
     @abc.abstractmethod
     def stats(self) -> EngineTotals:
@@ -136,6 +137,6 @@ class BaseEngineClient(EngineClient):
         if self._ready:
             self._send(AbortRequest([request_id]))
 
-    def tool_called(self, program: str, tools: list[str]) -> None:
+    def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
         if self._ready:
-            self._send(ToolCalled(program, tools))
+            self._send(ToolCalled(program, tools, cache_salt))

@@ -69,10 +69,18 @@ class AbortRequest(msgspec.Struct, tag=True):
 
 class ToolCalled(msgspec.Struct, tag=True):
     """P0 parsed calls of ``tools`` (function names) from the turn of agent program
-    ``program`` (its ``prompt_cache_key``) that just ended: TTL pins learn per tool."""
+    ``program`` (its ``prompt_cache_key``) of tenant ``cache_salt`` that just ended: TTL pins
+    learn per tool."""
 
     program: str
     tools: list[str]
+    cache_salt: str | None = None
+
+
+def program_id(cache_salt: str | None, prompt_cache_key: str) -> str:
+    """An agent program's identity in the engine: its key within its tenant (cache salt), so
+    that one tenant can never claim, replace, release or queue behind another's program."""
+    return f"{cache_salt or ''}\x1f{prompt_cache_key}"
 
 
 class Logprob(msgspec.Struct, array_like=True):

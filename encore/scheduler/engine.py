@@ -88,8 +88,8 @@ class EngineCore:
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         return self.scheduler.abort(request_ids)
 
-    def tool_called(self, program: str, tools: list[str]) -> None:
-        self.scheduler.tool_called(program, tools)
+    def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
+        self.scheduler.tool_called(program, tools, cache_salt)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -171,7 +171,7 @@ class EngineLoop:
         elif isinstance(msg, AbortRequest):
             outputs.extend(self.core.abort(msg.request_ids))
         elif isinstance(msg, ToolCalled):
-            self.core.tool_called(msg.program, msg.tools)
+            self.core.tool_called(msg.program, msg.tools, msg.cache_salt)
         elif isinstance(msg, Shutdown):
             return False
         else:

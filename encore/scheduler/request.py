@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from encore.protocol.messages import EngineRequest, FinishReason, SamplingParams
+from encore.protocol.messages import EngineRequest, FinishReason, SamplingParams, program_id
 
 
 class SeqStatus(enum.Enum):
@@ -53,7 +53,9 @@ class Seq:
         self.index = index
         self.seq_id = seq_id_of(req.request_id, index)
         self.order = order
-        self.program = req.prompt_cache_key  # agent program / conversation identity, if any
+        # agent program / conversation identity, if any: the key within its tenant
+        self.program = (None if req.prompt_cache_key is None
+                        else program_id(req.cache_salt, req.prompt_cache_key))
         self.pin_ttl_s = req.pin_ttl_s  # explicit TTL for pinning this turn's KV
         self.is_last_step = bool(req.is_last_step)  # no pin after the program's last turn
         self.pin_breakpoints = list(req.pin_breakpoints)  # (prefix tokens, ttl s) to pin

@@ -59,6 +59,7 @@ from encore.protocol.messages import (
     ScheduledSeq,
     SchedulerOutput,
     TokenLogprobs,
+    program_id,
 )
 from encore.protocol.metrics import Increments
 from encore.scheduler.blending import Blender
@@ -143,9 +144,9 @@ class Scheduler:
                 )
                 for i in range(n)
             ]
-        if req.prompt_cache_key is not None:
-            self.programs.started(req.prompt_cache_key)
         seqs = [Seq(req, i, self._next_order + i) for i in range(req.sampling.n)]
+        if seqs[0].program is not None:
+            self.programs.started(seqs[0].program)
         self._next_order += len(seqs)
         self.requests[req.request_id] = seqs
         for seq in seqs:
@@ -174,10 +175,11 @@ class Scheduler:
             )
         return None
 
-    def tool_called(self, program: str, tools: list[str]) -> None:
-        """The server parsed calls of ``tools`` from the turn of ``program`` that just ended
-        (the TTL policy learns per tool how long such a pause lasts)."""
-        self.programs.tool_called(program, tools)
+    def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
+        """The server parsed calls of ``tools`` from the turn of ``program`` (of tenant
+        ``cache_salt``) that just ended (the TTL policy learns per tool how long such a pause
+        lasts)."""
+        self.programs.tool_called(program_id(cache_salt, program), tools)
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """Finish every unfinished child of these requests ("abort"); blocks are freed now.

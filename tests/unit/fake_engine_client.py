@@ -153,7 +153,7 @@ class FakeEngineClient(EngineClient):
         self.aborted.append(request_id)
         self.active.discard(request_id)
 
-    def tool_called(self, program: str, tools: list[str]) -> None:
+    def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
         self.tools_called.append((program, tools))
 
     async def shutdown(self) -> None:

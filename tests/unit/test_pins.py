@@ -10,11 +10,17 @@ import pytest
 from encore.configs.types import CacheConfig, SchedulerConfig
 from encore.kvmanager.pins import TTLPolicy
 from encore.kvmanager.tiered import TierSetup
+from encore.protocol.messages import program_id
 from encore.scheduler.scheduler import Scheduler
 from encore.server.serving import parse_duration
 from tests.unit.fake_worker import FakeWorker, Run, make_request, reference_tokens, run_all, step
 
 BS = 4
+
+
+def pid(key: str, salt: str | None = None) -> str:
+    """The engine's name of program ``key`` of tenant ``salt``."""
+    return program_id(salt, key)
 A_PROMPT = list(range(1, 13))  # 3 full blocks
 B_PROMPT = list(range(101, 113))
 
@@ -96,7 +102,7 @@ def test_ttl_follows_the_tool_a_turn_called() -> None:
             assert policy.tool_called(program, [tool])
             policy.turn_started(program, gap)
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A")
-    pin = pins.pin_of("A")
+    pin = pins.pin_of(pid("A"))
     assert pin is not None
     sched.tool_called("A", ["run_tests"])
     assert 47 <= pin.ttl <= 120, pin.ttl  # covers the slowest run seen (47 s)
@@ -104,7 +110,7 @@ def test_ttl_follows_the_tool_a_turn_called() -> None:
     assert 0 < pin.ttl <= 2, pin.ttl
     turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="B", pin_ttl_s=7.0)
     sched.tool_called("B", ["run_tests"])
-    assert pins.pin_of("B").ttl == 7.0  # type: ignore[union-attr]
+    assert pins.pin_of(pid("B")).ttl == 7.0  # type: ignore[union-attr]
     sched.tool_called("nobody", ["ls"])  # unknown programs are ignored
     assert_no_leaks(sched)
 
@@ -115,7 +121,7 @@ def test_gaps_are_measured_with_the_engine_clock() -> None:
     clock.t = 7.0
     turn(sched, worker, "a2", A_PROMPT + [5, 6, 7, 8], prompt_cache_key="A")
     assert sched.kv.pins is not None
-    assert list(sched.kv.pins.policy._gaps["A"]) == [7.0]
+    assert list(sched.kv.pins.policy._gaps[pid("A")]) == [7.0]
     assert_no_leaks(sched)
 
 
@@ -182,7 +188,7 @@ def test_a_pin_does_not_expire_while_its_programs_next_turn_waits() -> None:
     assert run.finals[("a2", 0)].num_cached_tokens == 12
     # the next turn arrives, then is aborted before it is admitted
     turn(sched, worker, "a3", a2 + [8, 9, 10], prompt_cache_key="A", pin_ttl_s=10.0)
-    assert pins.pin_of("A") is not None
+    assert pins.pin_of(pid("A")) is not None
     clock.t = 15.0
     assert sched.add_request(make_request("a4", a2 + [1], max_tokens=1,
                                           prompt_cache_key="A")) == []
@@ -190,14 +196,14 @@ def test_a_pin_does_not_expire_while_its_programs_next_turn_waits() -> None:
     clock.t = 21.0
     run_all(sched, worker)
     step(sched, worker)
-    assert pins.pin_of("A") is None and pins.expired == 1
+    assert pins.pin_of(pid("A")) is None and pins.expired == 1
     assert_no_leaks(sched)
 
 
 def test_expired_pin_is_demoted_to_the_host_tier() -> None:
     sched, worker, clock = make(host=8)
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", pin_ttl_s=10.0)
-    keys = list(sched.kv.pins.pin_of("A").keys)  # type: ignore[union-attr]
+    keys = list(sched.kv.pins.pin_of(pid("A")).keys)  # type: ignore[union-attr]
     clock.t = 11.0
     out = sched.schedule()
     assert sorted(t.key for t in out.kv_stores) == sorted(keys)
@@ -218,7 +224,7 @@ def test_pressure_releases_the_lowest_value_pin_instead_of_failing() -> None:
     pins = sched.kv.pins
     assert pins is not None and pins.num_pinned_blocks == 6
     turn(sched, worker, "c", list(range(200, 245)), max_tokens=2)  # needs 12 of 16 blocks
-    assert pins.pin_of("A") is None and pins.pin_of("B") is not None
+    assert pins.pin_of(pid("A")) is None and pins.pin_of(pid("B")) is not None
     assert pins.released == 1
     assert_no_leaks(sched)
 
@@ -232,7 +238,7 @@ def test_an_admitted_turn_keeps_its_own_pin_under_pressure() -> None:
     # a2 hits A's 3 pinned blocks and needs 11 more: only 10 are free, so B's pin must go
     run = turn(sched, worker, "a2", A_PROMPT + list(range(500, 541)), prompt_cache_key="A")
     assert run.finals[("a2", 0)].num_cached_tokens == 12 and pins.hits == 1
-    assert pins.pin_of("B") is None and pins.released == 1
+    assert pins.pin_of(pid("B")) is None and pins.released == 1
     assert_no_leaks(sched)
 
 
@@ -333,7 +339,7 @@ def test_breakpoint_pins_its_prefix_for_its_ttl_even_on_the_last_step() -> None:
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", is_last_step=True,
          pin_breakpoints=[(11, 100.0)])  # 11 tokens: the 2 whole blocks inside them
     pins = sched.kv.pins
-    assert pins is not None and pins.pin_of("A") is None, "no turn pin after the last step"
+    assert pins is not None and pins.pin_of(pid("A")) is None, "no turn pin after the last step"
     (pin,) = pins.all_pins()
     assert pin.explicit and len(pin.blocks) == 2 and pin.ttl == 100.0
     assert sched.stats()["pin_ttl_seconds"] == [100.0]
@@ -366,7 +372,7 @@ def test_breakpoint_pin_outranks_turn_pins_under_pressure() -> None:
     pins = sched.kv.pins
     assert pins is not None and pins.num_pinned_blocks == 6
     turn(sched, worker, "c", list(range(200, 245)), max_tokens=2)  # needs 12 of 16 blocks
-    assert pins.pin_of("B") is None and pins.released == 1, "the turn pin yields first"
+    assert pins.pin_of(pid("B")) is None and pins.released == 1, "the turn pin yields first"
     assert cached_prefix(sched, A_PROMPT + [1]) == 12
     assert_no_leaks(sched)
 
@@ -405,8 +411,8 @@ def test_tenant_quota_releases_the_tenants_own_pins_never_anothers() -> None:
     assert pins is not None and pins.num_pinned_blocks == 6
     turn(sched, worker, "a2", list(range(300, 312)), prompt_cache_key="A2", cache_salt="t1",
          pin_ttl_s=300.0)  # 3 more blocks of t1: over its 4, so A1's (lower value) pin goes
-    assert pins.pin_of("A1") is None and pins.pin_of("A2") is not None
-    assert pins.pin_of("B") is not None, "another tenant's pin never pays for t1's quota"
+    assert pins.pin_of(pid("A1", "t1")) is None and pins.pin_of(pid("A2", "t1")) is not None
+    assert pins.pin_of(pid("B", "t2")) is not None, "another tenant's pin never pays for t1's quota"
     assert (pins.tenant_blocks("t1"), pins.tenant_blocks("t2"), pins.released) == (3, 3, 1)
     assert_no_leaks(sched)
 
@@ -423,10 +429,11 @@ def test_tenant_quota_cuts_a_pin_that_does_not_fit() -> None:
     # a turn pin ranks below the tenant's explicit pin: nothing of it fits
     turn(sched, worker, "d1", list(range(300, 312)), prompt_cache_key="D", cache_salt="t1",
          pin_ttl_s=300.0)
-    assert pins.pin_of("D") is None and pins.tenant_blocks("t1") == 4 and pins.released == 0
+    assert pins.pin_of(pid("D", "t1")) is None
+    assert pins.tenant_blocks("t1") == 4 and pins.released == 0
     turn(sched, worker, "e1", list(range(400, 412)), prompt_cache_key="E", cache_salt="t2",
          pin_ttl_s=300.0)
-    assert pins.pin_of("E") is not None and pins.tenant_blocks("t2") == 3
+    assert pins.pin_of(pid("E", "t2")) is not None and pins.tenant_blocks("t2") == 3
     assert cached_prefix(sched, long, salt="t1") == 16
     assert_no_leaks(sched)
 
@@ -489,3 +496,21 @@ def test_pin_metrics_are_exported() -> None:
     assert 'encore:pin_ttl_seconds_bucket{le="+Inf"} 2.0' in text
     assert "encore:pin_ttl_seconds_sum 94.0" in text
     assert 'encore:job_completion_seconds_bucket{le="60.0"} 1.0' in text
+
+
+def test_another_tenant_reusing_a_programs_key_touches_nothing_of_it() -> None:
+    """Tenant t2 sends a turn under t1's prompt_cache_key: it neither claims nor replaces
+    t1's pin, and t1's next turn still hits it (programs are keyed by tenant and key)."""
+    sched, worker, _ = make()
+    turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="shared", cache_salt="t1")
+    pins = sched.kv.pins
+    assert pins is not None
+    mine = pins.pin_of(pid("shared", "t1"))
+    assert mine is not None
+    turn(sched, worker, "b1", B_PROMPT, prompt_cache_key="shared", cache_salt="t2",
+         is_last_step=True)  # t2's last step would drop the program's pin
+    assert pins.pin_of(pid("shared", "t1")) is mine and pins.hits == 0
+    turn(sched, worker, "a2", A_PROMPT + [5, 6, 7, 8], prompt_cache_key="shared",
+         cache_salt="t1")
+    assert pins.hits == 1
+    assert_no_leaks(sched)
