@@ -56,6 +56,18 @@ class CacheConfig:
     disk_cache_dir: str | None = opt(None, "directory of the disk KV tier (survives restarts; "
                                            "holds the deployment secret); None = off")
     disk_cache_gib: float = opt(10.0, "size cap of the disk KV tier in GiB")
+    remote_cache_url: str | None = opt(None, "remote KV tier shared by replicas, on a "
+                                             "Valkey/Redis store: redis://[:password@]host:"
+                                             "port/db or rediss:// (TLS); None = off")
+    remote_cache_ttl_s: float = opt(86400.0, "seconds a block stays in the remote store")
+    remote_cache_max_value_mb: float = opt(64.0, "largest value written to the remote store "
+                                                 "(MB); bigger blocks are not stored there")
+    remote_cache_timeout_s: float = opt(2.0, "seconds one remote store operation may take; "
+                                             "slower is a miss")
+    deployment_secret_file: str | None = opt(None, "file holding the deployment secret that "
+                                                   "every replica of a fleet shares (block "
+                                                   "keys, tenant salts, MACs); the env var "
+                                                   "ENCORE_DEPLOYMENT_SECRET overrides it")
     cache_write_policy: CacheWritePolicy = opt("write_back", "write_back: save a block one tier "
                                                "down when it is evicted; write_through: save "
                                                "every computed block to every lower tier")
@@ -103,6 +115,16 @@ class CacheConfig:
         check_range("cache", "host_cache_gib", self.host_cache_gib, lo=0.0)
         check_range("cache", "disk_cache_gib", self.disk_cache_gib, lo=0.0)
         check_range("cache", "checkpoint_interval_s", self.checkpoint_interval_s, lo=0.1)
+        check_range("cache", "remote_cache_ttl_s", self.remote_cache_ttl_s, lo=1.0)
+        check_range("cache", "remote_cache_max_value_mb", self.remote_cache_max_value_mb,
+                    lo=0.001)
+        check_range("cache", "remote_cache_timeout_s", self.remote_cache_timeout_s, lo=0.01)
+        if self.remote_cache_url is not None and not self.remote_cache_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            from encore.configs.fields import ConfigError
+
+            raise ConfigError("cache.remote_cache_url must start with redis://, rediss:// or "
+                              f"unix://, got {self.remote_cache_url.split(':')[0]!r}")
         check_range("cache", "shutdown_flush_timeout_s", self.shutdown_flush_timeout_s, lo=0.0)
         check_range("cache", "max_pin_ttl_s", self.max_pin_ttl_s, lo=1.0)
         check_range("cache", "max_pinned_fraction", self.max_pinned_fraction, lo=0.0, hi=1.0)
@@ -111,10 +133,11 @@ class CacheConfig:
         check_range("cache", "chunk_recompute_fraction", self.chunk_recompute_fraction, lo=0.0,
                     hi=1.0)
         check_range("cache", "chunk_check_layer", self.chunk_check_layer, lo=-1)
-        if (self.host_cache_gib > 0 or self.disk_cache_dir) and not self.enable_prefix_caching:
+        if (self.host_cache_gib > 0 or self.disk_cache_dir or self.remote_cache_url) \
+                and not self.enable_prefix_caching:
             from encore.configs.fields import ConfigError
 
-            raise ConfigError("cache.host_cache_gib / cache.disk_cache_dir need "
+            raise ConfigError("cache.host_cache_gib / disk_cache_dir / remote_cache_url need "
                               "enable_prefix_caching (the tiers hold prefix-cached blocks)")
 
 

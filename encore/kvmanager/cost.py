@@ -33,8 +33,9 @@ class CostNumbers:
     """Current estimates (priors until measured). Bandwidths in bytes/s."""
 
     bandwidth: dict[str, float] = field(
-        default_factory=lambda: {"host": 2e9, "disk": 2e8})
-    latency_s: dict[str, float] = field(default_factory=lambda: {"host": 1e-4, "disk": 1e-3})
+        default_factory=lambda: {"host": 2e9, "disk": 2e8, "remote": 2e8})
+    latency_s: dict[str, float] = field(
+        default_factory=lambda: {"host": 1e-4, "disk": 1e-3, "remote": 2e-3})
     prefill_tokens_per_s: float = 2000.0
     step_s: float = 0.02
 
@@ -171,11 +172,11 @@ def load_cost_numbers(disk_cache_dir: str | None, block_size: int,
         body = json.loads((Path(disk_cache_dir) / COST_FILE).read_text())
         if (body["block_size"], body["block_bytes"]) != (block_size, max(block_bytes, 1)):
             return None
-        n = body["numbers"]
-        numbers = CostNumbers(bandwidth={k: float(v) for k, v in n["bandwidth"].items()},
-                              latency_s={k: float(v) for k, v in n["latency_s"].items()},
-                              prefill_tokens_per_s=float(n["prefill_tokens_per_s"]),
-                              step_s=float(n["step_s"]))
+        n, prior = body["numbers"], CostNumbers()
+        numbers = CostNumbers(
+            bandwidth={**prior.bandwidth, **{k: float(v) for k, v in n["bandwidth"].items()}},
+            latency_s={**prior.latency_s, **{k: float(v) for k, v in n["latency_s"].items()}},
+            prefill_tokens_per_s=float(n["prefill_tokens_per_s"]), step_s=float(n["step_s"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if min(*numbers.bandwidth.values(), numbers.prefill_tokens_per_s, numbers.step_s) <= 0:

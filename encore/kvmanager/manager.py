@@ -278,6 +278,19 @@ class KVCacheManager:
         keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
         return self.tiers.plan_loads(keys, busy) if keys else []
 
+    def probe_keys(self, seq: KVSeq, num_device_hits: int) -> list[bytes]:
+        """The keys after the device hit that neither host nor disk holds (from the first
+        such key on): what only the remote store might have."""
+        if self.tiers is None:
+            return []
+        max_blocks = (len(seq.all_token_ids) - 1) // self.block_size
+        keys = self._seq_keys(seq, max_blocks)[num_device_hits:max_blocks]
+        local = [self.tiers.tiers[n] for n in ("host", "disk") if n in self.tiers.tiers]
+        i = 0
+        while i < len(keys) and any(t.lookup([keys[i]]) for t in local):
+            i += 1
+        return keys[i:]
+
     def start_loads(self, seq: KVSeq, device_hits: Sequence[int], tiers: Sequence[str],
                     admission: Admission | None = None) -> int | None:
         """Reference the device hits, allocate a block per tier hit and emit its load.

@@ -1,9 +1,12 @@
-"""Host and disk tiers behind the device pool: what to store, what to load, and when it is done.
+"""Host, disk and remote tiers behind the device pool: what to store, what to load, and when
+it is done.
 
     device pool ──evict (write-back) or compute (write-through)──► host ──flush──► disk
-        ▲                                                           │               │
-        ├── host loads: in the step that computes the rest ─────────┘               │
-        └── disk loads: the request waits in WAITING_FOR_KV ────────────────────────┘
+        │   ▲                                                       │               │
+        │   ├── host loads: in the step that computes the rest ─────┘               │
+        │   ├── disk loads: the request waits in WAITING_FOR_KV ────────────────────┘
+        │   └── remote loads: likewise, after a probe found the blocks ─────┐
+        └──checkpoint (idle, every interval, shutdown) / write-through──► remote (shared store)
 
 One key space: the block key that names a device block also names a host slot and a disk
 file. This module is the bookkeeping half (P1, torch-free): it turns events into
@@ -27,12 +30,16 @@ from encore.kvmanager.tiers import TierIndex
 
 logger = logging.getLogger(__name__)
 
-LOWER_TIERS = ("host", "disk")
+LOWER_TIERS = ("host", "disk", "remote")
+DURABLE_TIERS = ("disk", "remote")  # checkpoints give device blocks a copy in these
+REMOTE_INDEX_KEYS = 1 << 18  # remote keys this engine remembers it has seen (LRU)
+REMOTE_RETRY_S = 1.0  # while the store is down, a probe is tried again at most this often
 # With a disk tier, the coldest quarter of the host tier is kept "clean" (also on disk) by
 # background writes, so that making room in host never waits for (or loses) a block.
 HOST_CLEAN_FRACTION = 0.25
-MAX_DISK_WRITES_IN_FLIGHT = 64  # beyond this a block is not written (the I/O would lag the
-# steps and its threads compete with the engine); a dropped block is recomputed if needed
+MAX_DISK_WRITES_IN_FLIGHT = 64  # per tier (disk, remote): beyond this a block is not written
+# (the I/O would lag the steps and its threads compete with the engine); a dropped block is
+# recomputed if needed
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class TierSetup:
     num_disk_blocks: int = 0
     disk_keys: Sequence[bytes] = ()
     disk_writable: bool = True  # False: a read-only disk tier (loads only)
+    remote: bool = False  # a remote tier (a store shared by replicas) is configured
     write_policy: str = "write_back"
     load_policy: str = "cost"
     checkpoint_interval_s: float = 60.0  # a busy engine's device blocks reach disk this often
@@ -80,6 +88,7 @@ class StepOps:
     stores: list[Transfer] = field(default_factory=list)
     loads: list[Transfer] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
+    probes: list[tuple[int, list[bytes]]] = field(default_factory=list)  # (op id, keys)
 
 
 class TieredCache:
@@ -99,12 +108,19 @@ class TieredCache:
         if setup.num_disk_blocks > 0:
             self.tiers["disk"] = TierIndex("disk", setup.num_disk_blocks)
             self.load_disk_index(setup.disk_keys)
+        if setup.remote:  # what this engine knows the shared store holds (it may forget)
+            self.tiers["remote"] = TierIndex("remote", REMOTE_INDEX_KEYS)
+        self.remote_up = True
+        self._remote_retry_at = 0.0  # while down: when a probe may try the store again
+        self.remote_errors: dict[str, int] = {}
+        self._probes: dict[int, tuple[str, list[bytes]]] = {}  # op id -> (seq id, keys)
+        self._probed: list[str] = []  # sequences whose probe answered, for probes_done
         self.ops = StepOps()
         self._inflight: dict[int, Transfer] = {}
         self._seq_loads: dict[str, _SeqLoad] = {}
         self._written: list[tuple[bytes, int]] = []  # write-through: computed last step
         self._next_op = 1
-        self._disk_writes = 0  # writes to disk in flight (flushes and straight from device)
+        self._writes = dict.fromkeys(DURABLE_TIERS, 0)  # writes in flight per tier
         self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
         self.disk_writable = setup.disk_writable
         # durability: device blocks computed here and not on disk yet (key -> block, most
@@ -134,7 +150,9 @@ class TieredCache:
         self._inflight.clear()
         self._seq_loads.clear()
         self._written.clear()
-        self._disk_writes = 0
+        self._writes = dict.fromkeys(DURABLE_TIERS, 0)
+        self._probes.clear()
+        self._probed.clear()
         self._dirty.clear()
         self._unsaved.clear()
         self._checkpoint_keys = None
@@ -145,7 +163,7 @@ class TieredCache:
     # ------------------------------------------------------------------ queries
     @property
     def num_inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._probes)
 
     def is_loading(self, seq_id: str) -> bool:
         """Staged loads into the sequence's blocks are in flight (inline ones don't count:
@@ -160,10 +178,13 @@ class TieredCache:
         """The tier metrics: usage now, counters since start, load times since the last call
         (keys of ``protocol.metrics.ENGINE_METRICS``)."""
         seconds, self.load_seconds = self.load_seconds, []
+        remote_up = "remote" in self.tiers and self.remote_up
         return dict(kv_tier_usage_bytes=self.usage_bytes(),
                     kv_tier_hit_tokens=dict(self.hit_tokens),
                     kv_tier_transfer_bytes=dict(self.transfer_bytes),
-                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=self.corrupt_files)
+                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=self.corrupt_files,
+                    kv_remote_errors=dict(self.remote_errors),
+                    kv_remote_up=1.0 if remote_up else 0.0)
 
     # ------------------------------------------------------------------ stores
     def begin_step(self, idle: bool = False) -> None:
@@ -179,9 +200,10 @@ class TieredCache:
         self._checkpoint(idle)
 
     def needs_flush(self) -> bool:
-        """Cached blocks (host or device) still have no disk copy: an idle engine keeps
-        stepping to write them."""
-        return self._disk_writable() and bool(self._dirty or self._unsaved)
+        """Cached blocks (host or device) still lack their durable copies: an idle engine
+        keeps stepping to write them."""
+        return (bool(self._dirty) and self._disk_writable()) or (
+            bool(self._unsaved) and bool(self._durable()))
 
     def begin_final_flush(self) -> None:
         """Shutting down: from the next step on, every cached block goes to disk (most
@@ -192,13 +214,25 @@ class TieredCache:
         disk = self.tiers.get("disk")
         return disk is not None and disk.enabled and self.disk_writable
 
+    def _writable(self, name: str) -> bool:
+        if name == "disk":
+            return self._disk_writable()
+        tier = self.tiers.get(name)
+        return tier is not None and tier.enabled and (name != "remote" or self.remote_up)
+
+    def _durable(self) -> list[str]:
+        """The durable tiers that take writes now."""
+        return [name for name in DURABLE_TIERS if self._writable(name)]
+
     def _checkpoint(self, idle: bool) -> None:
-        """Write device blocks without a disk copy to disk, most recently used first: while
-        the engine is idle or shutting down all of them; while busy, every
+        """Give device blocks their durable copies (disk, remote), most recently used first:
+        while the engine is idle or shutting down all of them; while busy, every
         ``checkpoint_interval_s``, the ones unsaved when the interval ran out (so ``kill
-        -9`` loses at most about that window). At most the disk tier's capacity per pass,
-        ``MAX_DISK_WRITES_IN_FLIGHT`` at a time; blocks in host go with host's flush."""
-        if not self._unsaved or not self._disk_writable():
+        -9`` loses at most about that window). At most a tier's capacity per pass (older
+        blocks would only push out newer ones), ``MAX_DISK_WRITES_IN_FLIGHT`` at a time;
+        blocks in host reach disk with host's flush."""
+        durable = self._durable()
+        if not self._unsaved or not durable:
             return
         now = self.clock()
         if self._checkpoint_keys is None and not (idle or self._final):
@@ -207,14 +241,15 @@ class TieredCache:
             self._checkpoint_keys = list(reversed(self._unsaved))
         keys = self._checkpoint_keys if self._checkpoint_keys is not None else list(
             reversed(self._unsaved))
-        capacity = self.tiers["disk"].num_slots
-        for key in keys[capacity:]:  # older than a diskful: writing them would only push
-            self._unsaved.pop(key, None)  # out the more recent blocks written before them
+        capacity = max(self.tiers[name].num_slots for name in durable)
+        for key in keys[capacity:]:
+            self._unsaved.pop(key, None)
         keys = keys[:capacity]
         done = 0
-        for key in keys:
+        for i, key in enumerate(keys):
             block = self._unsaved.get(key)
-            if block is not None and not self._save(key, block):
+            names = [n for n in durable if i < self.tiers[n].num_slots]
+            if block is not None and not self._save(key, block, names):
                 break
             done += 1
         if done == len(keys):
@@ -223,14 +258,15 @@ class TieredCache:
         elif self._checkpoint_keys is not None:
             self._checkpoint_keys = keys[done:]
 
-    def _save(self, key: bytes, block: int) -> bool:
-        """Give device ``block`` (``key``) a disk copy; False if disk takes no more now."""
+    def _save(self, key: bytes, block: int, names: list[str]) -> bool:
+        """Give device ``block`` (``key``) a copy in each tier of ``names``; False if one takes
+        no more now (the copies made stay: retrying them is free)."""
         host = self.tiers.get("host")
-        if host is not None and key in host:  # host's flush writes it (or did)
-            del self._unsaved[key]
-            return True
-        if not self._store(key, "device", block, "disk"):
-            return False
+        for name in names:
+            if name == "disk" and host is not None and key in host:
+                continue  # host's flush writes it (or did)
+            if not self._store(key, "device", block, name):
+                return False
         del self._unsaved[key]
         return True
 
@@ -240,7 +276,7 @@ class TieredCache:
         I/O thread reads the block from the host pool, pinned meanwhile; the block stays in
         host, now clean: evicting it later costs nothing and loses nothing."""
         host = self.tiers.get("host")
-        budget = MAX_DISK_WRITES_IN_FLIGHT - self._disk_writes
+        budget = MAX_DISK_WRITES_IN_FLIGHT - self._writes["disk"]
         if host is None or not self._dirty or not self._disk_writable() or budget <= 0:
             return
         if not everything and not self.policy.pays_off("disk"):
@@ -266,9 +302,7 @@ class TieredCache:
         them again: a load from the first lower tier that keeps them (``on_device_evict``)
         and pays off; 1.0 when none would."""
         for name in LOWER_TIERS:
-            tier = self.tiers.get(name)
-            keeps = name == "host" or self.disk_writable
-            if tier is not None and tier.enabled and keeps and self.policy.pays_off(name):
+            if self._writable(name) and self.policy.pays_off(name):
                 return self.policy.reload_fraction(name, blocks)
         return 1.0
 
@@ -278,11 +312,13 @@ class TieredCache:
         the block goes straight to disk (host's flush lags behind). While the load policy
         finds disk slower than recomputing, nothing is written to disk here: host drops its
         coldest block instead (an idle engine still flushes host to disk)."""
-        self._unsaved.pop(key, None)  # written back here, if it is written anywhere
+        unsaved = self._unsaved.pop(key, None) is not None
         if self.write_through:
             return  # already stored when it was computed
+        if unsaved and self._writable("remote") and self.policy.pays_off("remote"):
+            self._store(key, "device", block, "remote")  # the fleet's copy, besides a local one
         host = self.tiers.get("host")
-        order = LOWER_TIERS
+        order = ("host", "disk")
         to_disk = self._disk_writable() and self.policy.pays_off("disk")
         if host is not None and key not in host and not host.num_free() and to_disk:
             clean = next((k for k in _coldest(host) if k not in self._dirty), None)
@@ -299,7 +335,7 @@ class TieredCache:
         it is stored down next step; with write-back a disk checkpoint saves it later."""
         if self.write_through and self.tiers:
             self._written.append((key, block))
-        elif self._disk_writable():
+        elif self._durable():
             self._unsaved[key] = block
 
     def _store(self, key: bytes, src: str, src_slot: int, dst: str) -> bool:
@@ -310,9 +346,9 @@ class TieredCache:
             return False
         if key in tier:  # most evicted device blocks were loaded from host or stored before
             return True
-        if dst == "disk" and not self.disk_writable:
+        if not self._writable(dst):
             return False
-        if dst == "disk" and self._disk_writes >= MAX_DISK_WRITES_IN_FLIGHT:
+        if dst in self._writes and self._writes[dst] >= MAX_DISK_WRITES_IN_FLIGHT:
             return False
         plan = tier.prepare_store([key])
         if plan is None:
@@ -329,14 +365,16 @@ class TieredCache:
         flush (``_flush_host``) gave cold host blocks their disk copies already."""
         if tier == "disk":
             self.ops.deletes.append(key)
-        else:
+        elif tier == "host":
             self._dirty.pop(key, None)
+        # remote: only forgotten here (the shared store evicts by its own TTL and memory)
 
     def _add_op(self, out: list[Transfer], key: bytes, src: str, src_slot: int, dst: str,
                 dst_slot: int, seq_id: str | None = None) -> Transfer:
         op = Transfer(self._next_op, key, src, src_slot, dst, dst_slot, seq_id)
         self._next_op += 1
-        self._disk_writes += dst == "disk"
+        if dst in self._writes:
+            self._writes[dst] += 1
         self._inflight[op.op_id] = op
         out.append(op)
         return op
@@ -411,25 +449,79 @@ class TieredCache:
             out.append((seq_id, good, sl.tiers[:good]))
         return out
 
+    # ------------------------------------------------------------------ remote probes
+    def wants_probe(self, keys: Sequence[bytes]) -> bool:
+        """Whether asking the remote store about ``keys`` (a prompt's blocks after its local
+        hits) could find more: the first key is not known there, and the store is up (while
+        it is down, a probe tries it again every ``REMOTE_RETRY_S``)."""
+        remote = self.tiers.get("remote")
+        if not keys or remote is None or keys[0] in remote:
+            return False
+        return self.remote_up or self.clock() >= self._remote_retry_at
+
+    def start_probe(self, seq_id: str, keys: Sequence[bytes]) -> None:
+        """Ask the worker how many leading ``keys`` the remote store holds (``probes_done``
+        reports ``seq_id`` once it answered)."""
+        op_id = self._next_op
+        self._next_op += 1
+        self._probes[op_id] = (seq_id, list(keys))
+        self.ops.probes.append((op_id, list(keys)))
+
+    def is_probing(self, seq_id: str) -> bool:
+        """A probe for ``seq_id`` is in flight, or answered and not yet collected."""
+        return seq_id in self._probed or any(sid == seq_id for sid, _ in self._probes.values())
+
+    def apply_probed(self, op_id: int, found: int, error_kind: str | None = None) -> None:
+        """The store holds the leading ``found`` keys of the probe: remember them as ready."""
+        probe = self._probes.pop(op_id, None)
+        if probe is None:
+            return  # from before a reset
+        seq_id, keys = probe
+        if error_kind is not None:
+            self.remote_errors[error_kind] = self.remote_errors.get(error_kind, 0) + 1
+        remote = self.tiers["remote"]
+        for key in keys[:found]:
+            if key not in remote and not remote.insert_ready(key):
+                cold = next(remote.cold_keys(), None)
+                if cold is None or not remote.evict(cold) or not remote.insert_ready(key):
+                    break
+        self._probed.append(seq_id)
+
+    def probes_done(self) -> list[str]:
+        done, self._probed = self._probed, []
+        return done
+
+    def set_remote_up(self, up: bool | None) -> None:
+        """The worker's view of the store (None: it sent none this step)."""
+        if up is None:
+            return
+        if not up:  # what was unsaved stays unsaved: the next checkpoint after it is back
+            self._remote_retry_at = self.clock() + REMOTE_RETRY_S
+            self._checkpoint_keys = None
+        self.remote_up = up
+
     def count_hits(self, tiers: Sequence[str], block_size: int) -> None:
         for name in tiers:
             self.hit_tokens[name] += block_size
 
     # ------------------------------------------------------------------ completions
     def apply_done(self, op_id: int, ok: bool, error: str | None,
-                   seconds: float = 0.0) -> None:
+                   seconds: float = 0.0, error_kind: str | None = None) -> None:
         """Apply one ``KVDone``: complete the store or load in its tier index; the measured
         time of every transfer feeds the load policy's bandwidth estimate of its tier."""
         op = self._inflight.pop(op_id, None)
         if op is None:
             return  # from before a reset
+        if error_kind is not None:
+            self.remote_errors[error_kind] = self.remote_errors.get(error_kind, 0) + 1
         if op.dst == "device":
             self._load_done(op, ok)
             if ok:
                 self.policy.observe_transfer(op.src, self.block_bytes, seconds)
         else:
             self.tiers[op.dst].complete_store(op.key, ok)
-            self._disk_writes -= op.dst == "disk"
+            if op.dst in self._writes:
+                self._writes[op.dst] -= 1
             if not ok and op.dst == "disk":
                 self._read_only(error)
             elif ok:  # a link is about as fast both ways (a disk: writes as reads)
@@ -477,9 +569,11 @@ class TieredCache:
                 pins[(op.src, op.key)] = pins.get((op.src, op.key), 0) + 1
             if op.dst != "device":
                 storing.add((op.dst, op.key))
-        writes = sum(1 for op in self._inflight.values() if op.dst == "disk")
-        if writes != self._disk_writes:
-            raise AssertionError(f"{self._disk_writes} disk writes counted, {writes} in flight")
+        for name in DURABLE_TIERS:
+            writes = sum(1 for op in self._inflight.values() if op.dst == name)
+            if writes != self._writes[name]:
+                raise AssertionError(f"{self._writes[name]} {name} writes counted, {writes} "
+                                     "in flight")
         if self._dirty and not set(self._dirty) <= set(self.tiers["host"].lru_order()):
             raise AssertionError("a dirty key is not in host")
         for name, tier in self.tiers.items():

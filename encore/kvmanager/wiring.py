@@ -57,7 +57,8 @@ def build_kv(cache: CacheConfig, num_device_blocks: int, *, secret: bytes = DEV_
     and the chunk store. ``clock`` drives every TTL and transfer timing."""
     caching = cache.enable_prefix_caching
     tiered = None
-    if caching and tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks):
+    if caching and tiers is not None and (tiers.num_host_blocks or tiers.num_disk_blocks
+                                          or tiers.remote):
         tiered = TieredCache(tiers, cache.block_size, clock)
     on_evict = tiered.on_device_evict if tiered is not None else None
     pool = BlockPool(num_device_blocks, enable_caching=caching, on_evict=on_evict)

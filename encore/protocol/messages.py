@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-Tier = Literal["device", "host", "disk"]
+Tier = Literal["device", "host", "disk", "remote"]
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     """How to pick tokens for one request (OpenAI fields plus the usual server extras)."""
@@ -205,8 +205,9 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
 class KVTransfer(msgspec.Struct, array_like=True):
     """Copy one block's KV from ``src`` to ``dst`` (the tier data plane, run by the worker).
 
-    Slots: device = block id, host = host-pool slot, disk = unused (files are named by
-    ``key``). The worker answers every transfer with one ``KVDone`` carrying ``op_id``.
+    Slots: device = block id, host = host-pool slot, disk and remote = unused (files and
+    values are named by ``key``). The worker answers every transfer with one ``KVDone``
+    carrying ``op_id``.
     """
 
     op_id: int
@@ -218,12 +219,34 @@ class KVTransfer(msgspec.Struct, array_like=True):
 
 
 class KVDone(msgspec.Struct, array_like=True, omit_defaults=True):
-    """A transfer finished (``ok``) or failed (``error``: why; the data is unusable)."""
+    """A transfer finished (``ok``) or failed (``error``: why; the data is unusable).
+    ``error_kind`` classifies a remote tier failure (``REMOTE_ERRORS``)."""
 
     op_id: int
     ok: bool
     error: str | None = None
     seconds: float = 0.0  # time the copy or the file I/O itself took (feeds the cost model)
+    error_kind: str | None = None
+
+
+# Why a remote tier op failed: the store is unreachable, too slow, out of memory, the value
+# was missing or failed its check, or it was too big to store.
+REMOTE_ERRORS = ("down", "timeout", "full", "miss", "corrupt", "too_big", "other")
+
+
+class KVProbe(msgspec.Struct, array_like=True):
+    """Ask the remote tier how many of ``keys`` (a prompt's blocks in order) it holds."""
+
+    op_id: int
+    keys: list[bytes]
+
+
+class KVProbed(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The answer to a ``KVProbe``: the leading ``found`` keys are in the remote store."""
+
+    op_id: int
+    found: int
+    error_kind: str | None = None
 
 
 class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
@@ -240,10 +263,11 @@ class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     kv_stores: list[KVTransfer] = []
     kv_loads: list[KVTransfer] = []
     kv_deletes: list[bytes] = []
+    kv_probes: list[KVProbe] = []
 
     @property
     def has_kv_ops(self) -> bool:
-        return bool(self.kv_stores or self.kv_loads or self.kv_deletes)
+        return bool(self.kv_stores or self.kv_loads or self.kv_deletes or self.kv_probes)
 
 
 class ModelRunnerOutput(msgspec.Struct, tag=True, omit_defaults=True):
@@ -256,7 +280,9 @@ class ModelRunnerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] | None = None
     error: str | None = None
     kv_done: list[KVDone] = []
+    kv_probed: list[KVProbed] = []
     kv_disk_corrupt_files: int = 0  # bad disk files found (and deleted) during this step
+    remote_up: bool | None = None  # the remote tier's store answers (None: no remote tier)
     # Blended sequences: per chunk (plan order), the mean relative K/V deviation at the check
     # layer between the cached (standalone, re-rotated) and the fresh (in-context) values.
     chunk_deviation: dict[str, list[float]] = {}
@@ -275,6 +301,7 @@ class WorkerReady(msgspec.Struct, tag=True):
     num_disk_blocks: int = 0  # disk tier capacity in blocks (0 = off)
     disk_keys: list[bytes] = []  # valid blocks found on disk at start-up, oldest first
     disk_writable: bool = True  # False: the disk tier's directory is read-only (loads only)
+    remote: bool = False  # a remote tier is configured (its store may be down for now)
     kv_disk_corrupt_files: int = 0  # bad files found (and deleted) by the start-up scan
 
 

@@ -59,7 +59,8 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     EngineMetric("generation_tokens", "encore:generation_tokens_sampled", "counter",
                  "Tokens the engine sampled (those of aborted requests included)"),
     EngineMetric("kv_tier_usage_bytes", "encore:kv_tier_usage_bytes", "gauge",
-                 "Bytes of KV cache held per tier (device, host, disk)", ("tier",)),
+                 "Bytes of KV cache held per tier (device, host, disk; remote: what this "
+                 "replica knows the shared store holds)", ("tier",)),
     EngineMetric("kv_tier_hit_tokens", "encore:kv_tier_hit_tokens", "counter",
                  "Prompt tokens reused, by the tier they came from", ("tier",)),
     EngineMetric("kv_tier_transfer_bytes", "encore:kv_tier_transfer_bytes", "counter",
@@ -67,8 +68,13 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     EngineMetric("kv_disk_corrupt_files", "encore:kv_disk_corrupt_files", "counter",
                  "Bad disk KV files found (and deleted): short, corrupt or of another model"),
     EngineMetric("kv_tier_load_seconds", "encore:kv_tier_load_seconds", "histogram",
-                 "Time a request waited for its KV to load from the host or disk tier",
-                 buckets=KV_LOAD_BUCKETS),
+                 "Time a request waited for its KV to load from a lower tier (host, disk, "
+                 "remote)", buckets=KV_LOAD_BUCKETS),
+    EngineMetric("kv_remote_errors", "encore:kv_remote_errors", "counter",
+                 "Remote tier operations that failed, by kind (down, timeout, full, miss, "
+                 "corrupt, too_big, other); each is a miss, never a request error", ("kind",)),
+    EngineMetric("kv_remote_up", "encore:kv_remote_up", "gauge",
+                 "1 while the remote tier's store answers, 0 while down (or not configured)"),
     EngineMetric("pinned_blocks", "encore:pinned_blocks", "gauge",
                  "Device KV blocks held by TTL pins"),
     EngineMetric("pin_hits", "encore:pin_hits", "counter",

@@ -56,7 +56,7 @@ class EngineCore:
             self.config.cache, self.config.scheduler,
             num_device_blocks=self.worker.num_device_blocks,
             max_model_len=self.worker.max_model_len,
-            secret=block_key_secret(self.config.cache.disk_cache_dir),
+            secret=block_key_secret(self.config.cache),
             tiers=self._tier_setup(self.worker))
         if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
             self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files
@@ -71,7 +71,8 @@ class EngineCore:
         cost = load_cost_numbers(cache.disk_cache_dir, cache.block_size, w.kv_block_bytes)
         return TierSetup(block_bytes=w.kv_block_bytes, num_host_blocks=w.num_host_blocks,
                          num_disk_blocks=w.num_disk_blocks, disk_keys=w.disk_keys,
-                         disk_writable=w.disk_writable, write_policy=cache.cache_write_policy,
+                         disk_writable=w.disk_writable, remote=w.remote,
+                         write_policy=cache.cache_write_policy,
                          load_policy=cache.kv_load_policy,
                          checkpoint_interval_s=cache.checkpoint_interval_s, cost=cost)
 

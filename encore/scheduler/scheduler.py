@@ -53,6 +53,7 @@ from encore.protocol.messages import (
     BlendPlan,
     EngineRequest,
     EngineStats,
+    KVProbe,
     KVTransfer,
     ModelRunnerOutput,
     RequestOutput,
@@ -244,7 +245,14 @@ class Scheduler:
         return out
 
     def _promote_loaded(self) -> None:
-        """Sequences whose KV finished loading join the running batch with it computed."""
+        """Sequences whose KV finished loading join the running batch with it computed;
+        those whose remote probe answered are admitted again, first."""
+        if self.kv.tiers is not None:
+            for seq_id in self.kv.tiers.probes_done():
+                probed = self.loading.pop(seq_id, None)
+                if probed is not None:
+                    probed.status = SeqStatus.WAITING
+                    self.waiting.prepend(probed)
         for seq_id, computed in self.kv.collect_loaded():
             blended = self.blender.loaded_seq(seq_id)
             if blended is not None:  # its chunks are on the device: admit it again, first
@@ -351,6 +359,8 @@ class Scheduler:
         if self.kv.tiers is None or seq.sampling.prompt_logprobs is not None:
             return Admit.SKIP
         hits, _ = self.kv.get_computed_blocks(seq)
+        if self._start_probe(seq, len(hits)):
+            return Admit.STAGING
         tiers = self.kv.plan_tier_loads(seq, len(hits), busy=bool(self.running))
         if not tiers:
             return Admit.SKIP
@@ -368,6 +378,24 @@ class Scheduler:
         if self.kv.allocate_slots(seq, n) is not None:  # else it runs next step
             plan.add(seq, n)
         return Admit.RUNNING
+
+    def _start_probe(self, seq: Seq, num_device_hits: int) -> bool:
+        """Ask the remote store for ``seq``'s blocks that no local tier holds, once, when
+        loading them all would beat recomputing; ``seq`` waits (no blocks) for the answer and
+        is then admitted again, first in the queue."""
+        tiers = self.kv.tiers
+        if seq.remote_probed or tiers is None or "remote" not in tiers.tiers:
+            return False
+        keys = self.kv.probe_keys(seq, num_device_hits)
+        busy = bool(self.running)
+        if not tiers.wants_probe(keys) or not tiers.policy.blocks_to_load(
+                [("remote", len(keys))], busy):
+            return False
+        seq.remote_probed = True
+        self.waiting.pop()
+        tiers.start_probe(seq.seq_id, keys)
+        self._stage(seq)
+        return True
 
     def _admit_prefix(self, seq: Seq, plan: _StepPlan) -> Admit:
         """Prefix lookup plus the first chunk's blocks."""
@@ -439,8 +467,11 @@ class Scheduler:
         tiers = self.kv.tiers
         if tiers is not None:
             for done in runner_out.kv_done:
-                tiers.apply_done(done.op_id, done.ok, done.error, done.seconds)
+                tiers.apply_done(done.op_id, done.ok, done.error, done.seconds, done.error_kind)
+            for probed in runner_out.kv_probed:
+                tiers.apply_probed(probed.op_id, probed.found, probed.error_kind)
             tiers.corrupt_files += runner_out.kv_disk_corrupt_files
+            tiers.set_remote_up(runner_out.remote_up)
         row = {seq_id: i for i, seq_id in enumerate(runner_out.seq_ids)}
         self.blender.observe(runner_out.chunk_deviation)
         self._collect_prompt_logprobs(runner_out)
@@ -569,7 +600,8 @@ class Scheduler:
             _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
         for s in self.loading.values():
             _require(s.status is SeqStatus.WAITING_FOR_KV, f"{s} in loading")
-            _require(bool(self.kv.block_table(s.seq_id))
+            probing = self.kv.tiers is not None and self.kv.tiers.is_probing(s.seq_id)
+            _require(bool(self.kv.block_table(s.seq_id)) or probing
                      or self.kv.is_prefetching(self.blender.loader_id(s.seq_id)),
                      f"{s} loading without blocks")
 
@@ -578,6 +610,7 @@ def _attach_ops(out: SchedulerOutput, ops: StepOps) -> None:
     out.kv_stores = [_wire(t) for t in ops.stores]
     out.kv_loads = [_wire(t) for t in ops.loads]
     out.kv_deletes = ops.deletes
+    out.kv_probes = [KVProbe(op_id, keys) for op_id, keys in ops.probes]
 
 
 def _wire(t: Transfer) -> KVTransfer:

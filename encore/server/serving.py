@@ -46,7 +46,7 @@ class ServingContext:
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
         keys = api_keys(self.config.server)
         if keys:
-            secret = deployment_secret(self.config.cache.disk_cache_dir)
+            secret = deployment_secret(self.config.cache)
             self.tenants = {k: tenant_salt(secret, k) for k in keys}
 
     def _token_text(self, token_id: int) -> str:

@@ -44,6 +44,7 @@ class Worker:
             self.runner.ready_message(), kv_block_bytes=tiers.blocks.block_bytes,
             num_host_blocks=tiers.num_host_blocks, num_disk_blocks=tiers.disk.num_blocks,
             disk_keys=tiers.disk.keys, disk_writable=tiers.disk.writable,
+            remote=tiers.remote.store is not None,
             kv_disk_corrupt_files=tiers.disk.take_corrupt())
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -53,9 +54,11 @@ class Worker:
         finally:
             if copies is not None:
                 copies.finish()  # what the forward pass did not reach
-        done.extend(self.tiers.after_step(idle=not step.seqs))
-        out.kv_done = done
+        finished, probed = self.tiers.after_step(idle=not step.seqs)
+        out.kv_done = [*done, *finished]
+        out.kv_probed = probed
         out.kv_disk_corrupt_files = self.tiers.disk.take_corrupt()
+        out.remote_up = self.tiers.remote.up
         return out
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from encore.configs.loading import build_config
+from encore.configs.types import CacheConfig
 from encore.configs.secrets import block_key_secret
 from encore.kvmanager.hashing import BlockHasher
 from encore.protocol.messages import EngineRequest, SamplingParams
@@ -155,7 +156,7 @@ def test_damaged_files_are_misses_deleted_and_counted(tokenizer, tmp_path):
         return tokens, cached, stats
 
     cold, _, _ = asyncio.run(life("first"))
-    hasher = BlockHasher(block_key_secret(str(tmp_path)))
+    hasher = BlockHasher(block_key_secret(CacheConfig(disk_cache_dir=str(tmp_path))))
     keys = hasher.prefix_keys(ps[0], 16, None)
     paths = [DiskStore(tmp_path, b"x" * 32, 1, b"k" * 32).path(k) for k in keys]
     assert all(p.exists() for p in paths), "write-through put every full block on disk"

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from encore.protocol.messages import (
     EngineRequest,
     KVDone,
+    KVProbe,
+    KVProbed,
     KVTransfer,
     ModelRunnerOutput,
     RequestOutput,
@@ -76,6 +78,10 @@ class FakeWorker:
         self.full = False  # disk writes fail (disk full)
         self._later: list[tuple[int, KVDone]] = []  # (steps left, done)
         self.corrupt_found = 0
+        # A remote store shared by fake workers (pass the same dict): values by key.
+        self.remote: dict[bytes, list[tuple[int, int] | None]] | None = None
+        self.remote_down = False
+        self.remote_corrupt: set[bytes] = set()  # remote keys whose value fails its check
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for seq_id in out.finished:
@@ -93,8 +99,11 @@ class FakeWorker:
                 seq_ids.append(ss.seq_id)
                 tokens.append(token)
         corrupt, self.corrupt_found = self.corrupt_found, 0
+        probed = [self._probe(p) for p in out.kv_probes]
+        up = None if self.remote is None else not self.remote_down
         return ModelRunnerOutput(step_id=out.step_id, seq_ids=seq_ids, sampled_token_ids=tokens,
-                                 kv_done=done, kv_disk_corrupt_files=corrupt)
+                                 kv_done=done, kv_probed=probed, kv_disk_corrupt_files=corrupt,
+                                 remote_up=up)
 
     # ------------------------------------------------------------------ tier data plane
     def _run_kv_ops(self, out: SchedulerOutput) -> list[KVDone]:
@@ -105,7 +114,9 @@ class FakeWorker:
         done: list[KVDone] = []
         for t in sorted(out.kv_stores, key=lambda t: t.src != "host"):
             data = list(self._src(t))
-            if t.dst == "host":
+            if t.dst == "remote":
+                done.append(self._remote_store(t, data))
+            elif t.dst == "host":
                 self.host[t.dst_slot] = data
                 done.append(KVDone(t.op_id, True))
             elif self.full:
@@ -117,6 +128,8 @@ class FakeWorker:
             if t.src == "host":
                 self.slots[t.dst_slot] = list(self.host[t.src_slot])
                 done.append(KVDone(t.op_id, True))
+            elif t.src == "remote":
+                done.append(self._remote_load(t))
             else:
                 self._later.append((self.disk_delay, self._disk_load(t)))
         ready = [d for n, d in self._later if n <= 0]
@@ -134,6 +147,34 @@ class FakeWorker:
             return KVDone(t.op_id, False, "checksum mismatch")
         self.slots[t.dst_slot] = list(self.disk[t.key])
         return KVDone(t.op_id, True)
+
+    def _remote_store(self, t: KVTransfer, data: list[tuple[int, int] | None]) -> KVDone:
+        assert self.remote is not None, "a remote store op without a remote store"
+        if self.remote_down:
+            return KVDone(t.op_id, False, "down", error_kind="down")
+        self.remote[t.key] = data
+        return KVDone(t.op_id, True)
+
+    def _remote_load(self, t: KVTransfer) -> KVDone:
+        assert self.remote is not None
+        if self.remote_down:
+            return KVDone(t.op_id, False, "down", error_kind="down")
+        if t.key in self.remote_corrupt:
+            self.remote_corrupt.discard(t.key)
+            self.remote.pop(t.key, None)
+            return KVDone(t.op_id, False, "authentication failed", error_kind="corrupt")
+        if t.key not in self.remote:
+            return KVDone(t.op_id, False, "gone", error_kind="miss")
+        self.slots[t.dst_slot] = list(self.remote[t.key])
+        return KVDone(t.op_id, True)
+
+    def _probe(self, probe: KVProbe) -> KVProbed:
+        if self.remote is None or self.remote_down:
+            return KVProbed(probe.op_id, 0, "down")
+        found = 0
+        while found < len(probe.keys) and probe.keys[found] in self.remote:
+            found += 1
+        return KVProbed(probe.op_id, found)
 
     def _register(self, ss: ScheduledSeq) -> None:
         if ss.sampling is not None:

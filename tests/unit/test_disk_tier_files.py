@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from encore.configs.secrets import block_key_secret, deployment_secret, tenant_salt
+from encore.configs.types import CacheConfig
 from encore.worker.tiers.disk_files import HEADER, CorruptFile, DiskStore
 
 FP = b"f" * 32
@@ -139,11 +140,35 @@ def test_unwritable_directory_raises_oserror(tmp_path: Path) -> None:
 
 
 def test_secret_is_created_once_and_survives(tmp_path: Path) -> None:
-    d = str(tmp_path / "kv")
+    d = CacheConfig(disk_cache_dir=str(tmp_path / "kv"))
     first = deployment_secret(d)
     assert len(first) == 32 and deployment_secret(d) == first
     assert (tmp_path / "kv" / "secret").stat().st_mode & 0o777 == 0o600
-    assert block_key_secret(d) == block_key_secret(d) != block_key_secret(None)
+    assert block_key_secret(d) == block_key_secret(d) != block_key_secret(CacheConfig())
     assert tenant_salt(first, "key-a") != tenant_salt(first, "key-b")
     assert tenant_salt(first, "key-a") == tenant_salt(deployment_secret(d), "key-a")
     assert "key-a" not in tenant_salt(first, "key-a")
+
+
+def test_a_fleet_shares_one_secret_from_a_file_or_the_environment(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Replicas with their own disk directories but one secret file (or env var) derive the
+    same block keys; a file or variable that is set but unusable is an error, not a
+    silent per-process secret."""
+    (tmp_path / "fleet.secret").write_text("correct horse battery staple\n")
+    a = CacheConfig(disk_cache_dir=str(tmp_path / "a"),
+                    deployment_secret_file=str(tmp_path / "fleet.secret"))
+    b = CacheConfig(disk_cache_dir=str(tmp_path / "b"),
+                    deployment_secret_file=str(tmp_path / "fleet.secret"))
+    from_file = block_key_secret(a)
+    assert from_file == block_key_secret(b)
+    assert from_file != block_key_secret(CacheConfig(disk_cache_dir=str(tmp_path)))
+    monkeypatch.setenv("ENCORE_DEPLOYMENT_SECRET", "another fleet's secret")
+    assert block_key_secret(a) != from_file, "the environment wins over the file"
+    assert block_key_secret(a) == block_key_secret(CacheConfig())
+    monkeypatch.setenv("ENCORE_DEPLOYMENT_SECRET", "short")
+    with pytest.raises(ValueError, match="at least 16"):
+        deployment_secret(a)
+    monkeypatch.delenv("ENCORE_DEPLOYMENT_SECRET")
+    with pytest.raises(ValueError, match="deployment_secret_file"):
+        deployment_secret(CacheConfig(deployment_secret_file=str(tmp_path / "missing")))

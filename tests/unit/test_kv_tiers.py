@@ -448,3 +448,62 @@ def test_a_read_only_disk_serves_loads_and_stores_nothing() -> None:
     assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens > 0
     fill(ro, worker2, prompts(9)[6:])
     assert worker2.disk == saved, "nothing written, nothing deleted"
+
+
+# ----------------------------------------------------------------------------- remote tier
+def replica(store: dict, num_blocks: int = 64, clock=None) -> tuple[Scheduler, FakeWorker]:
+    """A scheduler with a remote tier on the fake store ``store`` (shared by replicas)."""
+    sched, worker = make(num_blocks, remote=True, clock=clock)
+    worker.remote = store
+    return sched, worker
+
+
+def test_a_second_replica_loads_what_the_first_computed_from_the_remote_store() -> None:
+    store: dict = {}
+    a, wa = replica(store)
+    p = prompts(1, length=40)[0]
+    tokens, final = serve_one(a, wa, "a", p)
+    assert final.num_cached_tokens == 0
+    assert set(full_keys(a, p)) <= set(store), "the idle replica checkpointed to the store"
+    b, wb = replica(store)
+    again, final = serve_one(b, wb, "b", p)
+    assert again == tokens and final.num_cached_tokens == len(full_keys(b, p)) * BS
+    stats = b.stats()
+    assert stats["kv_tier_hit_tokens"]["remote"] == final.num_cached_tokens
+    assert stats["kv_tier_transfer_bytes"]["remote>device"] > 0
+
+
+def test_a_down_store_is_a_miss_and_hits_resume_when_it_is_back() -> None:
+    store: dict = {}
+    a, wa = replica(store)
+    ps = prompts(3, length=40)
+    serve_one(a, wa, "a0", ps[0])
+    clock = Clock()
+    b, wb = replica(store, clock=clock)
+    wb.remote_down = True
+    tokens, final = serve_one(b, wb, "b0", ps[0])  # probe fails: recomputed, no error
+    assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens == 0
+    assert final.finish_reason == "length"
+    stats = b.stats()
+    assert stats["kv_remote_up"] == 0.0 and stats["kv_remote_errors"]["down"] >= 1
+    _, final = serve_one(b, wb, "b0-again", ps[2])
+    assert final.num_cached_tokens == 0, "down: no probe for a while (no step's wait)"
+    wb.remote_down = False
+    serve_one(a, wa, "a1", ps[1])
+    clock.now += 2.0  # the retry interval passed: the next probe tries the store again
+    tokens, final = serve_one(b, wb, "b1", ps[1])  # the store answers again
+    assert final.num_cached_tokens > 0 and b.stats()["kv_remote_up"] == 1.0
+
+
+def test_a_corrupt_remote_value_is_detected_counted_and_recomputed() -> None:
+    store: dict = {}
+    a, wa = replica(store)
+    p = prompts(1, length=40)[0]
+    tokens, _ = serve_one(a, wa, "a", p)
+    b, wb = replica(store)
+    keys = full_keys(b, p)
+    wb.remote_corrupt.add(keys[1])
+    again, final = serve_one(b, wb, "b", p)
+    assert again == tokens and final.num_cached_tokens == BS, "block 0 loaded, 1 failed"
+    assert b.stats()["kv_remote_errors"]["corrupt"] == 1
+    assert keys[1] in store, "recomputed and written back"

@@ -5,7 +5,8 @@ Order within a step (each op may read a slot that a later op of the same step ov
     1. delete disk files of keys the disk index evicted
     2. host -> disk flushes: the I/O pool reads the (pinned, in the index) host slot itself
     3. device -> disk stores: gathered, copied to the CPU, written by the I/O pool
-    4. disk -> device loads: read in the I/O pool, copied to the device once read (later)
+    4. disk -> device loads: read in the I/O pool, copied to the device once read (later);
+       the same for device -> remote stores, remote -> device loads, and remote probes
     5. per layer group: gather the group's layers of the blocks to store in host, then copy
        the group's host -> device loads (``LayerCopies``)
     6. the stores' copies into the host pool
@@ -23,22 +24,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any
 
 import torch
 
 from encore.configs import EncoreConfig
-from encore.configs.secrets import disk_mac_key
-from encore.protocol.messages import KVDone, SchedulerOutput
+from encore.configs.secrets import disk_mac_key, remote_namespace_id
+from encore.protocol.messages import KVDone, KVProbed, SchedulerOutput
 from encore.worker.tiers.blocks import DeviceBlocks
 from encore.worker.tiers.disk_io import DiskIO
+from encore.worker.tiers.frames import Frames
 from encore.worker.tiers.host_copies import HostCopies, LayerCopies
 from encore.worker.tiers.host_pool import HostPool
+from encore.worker.tiers.remote_io import RemoteIO, RemoteStore
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
+REMOTE_PASSWORD_ENV = "ENCORE_REMOTE_CACHE_PASSWORD"  # the store's password, if not in the URL
 LOAD_GROUPS = 8  # layer groups of a host load (CUDA): layer group g computes once g is in
+IDLE_WAIT_S = 0.005  # an idle step waits this long for remote I/O before answering
 
 
 class TierDataPlane:
@@ -49,8 +55,12 @@ class TierDataPlane:
         self.blocks = DeviceBlocks(kv_caches)
         self.host = self._host_pool(config.cache.host_cache_gib)
         self.host_copies = HostCopies(self.blocks, self.host) if self.host is not None else None
+        mac_key = disk_mac_key(config.cache)
+        self._probed: list[KVProbed] = []
         self.disk = DiskIO(self.blocks, self.host, config.cache.disk_cache_dir,
-                           config.cache.disk_cache_gib, fingerprint, disk_mac_key(config.cache))
+                           config.cache.disk_cache_gib, fingerprint, mac_key)
+        self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
+                                                          self.blocks.block_bytes))
 
     def _host_pool(self, gib: float) -> HostPool | None:
         blocks = self.blocks
@@ -73,15 +83,17 @@ class TierDataPlane:
         done: list[KVDone] = []
         for key in step.kv_deletes:
             self.disk.delete(key)
-        ready = self._copies(step, done) if step.kv_stores or step.kv_loads else None
+        ready = self._copies(step, done) if step.has_kv_ops else None
         done.extend(self.poll())
         return done, ready
 
-    def after_step(self, idle: bool) -> list[KVDone]:
-        """Transfers that finished meanwhile; an idle step waits briefly for disk I/O."""
+    def after_step(self, idle: bool) -> tuple[list[KVDone], list[KVProbed]]:
+        """Transfers and probes that finished meanwhile; an idle step waits briefly for
+        I/O."""
         if idle:
             self.disk.wait_briefly()
-        return self.poll()
+            self.remote.wait_briefly(IDLE_WAIT_S)
+        return self.poll(), self.probed()
 
     def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerCopies | None:
         """Stores, then loads; on CUDA on the side stream, which waits for the forward passes
@@ -116,28 +128,39 @@ class TierDataPlane:
         from_device = [op for op in step.kv_stores if op.src != "host"]
         to_host = sorted((op for op in from_device if op.dst == "host"),
                          key=lambda op: op.dst_slot)
-        to_disk = [op for op in from_device if op.dst != "host"]
-        if to_disk:
-            ids = self.blocks.ids([op.src_slot for op in to_disk])
+        to_io = [op for op in from_device if op.dst != "host"]
+        if to_io:
+            ids = self.blocks.ids([op.src_slot for op in to_io])
             gathered = self.blocks.gather(ids, (0, self.blocks.num_layers))
-            for op, data in zip(to_disk, gathered, strict=True):
-                self.disk.write(op, data, done)
+            for op, data in zip(to_io, gathered, strict=True):
+                (self.remote if op.dst == "remote" else self.disk).write(op, data, done)
         for op in step.kv_loads:
             if op.src != "host":
-                self.disk.read(op, done)
+                (self.remote if op.src == "remote" else self.disk).read(op, done)
+        for probe in step.kv_probes:
+            self.remote.probe(probe)
         loads = [op for op in step.kv_loads if op.src == "host"]
         if self.host_copies is None:
             return [], []
         return self.host_copies.stages(to_host, loads, done)
 
     def poll(self) -> list[KVDone]:
-        """Finished transfers: host copy batches, then disk I/O."""
+        """Finished transfers: host copy batches, then disk and remote I/O (remote probes
+        are kept for ``probed``)."""
         done = self.host_copies.poll() if self.host_copies is not None else []
         done.extend(self.disk.poll())
+        remote_done, probed = self.remote.poll()
+        done.extend(remote_done)
+        self._probed.extend(probed)
         return done
+
+    def probed(self) -> list[KVProbed]:
+        probed, self._probed = self._probed, []
+        return probed
 
     def close(self) -> None:
         self.disk.close()
+        self.remote.close()
 
 
 def kv_fingerprint(config: EncoreConfig, arch: Any, dtype: torch.dtype,
@@ -147,3 +170,29 @@ def kv_fingerprint(config: EncoreConfig, arch: Any, dtype: torch.dtype,
             config.model.load_format, "arch": repr(arch), "dtype": str(dtype),
             "block_shape": list(block_shape), "format": 1}
     return hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=32).digest()
+
+
+def _remote_store(config: EncoreConfig, fingerprint: bytes, mac_key: bytes,
+                  block_bytes: int) -> RemoteStore | None:
+    """The remote tier's store, if configured: keys under a namespace naming the model and
+    KV layout (``fingerprint``) and the deployment secret. The store may be down now: that is
+    a miss until it answers (nothing is contacted here)."""
+    cache = config.cache
+    if not cache.remote_cache_url:
+        return None
+    namespace = f"encore:kv:{fingerprint[:8].hex()}:{remote_namespace_id(cache)}"
+    password = os.environ.get(REMOTE_PASSWORD_ENV)
+    logger.info("remote KV tier: %s (namespace %s)", _redact(cache.remote_cache_url), namespace)
+    return RemoteStore(cache.remote_cache_url, namespace, Frames(fingerprint, block_bytes,
+                                                                 mac_key),
+                       cache.remote_cache_ttl_s, int(cache.remote_cache_max_value_mb * 2**20),
+                       cache.remote_cache_timeout_s, password)
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"

@@ -1,54 +1,32 @@
-"""The disk KV tier's files: one file per block key, an authenticated header, atomic writes.
+"""The disk KV tier's files: one file per block key, framed (``frames``), atomic writes.
 
-    <root>/kv/<key[:2] hex>/<key hex>.kv
-    ┌──────────────── header (120 bytes, little-endian) ────────────────┐┌── payload ──┐
-    │ magic "ENCOREKV" │ version u32 │ fingerprint 32B │ key 32B │       ││ one block's  │
-    │ payload length u64 │ MAC 32B                                       ││ K/V, all     │
-    └────────────────────────────────────────────────────────────────────┘│ layers       │
+    <root>/kv/<key[:2] hex>/<key hex>.kv      a header with a keyed MAC, then the block
 
-The fingerprint names the model and the KV layout (shape, dtype, block size): a file of
-another model is never loaded. The MAC is a keyed BLAKE2b of the header fields before it and
-the payload, keyed from the deployment secret: a file forged or damaged anywhere (a valid
-header with the wrong bytes, say) is a miss, never KV served to a user. Files are written
-under a temp name and renamed, so a reader sees a whole file or none. A short, corrupt or
-foreign file is a miss: it is deleted and counted. The index of valid files is rebuilt from
-the directory at start-up (oldest first), so the cache survives restarts; what the scan cannot
-read (a stray directory, a file without permission) is skipped and left alone, and a
-directory that cannot be written (a read-only mount) still serves loads. Pure stdlib.
+Files are written under a temp name and renamed, so a reader sees a whole file or none. A
+short, corrupt, forged or foreign file is a miss: it is deleted and counted. The index of
+valid files is rebuilt from the directory at start-up (oldest first), so the cache survives
+restarts; what the scan cannot read (a stray directory, a file without permission) is skipped
+and left alone, and a directory that cannot be written (a read-only mount) still serves
+loads. Pure stdlib.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import itertools
 import logging
 import os
 import stat
-import struct
 import threading
 from pathlib import Path
 
+from encore.worker.tiers.frames import HEADER, KEY_BYTES, CorruptFrame, Frames
+
 logger = logging.getLogger(__name__)
 
-MAGIC = b"ENCOREKV"
-VERSION = 2  # 1: crc32 instead of the MAC
-KEY_BYTES = 32
-MAC_BYTES = 32
-FIELDS = struct.Struct("<8sI32s32sQ")  # what the MAC covers, with the payload
-HEADER = struct.Struct("<8sI32s32sQ32s")
 
-
-class CorruptFile(Exception):
+class CorruptFile(CorruptFrame):
     """The file for a key is short, damaged, forged or from another model (deleted)."""
-
-
-def _mac(mac_key: bytes, fields: bytes, payload: bytes | memoryview) -> bytes:
-    h = hashlib.blake2b(key=mac_key, digest_size=MAC_BYTES)
-    h.update(fields)
-    h.update(payload)
-    return h.digest()
 
 
 class DiskStore:
@@ -57,15 +35,10 @@ class DiskStore:
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: bytes, payload_bytes: int,
                  mac_key: bytes) -> None:
-        if len(fingerprint) != 32:
-            raise ValueError("the disk tier fingerprint must be 32 bytes")
-        if not 16 <= len(mac_key) <= 64:
-            raise ValueError("the disk tier MAC key must be 16 to 64 bytes")
+        self.frames = Frames(fingerprint, payload_bytes, mac_key)
         self.dir = Path(root) / "kv"
-        self.fingerprint = fingerprint
         self.payload_bytes = payload_bytes
-        self.file_bytes = HEADER.size + payload_bytes
-        self.mac_key = mac_key
+        self.file_bytes = self.frames.frame_bytes
         self._seq = itertools.count()
         self._lock = threading.Lock()
         if not self.dir.is_dir():
@@ -84,10 +57,6 @@ class DiskStore:
             return False
         return True
 
-    def pack_header(self, key: bytes, payload: bytes | memoryview) -> bytes:
-        fields = FIELDS.pack(MAGIC, VERSION, self.fingerprint, key, len(payload))
-        return fields + _mac(self.mac_key, fields, payload)
-
     def path(self, key: bytes) -> Path:
         h = key.hex()
         return self.dir / h[:2] / f"{h}.kv"
@@ -104,7 +73,7 @@ class DiskStore:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{n}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(self.pack_header(key, payload))
+                f.write(self.frames.header(key, payload))
                 f.write(payload)
             os.replace(tmp, final)
         except BaseException:
@@ -118,38 +87,17 @@ class DiskStore:
         path = self.path(key)
         with open(path, "rb") as f:
             data = f.read(self.file_bytes + 1)
-        problem = self._check(data[: HEADER.size], key, len(data))
-        if problem is None:
-            payload = data[HEADER.size:]
-            mac = _mac(self.mac_key, data[: FIELDS.size], payload)
-            if not hmac.compare_digest(mac, data[FIELDS.size: HEADER.size]):
-                problem = "authentication failed (damaged, forged, or another secret's)"
-            else:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # recency survives restarts (the scan sorts by mtime)
-                return payload
-        self._remove(path)
-        raise CorruptFile(f"{path.name}: {problem}")
+        try:
+            payload = bytes(self.frames.unpack(key, data))
+        except CorruptFrame as e:
+            self._remove(path)
+            raise CorruptFile(f"{path.name}: {e}") from None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency survives restarts (the scan sorts by mtime)
+        return payload
 
     def delete(self, key: bytes) -> None:
         self._remove(self.path(key))
-
-    def _check(self, header: bytes, key: bytes | None, size: int) -> str | None:
-        """Why a file with this header and total size is unusable, or None."""
-        if len(header) < HEADER.size:
-            return "shorter than its header"
-        magic, version, fp, fkey, length, _ = HEADER.unpack(header)
-        if magic != MAGIC:
-            return "not an Encore KV file"
-        if version != VERSION:
-            return f"format version {version}, expected {VERSION}"
-        if fp != self.fingerprint:
-            return "written for another model or KV layout"
-        if key is not None and fkey != key:
-            return "holds another key"
-        if length != self.payload_bytes or size != self.file_bytes:
-            return "truncated or wrong length"
-        return None
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -205,6 +153,6 @@ class DiskStore:
         except OSError as e:
             logger.warning("disk KV tier: skipped %s (%s)", path, e.strerror or e)
             return None
-        if len(key) != KEY_BYTES or self._check(header, key, size) is not None:
+        if len(key) != KEY_BYTES or self.frames.check_header(header, key, size) is not None:
             return False
         return key

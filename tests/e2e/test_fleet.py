@@ -1,0 +1,135 @@
+"""Two real Encore replicas sharing one real redis-server (the remote KV tier) and one
+deployment secret: what one computed, the other loads; tenants stay apart; a store that dies
+is a miss, never an error; a corrupted value is caught."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.e2e_server import API_KEY, Server, start_server, stop_server
+from tests.e2e.redis_server import Store, start_store, stop_store
+
+pytestmark = pytest.mark.slow
+
+OTHER_KEY = "e2e-fleet-other-tenant"
+WORDS = ["anchor", "bramble", "cinder", "dahlia", "ember", "fjord", "gossamer", "heron",
+         "indigo", "juniper", "kestrel", "lagoon"]
+
+
+def prompt(i: int, words: int = 200) -> str:
+    return f"Dossier {i}: " + " ".join(WORDS[(i * 3 + j * (i + 5)) % len(WORDS)]
+                                       for j in range(words))
+
+
+def complete(server: Server, text: str, key: str = API_KEY) -> tuple[str, int]:
+    c = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0, timeout=120)
+    r = c.completions.create(model=c.models.list().data[0].id, prompt=text, max_tokens=6,
+                             temperature=0)
+    details = r.usage.prompt_tokens_details
+    return r.choices[0].text, (details.cached_tokens or 0) if details else 0
+
+
+def metric(server: Server, name: str, labels: str = "") -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def settle(server: Server) -> None:
+    """Wait until the replica's writes to the store have stopped (it checkpoints when idle)."""
+    name, labels = "encore:kv_tier_transfer_bytes_total", 'dst="remote",src="device"'
+    last, deadline = -1.0, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = metric(server, name, labels)
+        if now == last and now > 0:
+            return
+        last = now
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server, Store]]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    store = start_store(tmp / "store")
+    secret = tmp / "fleet.secret"
+    secret.write_text("one secret for the whole fleet\n")
+    args = ["--remote-cache-url", store.url, "--deployment-secret-file", str(secret),
+            "--api-key", OTHER_KEY]
+    a = start_server(tmp, *args)
+    b = start_server(tmp, *args)
+    yield a, b, store
+    stop_server(a)
+    stop_server(b)
+    stop_store(store)
+
+
+def test_what_one_replica_computed_the_other_loads(fleet) -> None:
+    a, b, store = fleet
+    cold, cached = complete(a, prompt(0))
+    assert cached == 0
+    settle(a)
+    assert store.client().dbsize() > 0
+    text, cached = complete(b, prompt(0))
+    assert text == cold, "the same greedy output as the cold run"
+    assert cached >= 160
+    assert metric(b, "encore:kv_tier_hit_tokens_total", 'tier="remote"') >= cached
+
+
+def test_tenants_stay_apart_across_replicas(fleet) -> None:
+    a, b, _ = fleet
+    text, _ = complete(a, prompt(1))
+    settle(a)
+    other, cached = complete(b, prompt(1), key=OTHER_KEY)
+    assert cached == 0, "another tenant never reuses this tenant's blocks"
+    assert other == text
+
+
+def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_path) -> None:
+    a, b, store = fleet
+    stop_store(store)
+    for i, replica in enumerate((a, b, a, b)):  # both keep answering: no 5xx, no errors
+        text, cached = complete(replica, prompt(10 + i))
+        assert text and cached == 0
+    assert httpx.get(a.base_url + "/health").status_code == 200
+    assert metric(a, "encore:kv_remote_up") == 0.0
+    assert metric(a, "encore:kv_remote_errors_total", 'kind="down"') >= 1
+    restarted = start_store(store.dir, port=store.port)
+    store.proc = restarted.proc
+    time.sleep(2.5)  # past the probe retry interval and the worker's first backoff
+    complete(a, prompt(20))  # the store answers again: written on the next checkpoint
+    settle(a)
+    text, cached = complete(b, prompt(20))
+    deadline = time.monotonic() + 40
+    while cached == 0 and time.monotonic() < deadline:  # b's store backoff may still run
+        time.sleep(2)
+        complete(a, prompt(21))
+        settle(a)
+        text, cached = complete(b, prompt(21))
+    assert cached > 0 and metric(b, "encore:kv_remote_up") == 1.0
+
+
+def test_a_corrupted_value_is_detected_not_served_and_counted(fleet) -> None:
+    a, b, store = fleet
+    cold, _ = complete(a, prompt(30))
+    settle(a)
+    r = store.client()
+    before = set(r.keys("encore:kv:*"))
+    complete(a, prompt(31))
+    settle(a)
+    keys = sorted(set(r.keys("encore:kv:*")) - before)
+    assert keys
+    for key in keys:  # forge every block of prompt 31: same header, other bytes
+        value = bytearray(r.get(key))
+        value[200:260] = bytes(60)
+        r.set(key, bytes(value))
+    reference, _ = complete(a, prompt(31))
+    text, cached = complete(b, prompt(31))
+    assert text == reference and cached == 0
+    assert metric(b, "encore:kv_remote_errors_total", 'kind="corrupt"') >= 1
