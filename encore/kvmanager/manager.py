@@ -371,17 +371,29 @@ class KVCacheManager:
         if full <= done:
             return
         keys = self._seq_keys(seq, full)
-        self._cache_computed(self._blocks[seq.seq_id][done:full], keys[done:full])
+        persist = getattr(seq, "persist_kv", False)
+        self._cache_computed(self._blocks[seq.seq_id][done:full], keys[done:full], persist)
         self._num_registered[seq.seq_id] = full
 
-    def _cache_computed(self, blocks: Sequence[int], keys: Sequence[bytes]) -> None:
-        """Register blocks being computed this step under their keys; with write-through,
-        the ones that took their key are stored down the tiers."""
+    def _cache_computed(self, blocks: Sequence[int], keys: Sequence[bytes],
+                        persist: bool = False) -> None:
+        """Register blocks being computed this step under their keys; the tiers learn of the
+        ones that took their key (write-through, checkpoints, ``persist``: saved at once)."""
         self.pool.cache_full_blocks(blocks, keys)
         if self.tiers is not None:
             for b, key in zip(blocks, keys, strict=True):
                 if self.pool.key_of(b) == key:
-                    self.tiers.on_computed(key, b)
+                    self.tiers.on_computed(key, b, persist)
+
+    def persist_prefix(self, seq: KVSeq, num_tokens: int) -> None:
+        """Give the cached full blocks of ``seq``'s first ``num_tokens`` their durable copies
+        (disk, remote) in the next step (a pin that outlives the checkpoint interval)."""
+        if self.tiers is None:
+            return
+        table, keys = self._blocks.get(seq.seq_id, []), self._keys.get(seq.seq_id, [])
+        for b, key in list(zip(table, keys, strict=False))[: num_tokens // self.block_size]:
+            if self.pool.key_of(b) == key:
+                self.tiers.persist(key, b)
 
     def _record_lookup(self, seq: KVSeq, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:

@@ -119,6 +119,7 @@ class TieredCache:
         self._inflight: dict[int, Transfer] = {}
         self._seq_loads: dict[str, _SeqLoad] = {}
         self._written: list[tuple[bytes, int]] = []  # write-through: computed last step
+        self._persist: list[tuple[bytes, int]] = []  # to save at once (retention, long pins)
         self._next_op = 1
         self._writes = dict.fromkeys(DURABLE_TIERS, 0)  # writes in flight per tier
         self._dirty: dict[bytes, None] = {}  # host keys without a disk copy (with a disk tier)
@@ -150,6 +151,7 @@ class TieredCache:
         self._inflight.clear()
         self._seq_loads.clear()
         self._written.clear()
+        self._persist.clear()
         self._writes = dict.fromkeys(DURABLE_TIERS, 0)
         self._probes.clear()
         self._probed.clear()
@@ -196,6 +198,10 @@ class TieredCache:
         for key, block in written:
             for name in LOWER_TIERS:
                 self._store(key, "device", block, name)
+        persist, self._persist = self._persist, []
+        for key, block in persist:
+            if not self._save(key, block, self._durable(), via_host=False):
+                self._persist.append((key, block))  # no room in flight now: next step
         self._flush_host(idle or self._final)
         self._checkpoint(idle)
 
@@ -258,16 +264,17 @@ class TieredCache:
         elif self._checkpoint_keys is not None:
             self._checkpoint_keys = keys[done:]
 
-    def _save(self, key: bytes, block: int, names: list[str]) -> bool:
+    def _save(self, key: bytes, block: int, names: list[str], via_host: bool = True) -> bool:
         """Give device ``block`` (``key``) a copy in each tier of ``names``; False if one takes
-        no more now (the copies made stay: retrying them is free)."""
+        no more now (the copies made stay: retrying them is free). ``via_host``: a block in
+        host reaches disk with host's flush."""
         host = self.tiers.get("host")
         for name in names:
-            if name == "disk" and host is not None and key in host:
+            if via_host and name == "disk" and host is not None and key in host:
                 continue  # host's flush writes it (or did)
             if not self._store(key, "device", block, name):
                 return False
-        del self._unsaved[key]
+        self._unsaved.pop(key, None)
         return True
 
     def _flush_host(self, everything: bool) -> None:
@@ -330,13 +337,21 @@ class TieredCache:
             if (name == "host" or to_disk) and self._store(key, "device", block, name):
                 return
 
-    def on_computed(self, key: bytes, block: int) -> None:
+    def on_computed(self, key: bytes, block: int, persist: bool = False) -> None:
         """``block`` (key ``key``) is computed in the step being planned: with write-through
-        it is stored down next step; with write-back a disk checkpoint saves it later."""
+        it is stored down next step; with write-back a checkpoint saves it later, unless
+        ``persist`` asks for its durable copies next step."""
         if self.write_through and self.tiers:
             self._written.append((key, block))
         elif self._durable():
             self._unsaved[key] = block
+            if persist:
+                self._persist.append((key, block))
+
+    def persist(self, key: bytes, block: int) -> None:
+        """Give device ``block`` (``key``, computed already) its durable copies next step."""
+        if self._durable():
+            self._persist.append((key, block))
 
     def _store(self, key: bytes, src: str, src_slot: int, dst: str) -> bool:
         """Store ``key`` into tier ``dst`` (no-op if there); False when the tier is absent,

@@ -92,6 +92,12 @@ class Programs:
         if pins is not None and done:
             for num_tokens, ttl_s in seq.pin_breakpoints:
                 self.kv.pin_prefix(seq, program, ttl_s, num_tokens)
+                if self._outlives_checkpoints(ttl_s):  # the promise holds across a crash
+                    self.kv.persist_prefix(seq, num_tokens)
+
+    def _outlives_checkpoints(self, ttl_s: float) -> bool:
+        tiers = self.kv.tiers
+        return tiers is not None and ttl_s > tiers.checkpoint_interval_s
 
     def snapshot(self) -> dict[str, Any]:
         """Program metrics (``protocol.metrics``): pinned blocks now, pin counters since

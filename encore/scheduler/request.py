@@ -63,6 +63,7 @@ class Seq:
         self.chunk_recompute = req.chunk_recompute
         self.program_order = order  # program_fcfs: the order of the program's first request
         self.remote_probed = False  # the remote store was asked for this prompt's blocks
+        self.persist_kv = req.persist_kv  # its blocks go to disk/remote once computed
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.sampling: SamplingParams = req.sampling

@@ -7,6 +7,7 @@ tokens, so every test compares against ``reference_tokens`` and ends with a leak
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from encore.configs.types import CacheConfig, SchedulerConfig
@@ -507,3 +508,39 @@ def test_a_corrupt_remote_value_is_detected_counted_and_recomputed() -> None:
     assert again == tokens and final.num_cached_tokens == BS, "block 0 loaded, 1 failed"
     assert b.stats()["kv_remote_errors"]["corrupt"] == 1
     assert keys[1] in store, "recomputed and written back"
+
+
+def test_retention_24h_writes_through_while_the_engine_is_busy() -> None:
+    """``persist_kv`` (prompt_cache_retention "24h"): the prompt's blocks reach disk in the
+    step after they are computed, without waiting for an idle moment or a checkpoint."""
+    clock = Clock()
+    sched, worker = make(num_blocks=64, disk=64, clock=clock, checkpoint_interval_s=1e9)
+    keep, other = prompts(2)
+    assert sched.add_request(make_request("long", other, max_tokens=40)) == []
+    req = msgspec.structs.replace(make_request("keep", keep, max_tokens=3), persist_kv=True)
+    assert sched.add_request(req) == []
+    for _ in range(4):
+        step(sched, worker)
+    assert sched.has_unfinished(), "still busy"
+    assert all(k in worker.disk for k in full_keys(sched, keep))
+    assert not set(full_keys(sched, other)) & set(worker.disk), "the others wait"
+    run_all(sched, worker)
+    assert_clean(sched)
+
+
+def test_an_explicit_pin_longer_than_the_checkpoint_interval_is_written_at_once() -> None:
+    clock = Clock()
+    sched, worker = make(num_blocks=64, disk=64, clock=clock, checkpoint_interval_s=60.0)
+    keep, other = prompts(2)
+    assert sched.add_request(make_request("long", other, max_tokens=40)) == []
+    req = msgspec.structs.replace(make_request("keep", keep, max_tokens=1),
+                                  prompt_cache_key="p", pin_breakpoints=[(16, 3600.0)])
+    assert sched.add_request(req) == []
+    for _ in range(4):
+        step(sched, worker)
+    assert sched.has_unfinished(), "still busy"
+    assert all(k in worker.disk for k in full_keys(sched, keep)[:4]), "the pinned prefix"
+    assert not set(full_keys(sched, other)) & set(worker.disk)
+    run_all(sched, worker)
+    sched.kv.pins.clear()
+    assert_clean(sched)
