@@ -190,11 +190,27 @@ class ServerConfig:
     tool_call_parser: Literal["hermes", "llama3_json"] = opt(
         "hermes", "how chat output is parsed for tool calls: hermes (<tool_call>{json}"
                   "</tool_call>) or llama3_json (the whole output is one JSON call)")
+    max_connections: int = opt(8192, "most open client connections; requests on any beyond "
+                                     "get 503 (keep it above max_waiting_requests, and "
+                                     "ulimit -n above it)")
+    header_timeout_s: float = opt(10.0, "seconds a connection has to send a whole request "
+                                        "head after connecting or after its last response; "
+                                        "then it is closed (slowloris)")
+    body_timeout_s: float = opt(60.0, "seconds a request body may take to arrive once its "
+                                      "headers have (408 after)")
+    keep_alive_timeout_s: float = opt(5.0, "seconds an idle keep-alive connection is kept "
+                                           "open between requests")
+    max_header_bytes: int = opt(16384, "largest request head (request line and headers) "
+                                       "accepted; a larger one gets 400")
 
     def __post_init__(self) -> None:
         check_range("server", "port", self.port, lo=0, hi=65535)
         check_range("server", "max_body_bytes", self.max_body_bytes, lo=1024)
         check_range("server", "max_waiting_requests", self.max_waiting_requests, lo=0)
+        check_range("server", "max_connections", self.max_connections, lo=1)
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            check_range("server", name, getattr(self, name), lo=0.001)
+        check_range("server", "max_header_bytes", self.max_header_bytes, lo=1024)
 
 
 @dataclass(frozen=True)

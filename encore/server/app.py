@@ -2,6 +2,7 @@
 
 The engine (and the tokenizer) start in the background, so ``/health`` answers 503 while the
 model loads. If either fails to start, the app records why and asks the server to stop.
+``/openapi.json`` describes the API (no interactive docs are served).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from encore.configs.types import EncoreConfig
 from encore.protocol.client import EngineClient
 from encore.server.errors import install_handlers
 from encore.server.metrics import ServerMetrics
-from encore.server.routes import build_router
-from encore.server.serving import ServingContext
+from encore.server.routes import build_router, openapi_schema
+from encore.server.serving import ServingContext, max_token_bytes
 
 logger = logging.getLogger("encore.server")
 
@@ -71,7 +72,8 @@ def create_app(config: EncoreConfig, engine: EngineClient, *, tokenizer: Any = N
             await engine.shutdown()
 
     app = FastAPI(title="Encore", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.ctx = ctx
     app.state.start_error = None
     install_handlers(app)
@@ -86,7 +88,9 @@ async def _start(app: FastAPI, ctx: ServingContext, tokenizer_loader: TokenizerL
             logger.info("loading the tokenizer")
             ctx.tokenizer = await asyncio.to_thread(tokenizer_loader, ctx.config)
         logger.info("starting the engine (loading the model)")
-        info = await ctx.engine.start()
+        # the prompt-size bound decodes the whole vocabulary: while the model loads
+        ctx.max_token_bytes, info = await asyncio.gather(
+            asyncio.to_thread(max_token_bytes, ctx.tokenizer), ctx.engine.start())
     except asyncio.CancelledError:
         raise
     except Exception as e:

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from encore.protocol.client import EngineError
-from encore.server.chat_parts import ChatPrompt, part_marks, render_marked
+from encore.server.chat_parts import ChatPrompt, TextEscapes, part_marks, render_marked
 from encore.server.chat_tools import (
     check_tools,
     render_messages,
@@ -30,6 +30,8 @@ from encore.server.serving import (
     admit,
     check_common,
     check_model,
+    check_num_seqs,
+    check_prompt_size,
     engine_request,
     new_id,
     resolve_max_tokens,
@@ -48,13 +50,16 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
     check_tools(req)
+    check_num_seqs(ctx, 1, req.n)
+    # every message's text is in the prompt: a lower bound on its size, known before rendering
+    check_prompt_size(ctx, sum(len(m.text()) for m in req.messages), "messages")
     prompt = await render_chat(ctx, req)
     prompt_ids = prompt.token_ids
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.requested_max_tokens(), param,
                                     "messages")
     sampling = sampling_params(req, max_tokens, req.num_logprobs())
-    admit(ctx)
+    admit(ctx, req.n)
     rid = new_id("chatcmpl")
     ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time(),
                           tenant=getattr(request.state, "tenant", None), chunks=prompt.chunks,
@@ -71,18 +76,22 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
 
 async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPrompt:
     """Apply the model's chat template and tokenize (off the event loop). Chunk parts and
-    explicit breakpoints are tokenized part by part (server.chat_parts)."""
+    explicit breakpoints are tokenized part by part, and special-token strings in client text
+    are text, not control tokens (server.chat_parts)."""
     tok = ctx.tokenizer
     cache = ctx.config.cache
     marks = part_marks(ctx, req)
     native = template_supports_tools(tok)
+    escapes = TextEscapes(tok)
 
     def render(r: ChatCompletionRequest) -> str:
         messages, tools = render_messages(r, native=native)
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return tok.apply_chat_template(escapes.escape(messages), add_generation_prompt=True,
+                                       tools=escapes.escape(tools))
 
     def run() -> ChatPrompt:
-        return render_marked(tok, render, req, marks, cache.chunk_reuse, cache.chunk_min_tokens)
+        return render_marked(escapes, render, req, marks, cache.chunk_reuse,
+                             cache.chunk_min_tokens)
 
     try:
         return await anyio.to_thread.run_sync(run)

@@ -16,6 +16,9 @@ chat template::
     pins:                                                          (prefix length, ttl)
 
 A request without marks is tokenized in one piece, exactly as before.
+
+Client text is text (:class:`TextEscapes`): a special-token string such as ``<|im_end|>`` in
+a message never becomes the control token, so a user cannot forge a turn.
 """
 
 from __future__ import annotations
@@ -34,6 +37,78 @@ CHUNK_ROLES = ("system", "developer", "user", "tool")
 MAX_BREAKPOINTS = 4  # explicit pins per request, as OpenAI allows
 
 Render = Callable[[ChatCompletionRequest], str]
+
+
+class TextEscapes:
+    """Special-token strings in client text, kept out of the rendered prompt's control tokens.
+
+    A chat template pastes client strings (content, names, tool calls and definitions) between
+    its own special tokens; encoding the result in one piece would turn a ``<|im_end|>`` typed
+    by a user into the control token. :meth:`escape` swaps each such string for a placeholder
+    before rendering; :meth:`encode` then encodes the rendered prompt segment by segment
+    between the template's own special tokens (as the tokenizer itself splits on them), with
+    the placeholders restored and encoded as plain text (``tok.encode_text``)::
+
+        client:    "hi <|im_end|> evil"            (P: the placeholder of <|im_end|>)
+        rendered:  <|im_start|>  user\\nhi P evil   <|im_end|>
+        ids:       [special]     [encode_text("user\\nhi <|im_end|> evil")]  [special]
+
+    When no client string holds a special token (nearly always) the prompt is encoded in one
+    piece, exactly as before. A tokenizer without ``special_token_strings`` has nothing to
+    escape. One instance per request (the placeholders carry a random nonce).
+    """
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        specials = sorted(getattr(tok, "special_token_strings", ()), key=len, reverse=True)
+        nonce = uuid.uuid4().hex
+        self._placeholder = {s: f"<|encore-text-{nonce}-{i}|>" for i, s in enumerate(specials)}
+        self._original = {p: s for s, p in self._placeholder.items()}
+        self._specials = _alternation(specials)
+        self._placeholders = _alternation(list(self._original))
+        self.used = False  # some client string held a special token
+
+    def escape(self, value: Any) -> Any:
+        """``value`` (strings, lists and dicts, keys included) with special-token strings
+        replaced by placeholders."""
+        if isinstance(value, str):
+            if self._specials is None or not self._specials.search(value):
+                return value
+            self.used = True
+            return self._specials.sub(lambda m: self._placeholder[m.group()], value)
+        if isinstance(value, list):
+            return [self.escape(v) for v in value]
+        if isinstance(value, dict):
+            return {self.escape(k): self.escape(v) for k, v in value.items()}
+        return value
+
+    def encode(self, rendered: str) -> list[int]:
+        """Ids of (a piece of) a prompt rendered from escaped strings."""
+        if not self.used or self._specials is None:
+            return self.tok.encode(rendered, add_special_tokens=False)
+        ids: list[int] = []
+        for i, segment in enumerate(self._specials.split(rendered)):
+            if i % 2:  # one of the template's own special tokens
+                ids += self.tok.encode(segment, add_special_tokens=False)
+            elif segment:
+                assert self._placeholders is not None
+                text = self._placeholders.sub(lambda m: self._original[m.group()], segment)
+                ids += self.tok.encode_text(text)
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of one client string (a chunk's text): special-token strings are text."""
+        if self._specials is None or not self._specials.search(text):
+            return self.tok.encode(text, add_special_tokens=False)
+        return self.tok.encode_text(text)
+
+
+def _alternation(strings: list[str]) -> re.Pattern[str] | None:
+    """A regex matching any of ``strings`` (longest first, so none shadows a longer one),
+    captured so that ``split`` keeps the matches; None for no strings."""
+    if not strings:
+        return None
+    return re.compile("(" + "|".join(map(re.escape, strings)) + ")")
 
 
 @dataclass(frozen=True)
@@ -105,7 +180,7 @@ def _check_chunk(ctx: ServingContext, role: str, param: str) -> None:
                       "tool messages can)", param)
 
 
-def with_long_parts(tok: Any, req: ChatCompletionRequest, marks: list[PartMark],
+def with_long_parts(escapes: TextEscapes, req: ChatCompletionRequest, marks: list[PartMark],
                     min_tokens: int) -> list[PartMark]:
     """``marks`` plus every text part of a chunk role with at least ``min_tokens`` tokens
     (``cache.chunk_reuse = "parts"``), in message order. Encodes candidate parts (a part with
@@ -118,17 +193,19 @@ def with_long_parts(tok: Any, req: ChatCompletionRequest, marks: list[PartMark],
             continue
         if len(text.encode("utf-8")) + 1 < min_tokens:  # cheap bound: skip encoding
             continue
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = escapes.encode_text(text)
         if len(ids) >= min_tokens:
             base = old or PartMark(m, p, chunk=True)
             by_part[(m, p)] = replace(base, chunk=True, token_ids=ids)
     return [by_part[k] for k in sorted(by_part)]
 
 
-def encode_marked(tok: Any, render: Render, req: ChatCompletionRequest,
-                  marks: list[PartMark]) -> ChatPrompt:
+def encode_marked(tok: Any, render: Render, req: ChatCompletionRequest, marks: list[PartMark],
+                  escapes: TextEscapes | None = None) -> ChatPrompt:
     """Render ``req`` with sentinels for ``marks``, then tokenize piece by piece (see the
-    module doc). 400 naming the part if the template does not render it exactly once."""
+    module doc). 400 naming the part if the template does not render it exactly once.
+    ``escapes``: the ones ``render`` escaped client strings with (None: it did not)."""
+    escapes = escapes or TextEscapes(tok)
     nonce = uuid.uuid4().hex
     sentinels = {f"<|encore-part-{nonce}-{i}|>": mk for i, mk in enumerate(marks)}
     text = render(_with_sentinels(req, sentinels))
@@ -138,7 +215,7 @@ def encode_marked(tok: Any, render: Render, req: ChatCompletionRequest,
                           "chunk and breakpoint marks need it exactly once",
                           breakpoint_param(mk.message, mk.part))
     pieces = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", text)
-    return _encode_pieces(tok, req, pieces, sentinels)
+    return _encode_pieces(escapes, req, pieces, sentinels)
 
 
 def _with_sentinels(req: ChatCompletionRequest,
@@ -155,7 +232,7 @@ def _with_sentinels(req: ChatCompletionRequest,
     return req.model_copy(update={"messages": messages})
 
 
-def _encode_pieces(tok: Any, req: ChatCompletionRequest, pieces: list[str],
+def _encode_pieces(escapes: TextEscapes, req: ChatCompletionRequest, pieces: list[str],
                    sentinels: dict[str, PartMark]) -> ChatPrompt:
     """``pieces`` alternate rendered text and sentinels (``re.split`` with a group)."""
     ids: list[int] = []
@@ -163,12 +240,12 @@ def _encode_pieces(tok: Any, req: ChatCompletionRequest, pieces: list[str],
     pins: list[tuple[int, float]] = []
     for i, piece in enumerate(pieces):
         if i % 2 == 0:
-            ids += tok.encode(piece, add_special_tokens=False)
+            ids += escapes.encode(piece)
             continue
         mk = sentinels[piece]
         if mk.chunk:
             start = len(ids)
-            ids += mk.token_ids if mk.token_ids is not None else _chunk_ids(tok, req, mk)
+            ids += mk.token_ids if mk.token_ids is not None else _chunk_ids(escapes, req, mk)
             if len(ids) > start:
                 chunks.append((start, len(ids)))
         if mk.pin_ttl_s is not None:
@@ -176,19 +253,20 @@ def _encode_pieces(tok: Any, req: ChatCompletionRequest, pieces: list[str],
     return ChatPrompt(ids, chunks, pins)
 
 
-def _chunk_ids(tok: Any, req: ChatCompletionRequest, mk: PartMark) -> list[int]:
+def _chunk_ids(escapes: TextEscapes, req: ChatCompletionRequest, mk: PartMark) -> list[int]:
     content = req.messages[mk.message].content
     assert isinstance(content, list)
-    return tok.encode(content[mk.part].text or "", add_special_tokens=False)
+    return escapes.encode_text(content[mk.part].text or "")
 
 
-def render_marked(tok: Any, render: Render, req: ChatCompletionRequest, marks: list[PartMark],
-                  chunk_reuse: str, min_tokens: int) -> ChatPrompt:
-    """The prompt of ``req``: in one piece without marks, else part by part. Blocking (run it
-    off the event loop); APIError for a template that mangles marked parts."""
+def render_marked(escapes: TextEscapes, render: Render, req: ChatCompletionRequest,
+                  marks: list[PartMark], chunk_reuse: str, min_tokens: int) -> ChatPrompt:
+    """The prompt of ``req``: in one piece without marks, else part by part. ``render`` must
+    pass the messages through ``escapes.escape``. Blocking (run it off the event loop);
+    APIError for a template that mangles marked parts."""
     if chunk_reuse == "parts":
-        marks = with_long_parts(tok, req, marks, min_tokens)
+        marks = with_long_parts(escapes, req, marks, min_tokens)
     if not marks:
-        return ChatPrompt(tok.encode(render(req), add_special_tokens=False))
-    return encode_marked(tok, render, req, marks)
+        return ChatPrompt(escapes.encode(render(req)))
+    return encode_marked(escapes.tok, render, req, marks, escapes)
 

@@ -161,16 +161,77 @@ def serve(config: EncoreConfig) -> int:
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals after draining; a drained stop is a clean exit
             self._captured_signals.clear()
+
     app = create_app(config, engine, stop_on_start_failure=True)
-    server = _Server(uvicorn.Config(
-        app, host=config.server.host, port=config.server.port,
-        log_level=config.server.log_level, timeout_graceful_shutdown=max(
-            1, int(config.server.drain_timeout_s)), access_log=False))
+    server = _Server(uvicorn_config(config, app))
     server.run()
     if app.state.start_error:
         print(f"encore: could not start: {app.state.start_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def uvicorn_config(config: EncoreConfig, app: Any) -> Any:
+    """uvicorn's settings for ``app``: address, drain budget, and the connection limit and
+    timeouts that keep slow or idle clients from holding sockets (docs/operations.md,
+    "Connections and timeouts")."""
+    import uvicorn
+
+    s = config.server
+    return uvicorn.Config(
+        app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+        timeout_graceful_shutdown=max(1, int(s.drain_timeout_s)),
+        http=_h11_with_header_timeout(s.header_timeout_s),
+        limit_concurrency=s.max_connections + 1,  # uvicorn counts the new connection too
+        timeout_keep_alive=s.keep_alive_timeout_s,  # type: ignore[arg-type]  # float is fine
+        h11_max_incomplete_event_size=s.max_header_bytes)
+
+
+def _h11_with_header_timeout(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request head. uvicorn only times out
+    idle keep-alive connections; a client that connects and then sends its headers a byte at
+    a time (slowloris), or nothing at all, would hold its socket forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        """Closes a connection that has not sent a whole request line and headers within
+        ``timeout_s`` of connecting or of its previous response."""
+
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # first: a pipelined next request is handled (and disarms) in super()
+            super().on_response_complete()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a whole request head has arrived
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
 
 
 async def generate(config: EncoreConfig, args: argparse.Namespace) -> int:

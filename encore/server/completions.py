@@ -23,6 +23,8 @@ from encore.server.serving import (
     admit,
     check_common,
     check_model,
+    check_num_seqs,
+    check_prompt_size,
     engine_request,
     new_id,
     resolve_max_tokens,
@@ -46,7 +48,7 @@ async def create_completion(ctx: ServingContext, request: Request, body: Any,
     check_model(ctx, req.model)
     check_common(ctx, req)
     _check_unsupported(req)
-    prompts = await _tokenize_prompts(ctx, req.prompt)
+    prompts = await _tokenize_prompts(ctx, _prompt_list(req.prompt), req.n)
     rid = new_id("cmpl")
     usage = UsageTracker()
     prompt_lps = req.logprobs if req.echo else None
@@ -61,7 +63,7 @@ async def create_completion(ctx: ServingContext, request: Request, body: Any,
                                     req.stop_strings()) for i in range(req.n)]
         streams.append(stream_request(ctx, ereq, trackers, arrival))
         usage.add_prompt(len(prompt.token_ids))
-    admit(ctx)
+    admit(ctx, len(prompts) * req.n)
     state = _Choices(ctx, req, prompts)
     deltas = merge_streams(streams)
     if req.stream:
@@ -77,7 +79,8 @@ def _check_unsupported(req: CompletionRequest) -> None:
         raise invalid("best_of other than n is not supported", "best_of")
 
 
-async def _tokenize_prompts(ctx: ServingContext, prompt: Any) -> list[Prompt]:
+def _prompt_list(prompt: Any) -> list[str] | list[list[int]]:
+    """The prompts of a request, whichever of the four forms it used (400 when empty)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -86,16 +89,27 @@ async def _tokenize_prompts(ctx: ServingContext, prompt: Any) -> list[Prompt]:
         prompt = [prompt]
     if len(prompt) > MAX_PROMPTS:
         raise invalid(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    return prompt
+
+
+async def _tokenize_prompts(ctx: ServingContext, prompts: list[str] | list[list[int]],
+                            n: int) -> list[Prompt]:
+    """Check every prompt's size first (cheap 400s before any tokenization), then tokenize
+    the text ones off the event loop."""
+    check_num_seqs(ctx, len(prompts), n)
+    for item in prompts:
+        if isinstance(item, str):
+            check_prompt_size(ctx, len(item), "prompt")
+        elif any(t < 0 or t >= ctx.vocab_size for t in item):
+            raise invalid(f"prompt token ids must be in [0, {ctx.vocab_size})", "prompt")
     tok = ctx.tokenizer
     out: list[Prompt] = []
-    for item in prompt:
+    for item in prompts:
         if isinstance(item, str):
             ids = await anyio.to_thread.run_sync(lambda s=item: tok.encode(
                 s, add_special_tokens=True))
             out.append(Prompt(ids, item))
         else:
-            if any(t < 0 or t >= ctx.vocab_size for t in item):
-                raise invalid(f"prompt token ids must be in [0, {ctx.vocab_size})", "prompt")
             out.append(Prompt(list(item), ""))
     return out
 

@@ -17,7 +17,10 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
     503: "service_unavailable",
@@ -72,9 +75,12 @@ def install_handlers(app: FastAPI) -> None:
         return APIError(404, f"no route {request.url.path[:80]!r}").response()
 
     @app.exception_handler(405)
-    async def _bad_method(request: Request, _: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"method {request.method} not allowed here",
-                                       "invalid_request_error"), status_code=405)
+    async def _bad_method(request: Request, exc: Exception) -> JSONResponse:
+        # the router's exception carries the route's ``Allow`` header; RFC 9110 requires it
+        headers = getattr(exc, "headers", None)
+        return JSONResponse(error_body(f"method {request.method[:16]} not allowed here",
+                                       "invalid_request_error", code="method_not_allowed"),
+                            status_code=405, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -109,10 +109,10 @@ async def stream_request(ctx: ServingContext, request: EngineRequest,
     """Yield deltas of ``request`` until all its sequences finish; abort it if we stop early.
 
     ``trackers[i]`` handles engine sequence ``i``. Raises EngineError on engine failure.
-    Counts the request in ``ctx.in_flight`` while it runs.
+    Counts the request's sequences in ``ctx.in_flight`` while it runs.
     """
     engine, metrics = ctx.engine, ctx.metrics
-    ctx.in_flight += 1
+    ctx.in_flight += request.sampling.n
     timing = RequestTiming(arrival=arrival, submitted=time.monotonic())
     metrics.queue_time.observe(timing.submitted - arrival)
     metrics.prompt_tokens.inc(len(request.prompt_token_ids))
@@ -132,7 +132,7 @@ async def stream_request(ctx: ServingContext, request: EngineRequest,
             await gen.aclose()
             if reason == "abort" or any(t.finish_reason == "stop" for t in trackers):
                 await engine.abort(request.request_id)
-        ctx.in_flight -= 1
+        ctx.in_flight -= request.sampling.n
         _record_end(metrics, trackers, timing, reason)
 
 

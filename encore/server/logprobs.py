@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from encore.protocol.messages import TokenLogprobs
 
 TokenText = Callable[[int], str]
+# What a token the sampler had masked (logprob -inf) reports, as vLLM does: JSON has no
+# -Infinity, and a client parsing the response must never meet NaN either.
+MASKED_LOGPROB = -9999.0
+
+
+def finite(logprob: float) -> float:
+    """``logprob``, or MASKED_LOGPROB when it is not a finite number."""
+    return logprob if math.isfinite(logprob) else MASKED_LOGPROB
 
 
 def _entry(text: str, logprob: float) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
 
 
 def chat_logprobs(token_text: TokenText, lps: list[TokenLogprobs],
@@ -58,8 +67,8 @@ class CompletionLogprobs:
             self.token_logprobs.append(None)
             self.top_logprobs.append(None)
             return
-        self.token_logprobs.append(lp.logprob)
-        top = {self._text(t.token_id): t.logprob for t in lp.top[:self._k]}
+        self.token_logprobs.append(finite(lp.logprob))
+        top = {self._text(t.token_id): finite(t.logprob) for t in lp.top[:self._k]}
         self.top_logprobs.append(top)
 
     def body(self) -> dict[str, Any]:

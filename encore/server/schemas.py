@@ -1,13 +1,16 @@
 """Pydantic models of the OpenAI request bodies Encore accepts (plus its extensions).
 
 Unknown fields are ignored; a known field with a bad value is a 400 whose ``param`` names it
-(:func:`parse_body`). Responses are built as plain dicts in ``server.responses``.
+(:func:`parse_body`). Bodies are decoded by :func:`decode_json` (strict JSON: no NaN, no lone
+surrogates, bounded nesting). Responses are built as plain dicts by the routes; the response
+models at the end of this file describe them in ``/openapi.json``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from encore.server.errors import APIError
@@ -15,8 +18,14 @@ from encore.server.errors import APIError
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# Every integer crosses to the engine as msgpack int64: larger ones are a 400 here, not an
+# encoding failure (500) later.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_REPETITION_PENALTY = 2.0  # as SGLang; values below 1 favour repeats, above 1 avoid them
 
-NonNegInt = Annotated[int, Field(ge=0)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+NonNegInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
+PositiveInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
 
 
 class _Model(BaseModel):
@@ -40,7 +49,7 @@ class ContentPart(_Model):
     it: ``implicit`` (a no-op: prefix caching is always on), ``explicit`` with a ``ttl`` (pin
     the prefix up to this part's end), or ``chunk`` (Encore: a position-independent chunk)."""
 
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
     prompt_cache_breakpoint: dict[str, Any] | None = None
 
@@ -132,12 +141,12 @@ class _CommonRequest(_Model):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    max_tokens: PositiveInt | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # below 1e-5: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    seed: Int64 | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -148,13 +157,13 @@ class _CommonRequest(_Model):
     job_id: str | None = Field(default=None, max_length=1024)
     is_last_step: bool | None = None
     # extensions
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     stop_token_ids: list[NonNegInt] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
-    priority: int = 0
+    min_tokens: NonNegInt = 0
+    priority: Int64 = 0
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
 
     @field_validator("stop")
@@ -181,7 +190,7 @@ class _CommonRequest(_Model):
 
 class ChatCompletionRequest(_CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
@@ -204,7 +213,7 @@ class CompletionRequest(_CommonRequest):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: PositiveInt | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else 16
@@ -227,6 +236,32 @@ def _param_of(loc: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
+# pydantic-core's JSON parser (jiter) refuses NaN/Infinity literals, lone UTF-16 surrogate
+# escapes ("\\ud800": such a str cannot be encoded, so the tokenizer would fail on it) and
+# nesting deeper than about 200 levels (the stdlib parser recurses until RecursionError).
+# Its messages name a position ("... at line 1 column 9"), never the input.
+_SURROGATE_ERRORS = ("surrogate", "end of hex escape")
+MAX_JSON_DEPTH = 200
+
+
+def decode_json(raw: bytes) -> Any:
+    """The decoded body; a 400 saying why when it is not strict JSON."""
+    try:
+        return pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as e:
+        reason = str(e)
+    where = reason.rpartition(" at ")[2]
+    if "recursion limit" in reason:
+        message = (f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels of "
+                   "arrays and objects)")
+    elif any(s in reason for s in _SURROGATE_ERRORS):
+        message = (f"request body has a lone UTF-16 surrogate escape ({where}); strings must "
+                   "be valid Unicode (\\ud800-\\udfff only as pairs)")
+    else:
+        message = f"request body is not valid JSON: {reason}"
+    raise APIError(400, message, code="invalid_json")
+
+
 def parse_body(model: type[_Model], data: Any) -> Any:
     """Validate a decoded JSON body; raise a 400 APIError naming the first bad field."""
     if not isinstance(data, dict):
@@ -240,3 +275,174 @@ def parse_body(model: type[_Model], data: Any) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"invalid value for {param!r}: {msg}" if param else msg,
                        param=param, code="invalid_value") from None
+
+
+# ---- response shapes: documentation for /openapi.json (the routes build plain dicts) --------
+# ``extra="forbid"`` makes each an exact description: a field the server adds without
+# documenting it here fails the schemathesis run (tests/e2e/test_fuzz_openapi.py).
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Response):
+    """Every error: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float  # finite: a token the sampler had masked reports -9999.0
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
+class ChatDelta(_Response):
+    """What a chat chunk adds to its choice (each field only when it has something)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Response):
+    """One event of a chat stream; with ``include_usage`` every chunk has ``usage`` (null but
+    in the last, whose ``choices`` is empty)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobsOut(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobsOut | None
+    finish_reason: FinishReason
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobsOut | None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Response):
+    """One event of a text completion stream (``usage`` as in ChatCompletionChunk)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthStatus(_Response):
+    status: Literal["ok", "starting", "unavailable"]

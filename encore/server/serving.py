@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import Awaitable
@@ -20,11 +19,13 @@ from encore.protocol.client import EngineClient
 from encore.protocol.messages import EngineReady, EngineRequest, SamplingParams
 from encore.server.errors import APIError, invalid
 from encore.server.metrics import ServerMetrics
-from encore.server.schemas import _CommonRequest
+from encore.server.schemas import _CommonRequest, decode_json
 
 T = TypeVar("T")
 RETRY_AFTER_S = 5
 _DISCONNECT_POLL_S = 0.25
+# Below this a temperature is greedy: dividing logits by it overflows float32 (vLLM's bound).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -37,7 +38,9 @@ class ServingContext:
     metrics: ServerMetrics
     info: EngineReady | None = None
     model_name: str = ""
-    in_flight: int = 0
+    in_flight: int = 0  # sequences submitted by this process and not finished
+    # Most UTF-8 bytes one token spells (+1), measured at start-up; None until then.
+    max_token_bytes: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     tenants: dict[str, str] = field(default_factory=dict)  # API key -> its cache salt
@@ -107,12 +110,45 @@ def check_ready(ctx: ServingContext) -> None:
                        retry_after=RETRY_AFTER_S)
 
 
+def max_token_bytes(tokenizer: Any) -> int:
+    """An upper bound on the UTF-8 bytes one token spells: the longest token decoded on its
+    own, +1 because SentencePiece decoders drop a lone token's leading space. Blocking (every
+    id is decoded once): call it off the event loop."""
+    longest = max(len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+                  for i in range(tokenizer.vocab_size))
+    return longest + 1
+
+
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON (no Content-Type at all is taken as JSON, as
+    FastAPI does)."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"Content-Type {declared[:60]!r} is not supported; send the body "
+                            "as application/json", code="unsupported_media_type")
+
+
 async def read_json(ctx: ServingContext, request: Request) -> Any:
-    """Read the body within ``max_body_bytes`` (413 above) and decode it (400 if malformed)."""
-    limit = ctx.config.server.max_body_bytes
+    """Read the body within ``max_body_bytes`` (413 above) and ``body_timeout_s`` (408) and
+    decode it (400 if it is not strict JSON, see :func:`decode_json`)."""
+    server = ctx.config.server
+    limit = server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await _read_body(request, limit)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {server.body_timeout_s:g}"
+                            " s (body_timeout_s)", code="request_timeout") from None
+    return decode_json(raw)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -121,10 +157,7 @@ async def read_json(ctx: ServingContext, request: Request) -> Any:
             raise APIError(413, f"request body is larger than {limit} bytes",
                            code="body_too_large")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    return b"".join(chunks)
 
 
 def check_model(ctx: ServingContext, model: str | None) -> None:
@@ -134,14 +167,40 @@ def check_model(ctx: ServingContext, model: str | None) -> None:
                             f"{ctx.model_name!r}", param="model", code="model_not_found")
 
 
-def admit(ctx: ServingContext) -> None:
-    """429 when the waiting queue is full (engine's view, or ours if it lags)."""
+def check_num_seqs(ctx: ServingContext, num_prompts: int, n: int) -> None:
+    """400 when one request alone asks for more sequences (prompts x ``n``) than the waiting
+    queue holds: it could never be admitted, and queued it would lock everyone else out."""
+    limit = ctx.config.server.max_waiting_requests
+    if limit and num_prompts * n > limit:
+        raise invalid(f"this request asks for {num_prompts * n} sequences ({num_prompts} "
+                      f"prompt(s) x n={n}); this server queues at most {limit} "
+                      "(max_waiting_requests)", "n" if n > 1 else "prompt")
+
+
+def admit(ctx: ServingContext, num_seqs: int) -> None:
+    """429 unless the waiting queue has room for ``num_seqs`` more sequences (the engine's
+    count, or ours of what is in flight if the engine's lags)."""
     cfg = ctx.config
     limit = cfg.server.max_waiting_requests
-    waiting = ctx.engine.stats().num_waiting if ctx.engine.stats() else 0
-    if waiting >= limit or ctx.in_flight >= limit + cfg.scheduler.max_num_seqs:
+    stats = ctx.engine.stats()
+    waiting = stats.num_waiting if stats else 0
+    if (waiting + num_seqs > limit
+            or ctx.in_flight + num_seqs > limit + cfg.scheduler.max_num_seqs):
         raise APIError(429, "too many requests are waiting; retry later",
                        code="queue_full", retry_after=RETRY_AFTER_S)
+
+
+def check_prompt_size(ctx: ServingContext, num_chars: int, param: str) -> None:
+    """400 ``context_length_exceeded``, before paying for tokenization, when a prompt of
+    ``num_chars`` characters cannot fit the context whatever its tokens: it has at least
+    ``num_chars`` bytes and a token spells at most ``ctx.max_token_bytes`` of them."""
+    per_token = ctx.max_token_bytes
+    if per_token is None or num_chars <= ctx.max_model_len * per_token:
+        return
+    raise APIError(400, f"the prompt has {num_chars} characters, at least "
+                        f"{-(-num_chars // per_token)} tokens; this model's context is "
+                        f"{ctx.max_model_len} tokens", param=param,
+                   code="context_length_exceeded")
 
 
 def check_common(ctx: ServingContext, req: _CommonRequest) -> None:
@@ -160,15 +219,16 @@ def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | No
     """Output budget of one prompt; 400 when the prompt plus it exceed the context."""
     limit = ctx.max_model_len
     if prompt_len >= limit:
-        raise invalid(f"the prompt has {prompt_len} tokens; this model's context is {limit} "
-                      "tokens", prompt_param)
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is "
+                            f"{limit} tokens", param=prompt_param, code="context_length_exceeded")
     if prompt_len == 0:
         raise invalid("the prompt is empty", prompt_param)
     if requested is None:
         return limit - prompt_len
     if prompt_len + requested > limit:
-        raise invalid(f"{param}={requested} plus the prompt's {prompt_len} tokens exceeds "
-                      f"this model's context of {limit} tokens", param)
+        raise APIError(400, f"{param}={requested} plus the prompt's {prompt_len} tokens "
+                            f"exceeds this model's context of {limit} tokens", param=param,
+                       code="context_length_exceeded")
     return requested
 
 
@@ -177,8 +237,10 @@ def sampling_params(req: Any, max_tokens: int, logprobs: int | None,
     if req.min_tokens > max_tokens:
         raise invalid(f"min_tokens={req.min_tokens} exceeds the output budget {max_tokens}",
                       "min_tokens")
+    # a temperature this small is greedy; sent as 0 so every stage treats it so
+    temperature = 0.0 if req.temperature < GREEDY_TEMPERATURE else req.temperature
     return SamplingParams(
-        n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        n=req.n, temperature=temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
         min_p=req.min_p, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
         seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,

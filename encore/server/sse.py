@@ -19,8 +19,10 @@ DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() \
-        + b"\n\n"
+    """One frame. NaN/Infinity are not JSON: refused here (ValueError) as in JSONResponse,
+    never sent to a client (server.logprobs keeps logprobs finite)."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def parse_sse(raw: bytes | str) -> list[Any]:

@@ -11,6 +11,7 @@ globals and filters as transformers' ``apply_chat_template(..., tokenize=False)`
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from array import array
@@ -67,6 +68,8 @@ class EncoreTokenizer:
         self._special_ids = {
             t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
         }
+        # the special (control) tokens' strings; in client text they are text (encode_text)
+        self.special_token_strings: tuple[str, ...] = tuple(sorted(self._special_ids))
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -80,8 +83,22 @@ class EncoreTokenizer:
         return bool(self.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Ids of ``text``; with add_special_tokens, a BOS when the model wants one."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Ids of ``text`` (special-token strings in it become those tokens); with
+        add_special_tokens, a BOS when the model wants one."""
+        return _encode(self._tok, text, add_special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` read as plain text: ``"<|im_end|>"`` typed by a client becomes
+        ordinary tokens, never the control token (added tokens that are not special, such as
+        a model's ``<tool_call>``, still match, as in encode)."""
+        return _encode(self._text_tok, text, False)
+
+    @functools.cached_property
+    def _text_tok(self) -> Tokenizer:
+        """A copy of the tokenizer that does not match special tokens in text."""
+        copy = Tokenizer.from_str(self._tok.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -118,6 +135,17 @@ class EncoreTokenizer:
             add_generation_prompt=add_generation_prompt,
             **context,
         )
+
+
+# Tokenizer.encode holds the GIL for the whole text (seconds for megabytes), stalling the API
+# process's event loop even from a worker thread; encode_batch releases it. Same ids.
+_GIL_FREE_CHARS = 16384
+
+
+def _encode(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) < _GIL_FREE_CHARS:
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
+    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 # ---- chat template environment (mirrors transformers.utils.chat_template_utils) ------------

@@ -7,6 +7,10 @@ same tokens whatever else runs in the batch. Sampling uses the exponential race
 
 Order, as in vLLM: penalties → min-tokens mask → logprobs (of the penalized logits, before
 temperature) → temperature → top-k → top-p → min-p → sample.
+
+Sampling stays finite whatever the parameters: a temperature below GREEDY_TEMPERATURE is
+greedy, and penalized logits are clamped to ±LOGIT_LIMIT (a repetition penalty of 5e-324
+would otherwise divide logits to infinity, and softmax of infinities is NaN).
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from dataclasses import dataclass, field
 import torch
 
 from encore.protocol.messages import Logprob, SamplingParams, TokenLogprobs
+
+# Dividing logits by a smaller temperature overflows float32 (the API sends these as 0).
+GREEDY_TEMPERATURE = 1e-5
+# No model's logits come near this; divided by GREEDY_TEMPERATURE it is still far below
+# float32's max (3.4e38), so temperature never turns a clamped logit into infinity.
+LOGIT_LIMIT = 1e4
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Argmax: temperature 0 (or too small to divide by) or top_k 1."""
+    return params.greedy or params.temperature < GREEDY_TEMPERATURE
 
 
 def child_seed(seed: int, index: int) -> int:
@@ -39,7 +54,7 @@ class SeqSamplingState:
 def make_state(params: SamplingParams, prompt: list[int], output: list[int] | None,
                eos_ids: list[int], seed_index: int, device: torch.device) -> SeqSamplingState:
     gen = None
-    if params.seed is not None and not params.greedy:
+    if params.seed is not None and not is_greedy(params):
         gen = torch.Generator(device=device)
         gen.manual_seed(child_seed(params.seed, seed_index))
     stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_ids))
@@ -47,12 +62,14 @@ def make_state(params: SamplingParams, prompt: list[int], output: list[int] | No
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> bool:
-    """In place, row by row, only for rows that ask for a penalty; True if any did."""
+    """In place, row by row, only for rows that ask for a penalty; True if any did. A
+    penalized row is made finite and clamped to ±LOGIT_LIMIT, whatever the penalty."""
     changed = False
     for i, st in enumerate(states):
         p = st.params
+        row_changed = False
         if p.repetition_penalty != 1.0:
-            changed = True
+            row_changed = True
             seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
                                 dtype=torch.long, device=logits.device)
             if seen.numel():
@@ -60,10 +77,14 @@ def _apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> bo
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                               vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and st.output_token_ids:
-            changed = True
+            row_changed = True
             out = torch.tensor(st.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if row_changed:  # an extreme penalty makes ±inf, and 0 x inf = NaN: never preferred
+            logits[i].nan_to_num_(nan=-LOGIT_LIMIT, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT)
+            logits[i].clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+        changed = changed or row_changed
     return changed
 
 
@@ -128,7 +149,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         chosen = argmax if argmax is not None and not changed else torch.argmax(logits, dim=-1)
         for i, st in enumerate(states):
-            if st.params.greedy:
+            if is_greedy(st.params):
                 continue
             probs = _filter(logits[i], st.params)
             gen = st.generator or self.default_generator

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 
 import httpx
 import pytest
 
+from encore.server.sse import parse_sse
 from tests.e2e.e2e_server import API_KEY, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -32,6 +35,72 @@ def test_malformed_json_oversized_and_keys(server) -> None:
     assert httpx.post(url, json={}).status_code == 401
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert httpx.get(server.base_url + "/metrics").status_code == 200
+
+
+def _finite_numbers(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return True
+
+
+def test_extreme_sampling_values_stay_finite_and_tiny_temperature_is_greedy(server) -> None:
+    """temperature or repetition_penalty 5e-324 made NaN logprobs: a 500, NaN in SSE, or an
+    empty 200 (token 0 is <|endoftext|>)."""
+    model = httpx.get(server.v1 + "/models", headers=AUTH).json()["data"][0]["id"]
+    url = server.v1 + "/chat/completions"
+    base = {"model": model, "messages": [{"role": "user", "content": "Name three colors."}],
+            "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    with httpx.Client(headers=AUTH, timeout=120) as http:
+        greedy = http.post(url, json={**base, "temperature": 0}).json()
+        tiny = http.post(url, json={**base, "temperature": 5e-324})
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["choices"][0]["message"] == greedy["choices"][0]["message"]
+        assert greedy["choices"][0]["message"]["content"]
+        penalized = http.post(url, json={**base, "repetition_penalty": 5e-324, "seed": 1})
+        assert penalized.status_code == 200, penalized.text
+        assert penalized.json()["usage"]["completion_tokens"] >= 1
+        stream = http.post(url, json={**base, "temperature": 5e-324, "repetition_penalty": 1e-30,
+                                      "stream": True})
+        assert b"NaN" not in stream.content and b"Infinity" not in stream.content
+        events = parse_sse(stream.content)
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+        for body in [greedy, tiny.json(), penalized.json(), *events[:-1]]:
+            assert _finite_numbers(body), body
+        assert http.post(url, json={**base, "repetition_penalty": 3}).status_code == 400
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_hostile_bodies_are_400_and_keep_the_connection(server) -> None:
+    """Each was a 500 that also dropped the keep-alive connection (an exception escaped)."""
+    model = httpx.get(server.v1 + "/models", headers=AUTH).json()["data"][0]["id"]
+    url = server.v1 + "/chat/completions"
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    deep = ("[" * 1000 + "]" * 1000).encode()
+    lone = b'"x\\udc00"'  # a JSON string holding a lone surrogate escape
+    chat_path, text_path = "chat/completions", "completions"
+    bad = [(chat_path, json.dumps({**chat, "priority": -(2**63) - 1}).encode()),
+           (chat_path, json.dumps({**chat, "top_k": 2**64}).encode()),
+           (chat_path, json.dumps({**chat, "priority": 2**63}).encode()),
+           (chat_path, json.dumps(chat).encode().replace(b'"hi"', lone)),
+           (text_path, json.dumps({"model": model, "prompt": "P"}).encode().replace(b'"P"', lone)),
+           (chat_path, json.dumps({**chat, "user": "U"}).encode().replace(b'"U"', deep))]
+    tracebacks = server.log_tail(10_000).count("Traceback")
+    with httpx.Client(headers={**AUTH, "content-type": "application/json"}, timeout=60) as http:
+        for path, raw in bad:
+            r = http.post(f"{server.v1}/{path}", content=raw)
+            assert r.status_code == 400, (raw[:80], r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        r = http.post(url, content=json.dumps(chat), headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        r = http.get(url)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert http.post(url, json=chat).status_code == 200
+        assert http.get(server.base_url + "/health").status_code == 200
+    assert server.log_tail(10_000).count("Traceback") == tracebacks, server.log_tail()
 
 
 def test_disconnect_mid_stream_frees_everything(server) -> None:

@@ -117,3 +117,34 @@ def test_precomputed_argmax_is_used_only_when_no_row_changes_its_logits():
               state(SamplingParams(temperature=0.0))]
     ids, _ = Sampler(0, CPU)(peaked(7, 8), masked, stale.clone())
     assert ids == [0, 8]
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """5e-324 rounds to 0 in float32: dividing by it made NaN probabilities and a token 0."""
+    for t in (5e-324, 1e-7, 9e-6):
+        for seed in (None, 3):
+            st = state(SamplingParams(temperature=t, seed=seed, logprobs=2))
+            for _ in range(5):
+                ids, lps = sample(peaked(7), [st])
+                assert ids == [7]
+                assert all(torch.isfinite(torch.tensor([lps[0].logprob]
+                                                       + [x.logprob for x in lps[0].top])))
+
+
+def test_extreme_penalties_keep_logprobs_finite():
+    """A repetition penalty near 0 divides seen logits to infinity; rows stay finite."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 0.5] + [0.0] * (V - 4)])
+    for params in (SamplingParams(temperature=0.0, repetition_penalty=5e-324, logprobs=3),
+                   SamplingParams(temperature=0.7, repetition_penalty=5e-324, logprobs=3,
+                                  seed=1),
+                   SamplingParams(temperature=1e-4, repetition_penalty=1e300, logprobs=3,
+                                  presence_penalty=1e30, seed=2)):
+        st = state(params, prompt=(0, 1, 2))
+        for _ in range(4):
+            ids, lps = sample(logits, [st])
+            values = [lps[0].logprob] + [x.logprob for x in lps[0].top]
+            assert all(torch.isfinite(torch.tensor(values))), (params, values)
+            assert 0 <= ids[0] < V
+    # the near-zero penalty boosts every seen token with a positive logit to the top
+    st = state(SamplingParams(temperature=0.0, repetition_penalty=5e-324), prompt=(0, 1, 2))
+    assert sample(logits, [st])[0] == [0]  # 0 and 1 tie at the limit; argmax takes the first

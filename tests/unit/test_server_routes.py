@@ -213,10 +213,9 @@ async def _asgi_call_until_first_chunk(app, path: str, body: dict,
 def test_disconnect_mid_stream_aborts() -> None:
     import asyncio
 
-    from tests.unit.fake_engine_client import FakeTokenizer
-
     from encore.configs.loading import build_config
     from encore.server.app import create_app
+    from tests.unit.fake_engine_client import FakeTokenizer
 
     engine = FakeEngineClient(delay=0.02, script=lambda r, i: "y" * 500)
 
@@ -244,10 +243,9 @@ def test_disconnect_mid_stream_aborts() -> None:
 def test_disconnect_while_waiting_for_non_streaming_aborts() -> None:
     import asyncio
 
-    from tests.unit.fake_engine_client import FakeTokenizer
-
     from encore.configs.loading import build_config
     from encore.server.app import create_app
+    from tests.unit.fake_engine_client import FakeTokenizer
 
     engine = FakeEngineClient(delay=0.02, script=lambda r, i: "y" * 500)
 

@@ -64,6 +64,25 @@ def test_gguf_encode_decode_match_transformers(gguf_pair, text):
         )
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_encode_text_reads_special_tokens_as_text(gguf_pair, text):
+    """What a client types is text: transformers' split_special_tokens gives the same ids."""
+    ours, ref = gguf_pair
+    ids = ours.encode_text(text)
+    assert ids == ref(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert not any(ours.is_special(i) for i in ids)
+    assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+def test_gguf_long_text_encodes_the_same_without_holding_the_gil(gguf_pair):
+    ours, ref = gguf_pair
+    text = "\n".join(TEXTS) * 400  # beyond the length where encode releases the GIL
+    assert len(text) > 20_000
+    assert ours.encode(text) == ref(text, add_special_tokens=False).input_ids
+    assert ours.encode_text(text) == ref(text, add_special_tokens=False,
+                                         split_special_tokens=True).input_ids
+
+
 def test_gguf_special_ids(gguf_pair):
     ours, ref = gguf_pair
     assert ours.vocab_size == len(ref) == 49152
