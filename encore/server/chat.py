@@ -36,6 +36,7 @@ from encore.server.serving import (
     new_id,
     resolve_max_tokens,
     sampling_params,
+    take_session_header,
     until_disconnect,
 )
 from encore.server.sse import DONE, SSEResponse, sse_event
@@ -45,6 +46,7 @@ from encore.server.tool_parsers import StreamingToolParser, parse_tool_calls
 async def create_chat_completion(ctx: ServingContext, request: Request, body: Any,
                                  arrival: float) -> Response:
     req = parse_body(ChatCompletionRequest, body)
+    take_session_header(req, request)
     check_model(ctx, req.model)
     check_common(ctx, req)
     if req.top_logprobs is not None and not req.logprobs:
@@ -194,7 +196,7 @@ def _tools_called(ctx: ServingContext, req: ChatCompletionRequest, names: list[s
     per tool how long the program pauses (nothing to learn after its last step)."""
     program = req.program_key()
     if program is not None and not req.is_last_step:
-        ctx.engine.tool_called(program, list(names))
+        ctx.engine.tool_called(program, list(names), req._engine_salt)
 
 
 def _stream_parsers(ctx: ServingContext,

@@ -29,6 +29,7 @@ from encore.server.serving import (
     new_id,
     resolve_max_tokens,
     sampling_params,
+    take_session_header,
     until_disconnect,
 )
 from encore.server.sse import DONE, SSEResponse, sse_event
@@ -45,6 +46,7 @@ class Prompt:
 async def create_completion(ctx: ServingContext, request: Request, body: Any,
                             arrival: float) -> Response:
     req = parse_body(CompletionRequest, body)
+    take_session_header(req, request)
     check_model(ctx, req.model)
     check_common(ctx, req)
     _check_unsupported(req)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from encore.server.errors import APIError
 
@@ -156,6 +156,9 @@ class _CommonRequest(_Model):
     prompt_cache_options: dict[str, Any] | None = None
     job_id: str | None = Field(default=None, max_length=1024)
     is_last_step: bool | None = None
+    session_id: str | None = Field(default=None, max_length=1024)  # or the X-Session-ID header
+    # "24h": the prompt's KV goes to disk/remote at once (kept across restarts and replicas)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     # extensions
     top_k: int = Field(default=0, ge=-1, le=INT64_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -184,8 +187,13 @@ class _CommonRequest(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    # the request's cache namespace (tenant and client salt), set by ``engine_request``
+    _engine_salt: str | None = PrivateAttr(default=None)
+
     def program_key(self) -> str | None:
-        return self.prompt_cache_key or self.job_id
+        """The agent program / conversation: ``prompt_cache_key``, Continuum's ``job_id``, or
+        the session (``session_id``, the ``X-Session-ID`` header routers hash on)."""
+        return self.prompt_cache_key or self.job_id or self.session_id
 
 
 class ChatCompletionRequest(_CommonRequest):

@@ -23,6 +23,7 @@ from encore.server.schemas import _CommonRequest, decode_json
 
 T = TypeVar("T")
 RETRY_AFTER_S = 5
+MAX_KEY_CHARS = 1024  # prompt_cache_key, job_id, session_id, X-Session-ID
 _DISCONNECT_POLL_S = 0.25
 # Below this a temperature is greedy: dividing logits by it overflows float32 (vLLM's bound).
 GREEDY_TEMPERATURE = 1e-5
@@ -257,6 +258,16 @@ def cache_salt(tenant: str | None, client: str | None) -> str | None:
     return f"t:{tenant}" if client is None else f"t:{tenant}|c:{client}"
 
 
+def take_session_header(req: _CommonRequest, request: Request) -> None:
+    """``X-Session-ID`` (what routers hash on to keep a conversation on one replica) names
+    the program when the body does not."""
+    value = request.headers.get("x-session-id")
+    if value is not None and len(value) > MAX_KEY_CHARS:
+        raise invalid(f"X-Session-ID is longer than {MAX_KEY_CHARS} characters",
+                      "X-Session-ID")
+    req.session_id = req.session_id or value
+
+
 def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    prompt_ids: list[int], sampling: SamplingParams,
                    arrival: float, tenant: str | None = None,
@@ -264,13 +275,15 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    pin_breakpoints: list[tuple[int, float]] | None = None) -> EngineRequest:
     """The engine's request; ``chunks`` and ``pin_breakpoints`` are token positions of the
     prompt's marked content parts (chat only, see server.chat_parts)."""
+    req._engine_salt = cache_salt(tenant, req.cache_salt)
     return EngineRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
         arrival_time=arrival, eos_token_ids=list(ctx.tokenizer.eos_token_ids),
-        priority=req.priority, cache_salt=cache_salt(tenant, req.cache_salt),
+        priority=req.priority, cache_salt=req._engine_salt,
         prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
         is_last_step=req.is_last_step, chunks=list(chunks or []),
-        pin_breakpoints=list(pin_breakpoints or []))
+        pin_breakpoints=list(pin_breakpoints or []),
+        persist_kv=req.prompt_cache_retention == "24h")
 
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
