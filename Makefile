@@ -73,3 +73,10 @@ test-latest:
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .ruff_cache
+
+# Not run by CI: a longer schemathesis run (at least 2,000 cases, fixed seed) against a real
+# server's /openapi.json; its last result is in docs/operations.md ("Fuzzing").
+.PHONY: fuzz
+fuzz: $(STAMP)
+	ENCORE_FUZZ_EXAMPLES=600 ENCORE_FUZZ_MIN_CASES=2000 $(VENV)/bin/pytest -q -s \
+	  --timeout 3600 tests/e2e/test_fuzz_openapi.py
