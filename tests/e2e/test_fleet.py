@@ -5,14 +5,18 @@ is a miss, never an error; a corrupted value is caught."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.e2e_server import API_KEY, Server, start_server, stop_server
+from tests.e2e.e2e_server import API_KEY, Server, free_port, start_server, stop_server
 from tests.e2e.redis_server import Store, start_store, stop_store
 
 pytestmark = pytest.mark.slow
@@ -133,3 +137,63 @@ def test_a_corrupted_value_is_detected_not_served_and_counted(fleet) -> None:
     text, cached = complete(b, prompt(31))
     assert text == reference and cached == 0
     assert metric(b, "encore:kv_remote_errors_total", 'kind="corrupt"') >= 1
+
+
+def start_router(tmp: Path, workers: list[str]) -> tuple[subprocess.Popen, str]:
+    """vllm-router (from the dev extra) in front of ``workers``: consistent hashing on the
+    conversation's X-Session-ID, quick health checks (docs/operations.md, "A fleet")."""
+    binary = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    port, metrics_port = free_port(), free_port()
+    cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers,
+           "--policy", "consistent_hash", "--worker-startup-check-interval", "1",
+           "--health-check-interval-secs", "2", "--health-check-timeout-secs", "2",
+           "--health-failure-threshold", "2", "--health-success-threshold", "1",
+           "--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "10",
+           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    log = (tmp / "router.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"the router did not start:\n{(tmp / 'router.log').read_text()[-2000:]}")
+
+
+def served(server: Server) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    return sum(float(v) for v in re.findall(r"^encore:request_success_total\{[^}]*\} (\S+)$",
+                                            text, re.M))
+
+
+def test_the_router_keeps_each_conversation_on_one_replica(fleet, tmp_path) -> None:
+    """Through the router, with the official client: every turn of a conversation reaches
+    the same replica (its X-Session-ID), conversations spread over both, and each turn
+    reuses the previous one's KV."""
+    a, b, _ = fleet
+    proc, base = start_router(tmp_path, [a.base_url, b.base_url])
+    try:
+        placed: dict[str, str] = {}
+        for conv in range(6):
+            client = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0,
+                                   timeout=120,
+                                   default_headers={"X-Session-ID": f"conversation-{conv}"})
+            history = prompt(40 + conv, words=120)
+            for turn in range(3):
+                before = (served(a), served(b))
+                r = client.completions.create(model=client.models.list().data[0].id,
+                                              prompt=history, max_tokens=4, temperature=0)
+                after = (served(a), served(b))
+                replica = "a" if after[0] > before[0] else "b"
+                assert placed.setdefault(f"conversation-{conv}", replica) == replica
+                cached = r.usage.prompt_tokens_details.cached_tokens or 0
+                assert turn == 0 or cached >= 100, (conv, turn, cached)
+                history += r.choices[0].text + f" Turn {turn}: more words please."
+        assert set(placed.values()) == {"a", "b"}, placed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from encore.configs.loading import build_config
-from encore.configs.types import CacheConfig
 from encore.configs.secrets import block_key_secret
+from encore.configs.types import CacheConfig
 from encore.kvmanager.hashing import BlockHasher
 from encore.protocol.messages import EngineRequest, SamplingParams
 from encore.scheduler.inproc_client import InprocEngineClient
