@@ -175,8 +175,11 @@ def words(rng: random.Random, n: int) -> str:
 
 async def turn(client: httpx.AsyncClient, base: str, user: str, prompt: str,
                args: argparse.Namespace, result: Result) -> str:
+    # logprobs: every token streams a chunk, text or not (a dummy model's ids may be past
+    # its tokenizer's vocabulary); the usage chunk counts the tokens
     body = {"model": args.model_name, "prompt": prompt, "max_tokens": args.output_len,
-            "temperature": 0, "stream": True, "ignore_eos": True, "prompt_cache_key": user}
+            "temperature": 0, "stream": True, "ignore_eos": True, "prompt_cache_key": user,
+            "logprobs": 1, "stream_options": {"include_usage": True}}
     start, first, text = time.perf_counter(), None, []
     try:
         async with client.stream("POST", base + "/v1/completions", json=body,
@@ -188,10 +191,11 @@ async def turn(client: httpx.AsyncClient, base: str, user: str, prompt: str,
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):
                     first = first or time.perf_counter()
-                    text.append(chunk["choices"][0]["text"])
-                    result.output_tokens += 1
+                    text.append(chunk["choices"][0].get("text") or "")
+                if chunk.get("usage"):
+                    result.output_tokens += chunk["usage"]["completion_tokens"]
     except httpx.HTTPError:
         result.errors += 1
         return ""
@@ -269,7 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [run_config(name, args).row() for name in args.configs.split(",")]
+    rows = []
+    for name in args.configs.split(","):
+        rows.append(run_config(name, args).row())
+        print(json.dumps(rows[-1]), flush=True)  # each configuration as it finishes
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     keys = sorted({k for r in rows for k in r})

@@ -1,6 +1,7 @@
 """The KV tiers on a CUDA GPU: pinned host pool, side-stream copies completing through events,
-disk I/O in threads. A tiny random Llama (built here); greedy tokens after a host or disk hit
-must equal the cold run's. Run with ``pytest -m gpu tests/integration/test_kv_tiers_gpu.py``.
+disk and remote I/O in threads. A tiny random Llama (built here); greedy tokens after a host,
+disk or remote hit must equal the cold run's (remote: a real redis-server, on PATH). Run with
+``pytest -m gpu tests/integration/test_kv_tiers_gpu.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from encore.configs.loading import build_config
 from encore.protocol.messages import EngineRequest, SamplingParams
 from encore.scheduler.engine import EngineCore
 from encore.worker.executor import InprocExecutor
+from tests.e2e.redis_server import start_store, stop_store
 from tests.helpers.tiny_models import make_tiny_model_dir
 
 pytestmark = [
@@ -40,9 +42,18 @@ def run(core: EngineCore, prompt: list[int], rid: str) -> tuple[list[int], int]:
     return tokens, cached
 
 
-@pytest.mark.parametrize("tiers", ["host", "disk"])
+@pytest.mark.parametrize("tiers", ["host", "disk", "remote"])
 def test_tier_hit_on_gpu_equals_cold_run(tiny_dir, tmp_path, tiers):
-    core = EngineCore(*_config(tiny_dir, tmp_path, tiers))
+    store = start_store(tmp_path / "store") if tiers == "remote" else None
+    try:
+        _hit_equals_cold_run(tiny_dir, tmp_path, tiers, store.url if store else None)
+    finally:
+        if store is not None:
+            stop_store(store)
+
+
+def _hit_equals_cold_run(tiny_dir, tmp_path, tiers: str, url: str | None) -> None:
+    core = EngineCore(*_config(tiny_dir, tmp_path, tiers, url))
     info = core.start()
     assert core.worker is not None and core.worker.kv_block_bytes > 0
     rng = random.Random(1)
@@ -59,12 +70,14 @@ def test_tier_hit_on_gpu_equals_cold_run(tiny_dir, tmp_path, tiers):
     assert stats["kv_tier_hit_tokens"].get(tiers, 0) > 0
 
 
-def _config(path, tmp_path, tiers):
+def _config(path, tmp_path, tiers, url=None):
     over = {"model": str(path), "device": "cuda", "dtype": "float32", "num_device_blocks": 24,
             "kv_load_policy": "always"}
     if tiers == "host":
         over["host_cache_gib"] = 0.05
-    else:
+    elif tiers == "disk":
         over.update(host_cache_gib=0.0, disk_cache_dir=str(tmp_path / "kv"))
+    else:
+        over.update(host_cache_gib=0.0, remote_cache_url=url)
     config = build_config(overrides=over)
     return config, InprocExecutor(config)
