@@ -143,22 +143,28 @@ class Fleet:
         return f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
+        """Router first, then the replicas (which flush to the store), the store last."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 proc.kill()
 
 
 def hit_tokens(urls: list[str]) -> dict[str, float]:
     """Prompt tokens reused per tier (without tiers: all on the device), and in all, summed
-    over the replicas."""
+    over the replicas; with a remote tier also the MB written to and read from it."""
     out: dict[str, float] = {}
     for url in urls:
         text = httpx.get(url + "/metrics", timeout=30).text
+        for route, key in (('dst="remote",src="device"', "remote_mb_written"),
+                           ('dst="device",src="remote"', "remote_mb_read")):
+            m = re.search(r"^encore:kv_tier_transfer_bytes_total\{" + route + r"\} (\S+)$",
+                          text, re.M)
+            if m:
+                out[key] = out.get(key, 0.0) + float(m.group(1)) / 2**20
         total = re.search(r"^encore:prefix_cache_hits_total (\S+)$", text, re.M)
         out["total"] = out.get("total", 0.0) + float(total.group(1) if total else 0.0)
         tiers = re.findall(r'^encore:kv_tier_hit_tokens_total\{tier="(\w+)"\} (\S+)$',
@@ -230,6 +236,20 @@ async def drive(entry: list[str], args: argparse.Namespace, result: Result) -> N
         result.wall_s = time.perf_counter() - start
 
 
+def warm_up(urls: list[str], args: argparse.Namespace) -> None:
+    """Each replica compiles and caches its kernels on its first prompts of each size: run a
+    few before timing (prompts unlike the workload's, so they leave no useful cache)."""
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            sink = Result("warm-up")
+            for url in urls:
+                for n in (50, args.system_words, 4 * args.system_words):
+                    await turn(client, url, "warm-up", f"Warm-up {n}: " + "zulu " * n, args,
+                               sink)
+
+    asyncio.run(go())
+
+
 def run_config(name: str, args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory(prefix=f"fleet-{name.replace('+', '-')}-") as tmp:
         fleet = Fleet(args, name, Path(tmp))
@@ -237,9 +257,12 @@ def run_config(name: str, args: argparse.Namespace) -> Result:
             entry = [fleet.entry] if fleet.entry else fleet.replicas
             models = httpx.get(fleet.replicas[0] + "/v1/models", timeout=30).json()
             args.model_name = models["data"][0]["id"]
+            warm_up(fleet.replicas, args)
+            before = hit_tokens(fleet.replicas)
             result = Result(name)
             asyncio.run(drive(entry, args, result))
-            result.hits = hit_tokens(fleet.replicas)
+            after = hit_tokens(fleet.replicas)
+            result.hits = {k: v - before.get(k, 0.0) for k, v in after.items()}
             return result
         finally:
             fleet.stop()
@@ -253,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--engine-args", default="--config cpu-small --num-threads 1",
                    help="flags for each replica's `encore serve`")
-    p.add_argument("--router", default=str(Path(sys.executable).parent / "vllm-router"),
+    p.add_argument("--router", default=f"{sys.executable} -m vllm_router.launch_router",
                    help="the router command (before --worker-urls ...)")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)

@@ -236,8 +236,12 @@ class TieredCache:
         ``checkpoint_interval_s``, the ones unsaved when the interval ran out (so ``kill
         -9`` loses at most about that window). At most a tier's capacity per pass (older
         blocks would only push out newer ones), ``MAX_DISK_WRITES_IN_FLIGHT`` at a time;
-        blocks in host reach disk with host's flush."""
+        blocks in host reach disk with host's flush. While the load policy finds a remote
+        read slower than recomputing, a busy engine writes nothing there (no replica would
+        load it; idle and shutdown passes still do, and keep the link measured)."""
         durable = self._durable()
+        if not (idle or self._final):  # busy: a remote copy only where it could be loaded
+            durable = [n for n in durable if n != "remote" or self.policy.pays_off(n)]
         if not self._unsaved or not durable:
             return
         now = self.clock()

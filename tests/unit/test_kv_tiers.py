@@ -544,3 +544,22 @@ def test_an_explicit_pin_longer_than_the_checkpoint_interval_is_written_at_once(
     run_all(sched, worker)
     sched.kv.pins.clear()
     assert_clean(sched)
+
+
+def test_a_busy_engine_writes_nothing_remote_while_remote_loads_cannot_pay_off() -> None:
+    """A link slower than recomputing (an 8B model on an H100 against a loopback store): no
+    replica would load the copies, so a busy engine does not write them; an idle one does."""
+    store: dict = {}
+    clock = Clock()
+    sched, worker = make(64, remote=True, clock=clock, checkpoint_interval_s=1.0)
+    worker.remote = store
+    sched.kv.tiers.policy = CostLoad(BS, 1 << 20, CostNumbers(prefill_tokens_per_s=1e9))
+    a, b = prompts(2)
+    assert sched.add_request(make_request("a", a, max_tokens=3)) == []
+    assert sched.add_request(make_request("b", b, max_tokens=40)) == []
+    for _ in range(4):
+        clock.now += 2.0  # checkpoint intervals pass while busy
+        step(sched, worker)
+    assert sched.has_unfinished() and not store
+    run_all(sched, worker)
+    assert set(full_keys(sched, a)) <= set(store), "written once idle"
