@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -46,6 +47,15 @@ class DeviceBlocks:
         """``data`` ``[n, layers, 2, ...]`` (on the device) into device blocks ``ids``."""
         for i in range(*layers):
             self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
+
+    def copy_in(self, data: torch.Tensor, block: int) -> Any:
+        """One whole block read from a file or a store (CPU, ``[layers, 2, ...]``) into device
+        block ``block``, on the side stream; returns the event it completes (None: done)."""
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with ctx:
+            staged = data.to(self.device, non_blocking=True)[None]
+            self.scatter(self.ids([block]), staged, (0, self.num_layers))
+        return self.record()
 
     @staticmethod
     def to_bytes(t: torch.Tensor) -> memoryview:

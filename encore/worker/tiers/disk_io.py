@@ -9,7 +9,6 @@ copied into its device block on the side stream, then reported.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -142,14 +141,9 @@ class DiskIO:
         return done
 
     def _copy_in(self, p: _Pending) -> None:
-        blocks = self.blocks
-        stream = blocks.stream
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            assert p.staged is not None
-            staged = p.staged.to(blocks.device, non_blocking=True)[None]
-            blocks.scatter(blocks.ids([p.op.dst_slot]), staged, (0, blocks.num_layers))
-        p.staged, p.event = None, blocks.record()
+        assert p.staged is not None
+        p.event = self.blocks.copy_in(p.staged, p.op.dst_slot)
+        p.staged = None
 
     def _future_result(self, p: _Pending) -> KVDone | None:
         """A KVDone if the I/O finished the op (or failed it); None if a copy remains."""

@@ -17,7 +17,6 @@ back "up". A value that fails its check is deleted and counted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -241,12 +240,7 @@ class RemoteIO:
             done.append(KVDone(op.op_id, True, seconds=result))
             return None
         staged, p.seconds = result
-        blocks = self.blocks
-        stream = blocks.stream
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            data = staged.to(blocks.device, non_blocking=True)[None]
-            blocks.scatter(blocks.ids([op.dst_slot]), data, (0, blocks.num_layers))
-        p.event = blocks.record()
+        p.event = self.blocks.copy_in(staged, op.dst_slot)
         if p.event is None:  # the CPU: done already
             done.append(KVDone(op.op_id, True, seconds=p.seconds))
             return None
