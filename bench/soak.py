@@ -96,6 +96,9 @@ async def one(client: httpx.AsyncClient, url: str, b: dict, abort_after: int | N
                 if '"error"' in line and '"choices"' not in line:
                     stats.error("error event")
                     return
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if not choices[0].get("delta", {}).get("content"):
+                    continue  # the opening role chunk, or the closing one: not a token
                 first = first or time.perf_counter()
                 chunks += 1
                 if abort_after is not None and chunks >= abort_after:
