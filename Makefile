@@ -64,10 +64,11 @@ lock: $(STAMP)
 	  --extra dev --python-version 3.11 $(TORCH_SOURCE) --upgrade -q -o $(LOCK) \
 	  --custom-compile-command "make lock"
 
-# Not run by CI: the tests on the newest allowed versions (triton too), to find drift on
-# purpose. Its own venv, so the locked one stays as it is.
+# Not run by CI: the tests on the newest allowed versions (triton too; torch stays the CPU
+# build), to find drift on purpose. Its own venv, so the locked one stays as it is.
 test-latest:
-	$(call install,$(LATEST_VENV),--upgrade)
+	mkdir -p $(LATEST_VENV) && printf '%s\n' "$(TORCH)" > $(LATEST_VENV)/cpu-torch.txt
+	$(call install,$(LATEST_VENV),--upgrade -c $(LATEST_VENV)/cpu-torch.txt $(TORCH_SOURCE))
 	$(LATEST_VENV)/bin/pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|kernels) "
 	$(LATEST_VENV)/bin/pytest -q tests
 
