@@ -33,3 +33,13 @@ def chat_body(**kw: Any) -> dict[str, Any]:
                             "messages": [{"role": "user", "content": "hi"}]}
     body.update(kw)
     return body
+
+
+def api_error(r: Any, status: int, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object of response ``r``, checked: status, the four fields, param."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param, err
+    return err

@@ -22,18 +22,9 @@ from encore.server.app import create_app
 from encore.server.sse import parse_sse
 from encore.server.tokenizer import EncoreTokenizer, load_tokenizer
 from tests.unit.fake_engine_client import FakeEngineClient
-from tests.unit.server_helpers import chat_body, serve
+from tests.unit.server_helpers import api_error, chat_body, serve
 
 JSON = {"content-type": "application/json"}
-
-
-def _err(r: Any, status: int, param: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 def _healthy(client: TestClient) -> None:
@@ -56,7 +47,7 @@ def test_integers_beyond_int64_are_400(field: str, value: Any) -> None:
         for path, body in [("/v1/chat/completions", chat_body()),
                            ("/v1/completions", {"prompt": "hi"})]:
             r = client.post(path, json={**body, field: value})
-            err = _err(r, 400)
+            err = api_error(r, 400)
             assert err["param"].startswith(field), err
         _healthy(client)
     assert engine.requests == []
@@ -71,7 +62,7 @@ def test_integers_beyond_int64_are_400(field: str, value: Any) -> None:
 def test_lone_surrogate_is_400(raw: bytes) -> None:
     path = "/v1/completions" if b"prompt" in raw else "/v1/chat/completions"
     with serve() as (client, engine, _):
-        err = _err(client.post(path, content=raw, headers=JSON), 400)
+        err = api_error(client.post(path, content=raw, headers=JSON), 400)
         assert "surrogate" in err["message"], err
         _healthy(client)
         # a surrogate *pair* is a valid character and still works
@@ -86,7 +77,7 @@ def test_deeply_nested_json_is_400(depth: int) -> None:
     raw = ('{"messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": '
            f'{{"x": {nested}}}}}').encode()
     with serve() as (client, _, _):
-        err = _err(client.post("/v1/chat/completions", content=raw, headers=JSON), 400)
+        err = api_error(client.post("/v1/chat/completions", content=raw, headers=JSON), 400)
         assert "nested" in err["message"], err
         _healthy(client)
 
@@ -96,7 +87,7 @@ def test_nan_and_infinity_literals_are_400() -> None:
         for raw in [b'{"prompt": "hi", "temperature": NaN}',
                     b'{"prompt": "hi", "top_p": Infinity}',
                     b'{"prompt": "hi", "presence_penalty": -Infinity}']:
-            _err(client.post("/v1/completions", content=raw, headers=JSON), 400)
+            api_error(client.post("/v1/completions", content=raw, headers=JSON), 400)
         _healthy(client)
 
 
@@ -107,7 +98,7 @@ def test_nan_and_infinity_literals_are_400() -> None:
 ])
 def test_sampling_values_outside_their_range_are_400(field: str, value: float) -> None:
     with serve() as (client, _, _):
-        _err(client.post("/v1/chat/completions", json=chat_body(**{field: value})), 400, field)
+        api_error(client.post("/v1/chat/completions", json=chat_body(**{field: value})), 400, field)
         _healthy(client)
 
 
@@ -240,7 +231,7 @@ def test_a_body_that_is_not_json_is_415(ctype: str) -> None:
     with serve() as (client, engine, _):
         r = client.post("/v1/chat/completions", content=json.dumps(chat_body()),
                         headers={"content-type": ctype})
-        err = _err(r, 415)
+        err = api_error(r, 415)
         assert "application/json" in err["message"]
         ok = client.post("/v1/chat/completions", content=json.dumps(chat_body()),
                          headers={"content-type": "application/json; charset=utf-8"})
@@ -255,6 +246,6 @@ def test_405_names_the_allowed_methods() -> None:
                                     ("DELETE", "/v1/completions", "POST"),
                                     ("POST", "/health", "GET"), ("PUT", "/v1/models", "GET")]:
             r = client.request(method, path)
-            _err(r, 405)
+            api_error(r, 405)
             assert r.headers["allow"] == allow, (method, path, r.headers)
         _healthy(client)

@@ -9,16 +9,7 @@ import pytest
 
 from encore.server.sse import parse_sse
 from tests.unit.fake_engine_client import FakeEngineClient
-from tests.unit.server_helpers import chat_body, serve
-
-
-def _err(r, status: int, param: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert err["param"] == param, err
-    return err
+from tests.unit.server_helpers import api_error, chat_body, serve
 
 
 @pytest.mark.parametrize("field,value,param", [
@@ -56,45 +47,46 @@ def _err(r, status: int, param: str | None = None) -> dict:
 ])
 def test_chat_bad_values_name_the_param(field, value, param) -> None:
     with serve() as (client, _, _):
-        _err(client.post("/v1/chat/completions", json=chat_body(**{field: value})), 400, param)
+        api_error(client.post("/v1/chat/completions", json=chat_body(**{field: value})), 400, param)
 
 
 def test_context_overflow_and_relationships() -> None:
     with serve(engine=FakeEngineClient(max_model_len=64)) as (client, _, _):
-        _err(client.post("/v1/chat/completions", json=chat_body(max_tokens=60)), 400,
-             "max_tokens")
-        _err(client.post("/v1/completions", json={"prompt": "x" * 100}), 400, "prompt")
-        _err(client.post("/v1/chat/completions", json=chat_body(top_logprobs=2)), 400,
-             "top_logprobs")
-        _err(client.post("/v1/chat/completions", json=chat_body(max_tokens=2, min_tokens=5)),
-             400, "min_tokens")
-        _err(client.post("/v1/completions", json={"prompt": []}), 400, "prompt")
-        _err(client.post("/v1/completions", json={"prompt": [1, 99999]}), 400, "prompt")
-        _err(client.post("/v1/completions", json={"prompt": "a", "suffix": "b"}), 400, "suffix")
-        _err(client.post("/v1/completions", json={"prompt": "a", "logprobs": 99}), 400,
-             "logprobs")
+        api_error(client.post("/v1/chat/completions", json=chat_body(max_tokens=60)), 400,
+                  "max_tokens")
+        api_error(client.post("/v1/completions", json={"prompt": "x" * 100}), 400, "prompt")
+        api_error(client.post("/v1/chat/completions", json=chat_body(top_logprobs=2)), 400,
+                  "top_logprobs")
+        api_error(client.post("/v1/chat/completions", json=chat_body(max_tokens=2, min_tokens=5)),
+                  400, "min_tokens")
+        api_error(client.post("/v1/completions", json={"prompt": []}), 400, "prompt")
+        api_error(client.post("/v1/completions", json={"prompt": [1, 99999]}), 400, "prompt")
+        api_error(client.post("/v1/completions", json={"prompt": "a", "suffix": "b"}), 400,
+                  "suffix")
+        api_error(client.post("/v1/completions", json={"prompt": "a", "logprobs": 99}), 400,
+                  "logprobs")
 
 
 def test_malformed_json_and_non_objects() -> None:
     with serve() as (client, _, _):
         for raw in [b"{", b"", b"\xff\xfe", b"null", b"[1,2]", b'"s"']:
-            _err(client.post("/v1/chat/completions", content=raw,
+            api_error(client.post("/v1/chat/completions", content=raw,
                              headers={"content-type": "application/json"}), 400)
 
 
 def test_unknown_model_is_404() -> None:
     with serve() as (client, _, _):
-        err = _err(client.post("/v1/chat/completions", json=chat_body(model="x" * 500)), 404,
+        err = api_error(client.post("/v1/chat/completions", json=chat_body(model="x" * 500)), 404,
                    "model")
     assert len(err["message"]) < 200  # never echoes the whole input
 
 
 def test_api_keys() -> None:
     with serve(api_keys=["k1", "k2"]) as (client, _, _):
-        _err(client.post("/v1/chat/completions", json=chat_body()), 401)
-        _err(client.post("/v1/chat/completions", json=chat_body(),
+        api_error(client.post("/v1/chat/completions", json=chat_body()), 401)
+        api_error(client.post("/v1/chat/completions", json=chat_body(),
                          headers={"Authorization": "Bearer nope"}), 401)
-        _err(client.get("/v1/models", headers={"Authorization": "Basic k1"}), 401)
+        api_error(client.get("/v1/models", headers={"Authorization": "Basic k1"}), 401)
         ok = client.post("/v1/chat/completions", json=chat_body(),
                          headers={"Authorization": "Bearer k2"})
         assert ok.status_code == 200
@@ -105,32 +97,32 @@ def test_api_keys() -> None:
 def test_body_too_large_is_413() -> None:
     with serve(max_body_bytes=2048) as (client, _, _):
         big = chat_body(messages=[{"role": "user", "content": "x" * 5000}])
-        _err(client.post("/v1/chat/completions", json=big), 413)
+        api_error(client.post("/v1/chat/completions", json=big), 413)
 
         def chunks():
             for _ in range(10):
                 yield b" " * 1000
-        _err(client.post("/v1/chat/completions", content=chunks()), 413)
+        api_error(client.post("/v1/chat/completions", content=chunks()), 413)
 
 
 def test_queue_full_is_429_with_retry_after() -> None:
     with serve(max_waiting_requests=0) as (client, _, _):
         r = client.post("/v1/chat/completions", json=chat_body())
-        _err(r, 429)
+        api_error(r, 429)
         assert r.headers["retry-after"]
 
 
 def test_not_ready_is_503_with_retry_after() -> None:
     with serve(engine=FakeEngineClient(ready=False), wait_ready=False) as (client, _, _):
         r = client.post("/v1/chat/completions", json=chat_body())
-        _err(r, 503)
+        api_error(r, 503)
         assert r.headers["retry-after"]
         assert client.get("/health").status_code == 503
 
 
 def test_engine_error_is_500_or_error_event() -> None:
     with serve(engine=FakeEngineClient(fail_with="worker died")) as (client, _, _):
-        err = _err(client.post("/v1/chat/completions", json=chat_body()), 500)
+        err = api_error(client.post("/v1/chat/completions", json=chat_body()), 500)
         assert "worker died" in err["message"]
         events = parse_sse(client.post("/v1/completions", json={
             "prompt": "x", "stream": True}).content)
@@ -139,7 +131,7 @@ def test_engine_error_is_500_or_error_event() -> None:
 
 def test_unknown_route_and_method() -> None:
     with serve() as (client, _, _):
-        _err(client.get("/v1/nothing"), 404)
+        api_error(client.get("/v1/nothing"), 404)
         assert client.get("/v1/chat/completions").status_code == 405
 
 
