@@ -135,7 +135,7 @@ class Fleet:
     def _router(self) -> str:
         port = free_port()
         cmd = [*shlex.split(self.args.router), "--worker-urls", *self.replicas,
-               "--policy", "consistent_hash", "--host", "127.0.0.1", "--port", str(port),
+               "--policy", self.args.router_policy, "--host", "127.0.0.1", "--port", str(port),
                "--worker-startup-check-interval", "1", "--prometheus-host", "127.0.0.1",
                "--prometheus-port", str(free_port())]
         proc = self._spawn(cmd, "router.log")
@@ -278,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="flags for each replica's `encore serve`")
     p.add_argument("--router", default=f"{sys.executable} -m vllm_router.launch_router",
                    help="the router command (before --worker-urls ...)")
+    p.add_argument("--router-policy", default="consistent_hash",
+                   help="vllm-router's policy: consistent_hash or sticky_least_loaded (both "
+                        "keep an X-Session-ID on one replica)")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4)
