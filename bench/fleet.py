@@ -6,8 +6,9 @@
 
 Every configuration starts its own processes: two replicas (``encore serve``), a fresh
 ``redis-server`` for the remote tier where the configuration has one, and, where it has one,
-the router in front (``--router``: vllm-router, ``consistent_hash`` on the conversation's
-``X-Session-ID`` header; docs/operations.md "A fleet"):
+the router in front (``--router``: vllm-router; ``--router-policy sticky_least_loaded`` puts a
+new conversation's ``X-Session-ID`` on the replica with the fewest and keeps it there;
+docs/operations.md "A fleet"):
 
     rr             round-robin over the replicas (client side), no remote tier
     rr+remote      round-robin, both replicas on one remote tier (shared secret)
@@ -278,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="flags for each replica's `encore serve`")
     p.add_argument("--router", default=f"{sys.executable} -m vllm_router.launch_router",
                    help="the router command (before --worker-urls ...)")
-    p.add_argument("--router-policy", default="consistent_hash",
+    p.add_argument("--router-policy", default="sticky_least_loaded",
                    help="vllm-router's policy: consistent_hash or sticky_least_loaded (both "
                         "keep an X-Session-ID on one replica)")
     p.add_argument("--users", type=int, default=8)

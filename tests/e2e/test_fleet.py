@@ -140,12 +140,13 @@ def test_a_corrupted_value_is_detected_not_served_and_counted(fleet) -> None:
 
 
 def start_router(tmp: Path, workers: list[str]) -> tuple[subprocess.Popen, str]:
-    """vllm-router (from the dev extra) in front of ``workers``: consistent hashing on the
-    conversation's X-Session-ID, quick health checks (docs/operations.md, "A fleet")."""
+    """vllm-router (from the dev extra) in front of ``workers``: a conversation's X-Session-ID
+    sticks to the replica it was first given (the least loaded), quick health checks
+    (docs/operations.md, "A fleet")."""
     binary = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
     port, metrics_port = free_port(), free_port()
     cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers,
-           "--policy", "consistent_hash", "--worker-startup-check-interval", "1",
+           "--policy", "sticky_least_loaded", "--worker-startup-check-interval", "1",
            "--health-check-interval-secs", "2", "--health-check-timeout-secs", "2",
            "--health-failure-threshold", "2", "--health-success-threshold", "1",
            "--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "10",
