@@ -51,7 +51,7 @@ def start(path, **overrides) -> EngineCore:
 
 
 def runner(core: EngineCore):
-    return core.executor.runner
+    return core.executor.worker.runner
 
 
 def generate(core: EngineCore, batch: list[list[int]], max_tokens: int = MAX_TOKENS,
@@ -172,7 +172,7 @@ def test_kv_pool_sized_by_profiling(tiny_dir):
     ex = InprocExecutor(config)
     ready = ex.start()
     total = torch.cuda.mem_get_info()[1]
-    kv_bytes = sum(t.numel() * t.element_size() for t in ex.runner.kv_caches)
+    kv_bytes = sum(t.numel() * t.element_size() for t in ex.worker.kv_caches)
     ex.shutdown()
     assert ready.num_device_blocks > 1000
     assert 0.1 * total < kv_bytes < 0.3 * total
