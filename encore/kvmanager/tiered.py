@@ -129,7 +129,8 @@ class TieredCache:
         self._unsaved: OrderedDict[bytes, int] = OrderedDict()
         self.checkpoint_interval_s = setup.checkpoint_interval_s
         self._last_checkpoint = clock()
-        self._checkpoint_keys: list[bytes] | None = None  # a busy checkpoint's keys, MRU first
+        self._checkpoint_keys: list[bytes] | None = None  # the pass under way, MRU first
+        self._checkpoint_pos = 0  # how far that pass has come
         self._final = False  # shutting down: write everything
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
         self.transfer_bytes: dict[str, int] = {}
@@ -208,7 +209,7 @@ class TieredCache:
     def needs_flush(self) -> bool:
         """Cached blocks (host or device) still lack their durable copies: an idle engine
         keeps stepping to write them."""
-        return (bool(self._dirty) and self._disk_writable()) or (
+        return (bool(self._dirty) and self._writable("disk")) or (
             bool(self._unsaved) and bool(self._durable()))
 
     def begin_final_flush(self) -> None:
@@ -216,15 +217,13 @@ class TieredCache:
         recently used first); the engine steps while ``needs_flush``."""
         self._final = True
 
-    def _disk_writable(self) -> bool:
-        disk = self.tiers.get("disk")
-        return disk is not None and disk.enabled and self.disk_writable
-
     def _writable(self, name: str) -> bool:
-        if name == "disk":
-            return self._disk_writable()
+        """Whether tier ``name`` takes stores now (present, on; disk: not read-only; remote:
+        its store answers)."""
         tier = self.tiers.get(name)
-        return tier is not None and tier.enabled and (name != "remote" or self.remote_up)
+        if tier is None or not tier.enabled:
+            return False
+        return {"disk": self.disk_writable, "remote": self.remote_up}.get(name, True)
 
     def _durable(self) -> list[str]:
         """The durable tiers that take writes now."""
@@ -234,39 +233,47 @@ class TieredCache:
         """Give device blocks their durable copies (disk, remote), most recently used first:
         while the engine is idle or shutting down all of them; while busy, every
         ``checkpoint_interval_s``, the ones unsaved when the interval ran out (so ``kill
-        -9`` loses at most about that window). At most a tier's capacity per pass (older
-        blocks would only push out newer ones), ``MAX_DISK_WRITES_IN_FLIGHT`` at a time;
-        blocks in host reach disk with host's flush. While the load policy finds a remote
-        read slower than recomputing, a busy engine writes nothing there (no replica would
-        load it; idle and shutdown passes still do, and keep the link measured)."""
+        -9`` loses at most about that window). A pass covers the blocks unsaved when it
+        began, over as many steps as the writes take, ``MAX_DISK_WRITES_IN_FLIGHT`` at a
+        time, and gives each tier at most its capacity (older blocks would only push out
+        newer ones); blocks in host reach disk with host's flush. While the load policy
+        finds a remote read slower than recomputing, a busy engine writes nothing there (no
+        replica would load it; idle and shutdown passes still do, and keep the link
+        measured)."""
         durable = self._durable()
         if not (idle or self._final):  # busy: a remote copy only where it could be loaded
             durable = [n for n in durable if n != "remote" or self.policy.pays_off(n)]
-        if not self._unsaved or not durable:
+        if not durable:
             return
         now = self.clock()
-        if self._checkpoint_keys is None and not (idle or self._final):
-            if now - self._last_checkpoint < self.checkpoint_interval_s:
-                return
-            self._checkpoint_keys = list(reversed(self._unsaved))
-        keys = self._checkpoint_keys if self._checkpoint_keys is not None else list(
-            reversed(self._unsaved))
+        if self._checkpoint_keys is None and not self._start_checkpoint(idle, now, durable):
+            return
+        keys = self._checkpoint_keys
+        assert keys is not None
+        while self._checkpoint_pos < len(keys):
+            i = self._checkpoint_pos  # the key's rank from the most recently used end
+            block = self._unsaved.get(keys[i])
+            names = [n for n in durable if i < self.tiers[n].num_slots]
+            if block is not None and names and not self._save(keys[i], block, names):
+                return  # the tiers take no more now: the pass goes on next step
+            self._checkpoint_pos += 1
+        self._checkpoint_keys = None
+        self._last_checkpoint = now
+
+    def _start_checkpoint(self, idle: bool, now: float, durable: list[str]) -> bool:
+        """Begin a pass over the unsaved blocks, most recently used first (False: none is
+        due). Blocks older than the largest tier holds are dropped: writing them would only
+        push out the more recent ones written before them."""
+        if not self._unsaved:
+            return False
+        if not (idle or self._final) and now - self._last_checkpoint < self.checkpoint_interval_s:
+            return False
+        keys = list(reversed(self._unsaved))
         capacity = max(self.tiers[name].num_slots for name in durable)
         for key in keys[capacity:]:
             self._unsaved.pop(key, None)
-        keys = keys[:capacity]
-        done = 0
-        for i, key in enumerate(keys):
-            block = self._unsaved.get(key)
-            names = [n for n in durable if i < self.tiers[n].num_slots]
-            if block is not None and not self._save(key, block, names):
-                break
-            done += 1
-        if done == len(keys):
-            self._checkpoint_keys = None
-            self._last_checkpoint = now
-        elif self._checkpoint_keys is not None:
-            self._checkpoint_keys = keys[done:]
+        self._checkpoint_keys, self._checkpoint_pos = keys[:capacity], 0
+        return True
 
     def _save(self, key: bytes, block: int, names: list[str], via_host: bool = True) -> bool:
         """Give device ``block`` (``key``) a copy in each tier of ``names``; False if one takes
@@ -288,7 +295,7 @@ class TieredCache:
         host, now clean: evicting it later costs nothing and loses nothing."""
         host = self.tiers.get("host")
         budget = MAX_DISK_WRITES_IN_FLIGHT - self._writes["disk"]
-        if host is None or not self._dirty or not self._disk_writable() or budget <= 0:
+        if host is None or not self._dirty or not self._writable("disk") or budget <= 0:
             return
         if not everything and not self.policy.pays_off("disk"):
             return  # a disk copy would never be loaded: write only while idle (restarts)
@@ -330,7 +337,7 @@ class TieredCache:
             self._store(key, "device", block, "remote")  # the fleet's copy, besides a local one
         host = self.tiers.get("host")
         order = ("host", "disk")
-        to_disk = self._disk_writable() and self.policy.pays_off("disk")
+        to_disk = self._writable("disk") and self.policy.pays_off("disk")
         if host is not None and key not in host and not host.num_free() and to_disk:
             clean = next((k for k in _coldest(host) if k not in self._dirty), None)
             if clean is None:
@@ -545,12 +552,12 @@ class TieredCache:
                 self._read_only(error)
             elif ok:  # a link is about as fast both ways (a disk: writes as reads)
                 self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
-            if op.dst == "host" and ok and self._disk_writable() \
+            if op.dst == "host" and ok and self._writable("disk") \
                     and op.key not in self.tiers["disk"]:
                 self._dirty[op.key] = None
             if op.src == "host":  # a flush: the host entry stays, clean unless it failed
                 self.tiers["host"].complete_load(op.key, True)
-                if not ok and self._disk_writable():
+                if not ok and self._writable("disk"):
                     self._dirty[op.key] = None
         if ok:
             route = f"{op.src}>{op.dst}"
