@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import wait
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 GIB = 1024**3
 REMOTE_PASSWORD_ENV = "ENCORE_REMOTE_CACHE_PASSWORD"  # the store's password, if not in the URL
 LOAD_GROUPS = 8  # layer groups of a host load (CUDA): layer group g computes once g is in
-IDLE_WAIT_S = 0.005  # an idle step waits this long for remote I/O before answering
+IDLE_WAIT_S = 0.005  # an idle step waits this long for disk or remote I/O before answering
 
 
 class TierDataPlane:
@@ -90,9 +91,9 @@ class TierDataPlane:
     def after_step(self, idle: bool) -> tuple[list[KVDone], list[KVProbed]]:
         """Transfers and probes that finished meanwhile; an idle step waits briefly for
         I/O."""
-        if idle:
-            self.disk.wait_briefly()
-            self.remote.wait_briefly(IDLE_WAIT_S)
+        running = [*self.disk.running(), *self.remote.running()] if idle else []
+        if running:
+            wait(running, timeout=IDLE_WAIT_S, return_when="FIRST_COMPLETED")
         return self.poll(), self.probed()
 
     def _copies(self, step: SchedulerOutput, done: list[KVDone]) -> LayerCopies | None:

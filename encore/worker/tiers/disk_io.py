@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,6 @@ from encore.worker.tiers.host_pool import HostPool
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-IDLE_WAIT_S = 0.005  # an idle step waits this long for disk I/O before answering
-
-
 @dataclass
 class _Pending:
     """A disk transfer not finished yet: an I/O future, then (a read) a copy to the device."""
@@ -112,11 +109,9 @@ class DiskIO:
         data = self.blocks.from_bytes(self.store.read(key))
         return data, time.perf_counter() - start
 
-    def wait_briefly(self) -> None:
-        """An idle step gives running I/O ``IDLE_WAIT_S`` to finish."""
-        futures = [p.future for p in self.pending if p.future is not None and not p.future.done()]
-        if futures:
-            wait(futures, timeout=IDLE_WAIT_S, return_when="FIRST_COMPLETED")
+    def running(self) -> list[Future]:
+        """The I/O not finished yet."""
+        return [p.future for p in self.pending if p.future is not None and not p.future.done()]
 
     def poll(self) -> list[KVDone]:
         """Finished transfers; a finished read is copied into its device block first."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,10 +194,9 @@ class RemoteIO:
         if self.store is not None:
             self.pending.append(_Pending(probe, self.io.submit(self.store.exists, probe.keys)))
 
-    def wait_briefly(self, timeout_s: float) -> None:
-        futures = [p.future for p in self.pending if not p.future.done()]
-        if futures:
-            wait(futures, timeout=timeout_s, return_when="FIRST_COMPLETED")
+    def running(self) -> list[Future]:
+        """The I/O not finished yet."""
+        return [p.future for p in self.pending if not p.future.done()]
 
     def poll(self) -> tuple[list[KVDone], list[KVProbed]]:
         """Finished transfers and probes; a finished read is copied into its block first."""
