@@ -167,9 +167,13 @@ class WorkerConfig:
     start_timeout_s: float = opt(600.0, "seconds to wait for the worker to load the model")
     enforce_eager: bool = opt(False, "CUDA only: run decode steps eagerly instead of replaying "
                                      "CUDA graphs")
+    tensor_parallel_size: int = opt(1, "worker processes (ranks) the model is split over, one "
+                                       "per GPU (NCCL) or CPU process (gloo); Megatron-style "
+                                       "tensor parallelism")
 
     def __post_init__(self) -> None:
         check_range("worker", "num_threads", self.num_threads, lo=1)
+        check_range("worker", "tensor_parallel_size", self.tensor_parallel_size, lo=1, hi=64)
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,22 @@ lives in ``encore.worker.executor`` (tests, offline use). The scheduler never im
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
+import shutil
 import subprocess
+import tempfile
 import time
+from typing import Any
 
+import msgspec
 import zmq
 
 from encore.configs import EncoreConfig
 from encore.protocol.messages import (
     EngineDead,
+    KVDone,
+    KVProbed,
     ModelRunnerOutput,
     SchedulerOutput,
     Shutdown,
@@ -51,59 +58,191 @@ class Executor(abc.ABC):
 
 
 class MPExecutor(Executor):
-    """The worker as a child process; notices its death within ``POLL_MS``."""
+    """The worker as child processes, one per tensor-parallel rank
+    (``worker.tensor_parallel_size``; one process without it); notices a death within
+    ``POLL_MS``. Each step is encoded once and the same bytes go to every rank; rank 0's
+    answer carries the sampled tokens, and ``RankMerge`` folds the ranks' tier reports into
+    one. A rank that dies or fails is the whole worker's death: every rank is stopped and
+    ``start`` brings up a fresh group."""
 
     def __init__(self, config: EncoreConfig) -> None:
         self.config = config
+        self.size = config.worker.tensor_parallel_size
         self.ctx: zmq.Context = zmq.Context.instance()
-        self.child: Child | None = None
+        self.children: list[Child] = []
+        self.rendezvous: str | None = None
+        self.merge = RankMerge(self.size)
+
+    @property
+    def child(self) -> Child | None:
+        """Rank 0 (the only process without tensor parallelism)."""
+        return self.children[0] if self.children else None
 
     @property
     def pid(self) -> int | None:
-        return self.child.proc.pid if self.child else None
+        return self.children[0].proc.pid if self.children else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children]
 
     def start(self) -> WorkerReady:
         self.shutdown()
-        self.child = spawn_child(self.ctx, "encore.worker.main", self.config)
-        msg = self._recv(timeout_s=self.config.worker.start_timeout_s)
-        if isinstance(msg, EngineDead):
+        self.merge = RankMerge(self.size)
+        args: list[list[str]] = [[]]
+        if self.size > 1:
+            self.rendezvous = tempfile.mkdtemp(prefix="encore-tp-")
+            init = f"file://{self.rendezvous}/rendezvous"
+            args = [["--rank", str(r), "--tp-size", str(self.size), "--dist-init", init]
+                    for r in range(self.size)]
+        self.children = [spawn_child(self.ctx, "encore.worker.main", self.config, *a)
+                         for a in args]
+        try:
+            msgs = self._recv_all(timeout_s=self.config.worker.start_timeout_s)
+            for msg in msgs:
+                if not isinstance(msg, WorkerReady):
+                    raise WorkerDiedError(f"unexpected worker handshake {type(msg).__name__}")
+        except WorkerDiedError:
             self.shutdown()
-            raise WorkerDiedError(msg.reason)
-        if not isinstance(msg, WorkerReady):
-            raise WorkerDiedError(f"unexpected worker handshake {type(msg).__name__}")
-        return msg
+            raise
+        return self.merge.ready(msgs)
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        if self.child is None:
+        if not self.children:
             raise WorkerDiedError("worker is not running")
-        self.child.to_child.send(encode(step), copy=False)
-        msg = self._recv(timeout_s=None)
-        if not isinstance(msg, ModelRunnerOutput):
-            raise WorkerDiedError(f"unexpected worker message {type(msg).__name__}")
-        if msg.error:
-            raise WorkerDiedError(f"worker failed a step: {msg.error}")
+        frame = encode(step)
+        for child in self.children:
+            child.to_child.send(frame, copy=False)
+        msgs = self._recv_all(timeout_s=None)
+        errors = []
+        for rank, msg in enumerate(msgs):
+            if not isinstance(msg, ModelRunnerOutput):
+                raise WorkerDiedError(f"unexpected worker message {type(msg).__name__}")
+            if msg.error:
+                errors.append(msg.error if self.size == 1 else f"rank {rank}: {msg.error}")
+        if errors:
+            raise WorkerDiedError(f"worker failed a step: {'; '.join(errors)}")
+        return self.merge.step(msgs)
+
+    def _recv_all(self, timeout_s: float | None) -> list[object]:
+        """One message from every rank, in rank order. WorkerDiedError as soon as a rank
+        says it is dead or any rank has exited (the others may be waiting for it inside a
+        collective), with the dead rank's reason when it sent one."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        msgs: list[object] = [None] * len(self.children)
+        waiting = set(range(len(self.children)))
+        poller = zmq.Poller()
+        for child in self.children:
+            poller.register(child.from_child, zmq.POLLIN)
+        while waiting:
+            ready = dict(poller.poll(POLL_MS))
+            for rank in sorted(waiting):
+                if self.children[rank].from_child in ready:
+                    msgs[rank] = self._take(rank)
+                    waiting.discard(rank)
+            for rank, child in enumerate(self.children):
+                code = child.proc.poll()
+                if code is not None and (rank in waiting or self.size > 1):
+                    if rank in waiting and child.from_child.poll(0):
+                        self._take(rank)  # raises with its reason if it sent one
+                    raise WorkerDiedError(f"{self._who(rank)} exited with code {code}")
+            if waiting and deadline is not None and time.monotonic() > deadline:
+                raise WorkerDiedError(f"worker did not start within {timeout_s:.0f}s")
+        return msgs
+
+    def _take(self, rank: int) -> object:
+        msg = decode(self.children[rank].from_child.recv(copy=False).buffer)
+        if isinstance(msg, EngineDead):
+            raise WorkerDiedError(msg.reason if self.size == 1
+                                  else f"rank {rank}: {msg.reason}")
         return msg
 
-    def _recv(self, timeout_s: float | None):
-        assert self.child is not None
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self.child.from_child.poll(POLL_MS):
-            code = self.child.proc.poll()
-            if code is not None:
-                raise WorkerDiedError(f"worker process exited with code {code}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise WorkerDiedError(f"worker did not start within {timeout_s:.0f}s")
-        return decode(self.child.from_child.recv(copy=False).buffer)
+    def _who(self, rank: int) -> str:
+        return "worker process" if self.size == 1 else f"worker rank {rank}"
 
     def shutdown(self) -> None:
-        child, self.child = self.child, None
-        if child is None:
-            return
-        if child.proc.poll() is None:
+        """Ask every rank to exit, give them 5 s together, then kill what is left."""
+        children, self.children = self.children, []
+        for child in children:
+            if child.proc.poll() is None:
+                with contextlib.suppress(zmq.ZMQError):
+                    child.to_child.send(encode(Shutdown()), flags=zmq.NOBLOCK)
+        deadline = time.monotonic() + 5
+        for child in children:
             try:
-                child.to_child.send(encode(Shutdown()), flags=zmq.NOBLOCK)
-                child.proc.wait(timeout=5)
-            except (zmq.ZMQError, subprocess.TimeoutExpired):
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
-        child.close()
+            child.close()
+        if self.rendezvous is not None:
+            shutil.rmtree(self.rendezvous, ignore_errors=True)
+            self.rendezvous = None
+
+
+class RankMerge:
+    """The tensor-parallel ranks' answers as one worker's.
+
+    The model's results come from rank 0 (every rank computed the same logits). A tier
+    transfer or probe is reported once every rank has reported it (ranks may finish their
+    shard's I/O in different steps): ok only if ok everywhere, the slowest rank's seconds,
+    the fewest blocks any rank's remote store holds. At start-up a disk block counts only if
+    every rank found its shard; capacities are the smallest rank's, block bytes the sum."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.done: dict[int, list[KVDone]] = {}
+        self.probed: dict[int, list[KVProbed]] = {}
+
+    def ready(self, msgs: list[Any]) -> WorkerReady:
+        first: WorkerReady = msgs[0]
+        if self.size == 1:
+            return first
+        on_all = set.intersection(*(set(m.disk_keys) for m in msgs))
+        return msgspec.structs.replace(
+            first, num_device_blocks=min(m.num_device_blocks for m in msgs),
+            kv_block_bytes=sum(m.kv_block_bytes for m in msgs),
+            num_host_blocks=min(m.num_host_blocks for m in msgs),
+            num_disk_blocks=min(m.num_disk_blocks for m in msgs),
+            disk_keys=[k for k in first.disk_keys if k in on_all],
+            disk_writable=all(m.disk_writable for m in msgs),
+            kv_disk_corrupt_files=sum(m.kv_disk_corrupt_files for m in msgs))
+
+    def step(self, outs: list[Any]) -> ModelRunnerOutput:
+        first: ModelRunnerOutput = outs[0]
+        if self.size == 1:
+            return first
+        done: list[KVDone] = []
+        probed: list[KVProbed] = []
+        for out in outs:
+            done.extend(self._fold(self.done, out.kv_done, _merge_done))
+            probed.extend(self._fold(self.probed, out.kv_probed, _merge_probed))
+        ups = [o.remote_up for o in outs if o.remote_up is not None]
+        return msgspec.structs.replace(
+            first, kv_done=done, kv_probed=probed,
+            kv_disk_corrupt_files=sum(o.kv_disk_corrupt_files for o in outs),
+            remote_up=all(ups) if ups else None)
+
+    def _fold(self, pending: dict[int, list[Any]], items: list[Any],
+              merge: Any) -> list[Any]:
+        """Items whose op every rank has now reported, merged."""
+        complete = []
+        for item in items:
+            reports = pending.setdefault(item.op_id, [])
+            reports.append(item)
+            if len(reports) == self.size:
+                complete.append(merge(pending.pop(item.op_id)))
+        return complete
+
+
+def _merge_done(reports: list[KVDone]) -> KVDone:
+    failed = [r for r in reports if not r.ok]
+    if not failed:
+        return KVDone(op_id=reports[0].op_id, ok=True, seconds=max(r.seconds for r in reports))
+    return msgspec.structs.replace(failed[0], seconds=max(r.seconds for r in reports))
+
+
+def _merge_probed(reports: list[KVProbed]) -> KVProbed:
+    kinds = [r.error_kind for r in reports if r.error_kind is not None]
+    return KVProbed(op_id=reports[0].op_id, found=min(r.found for r in reports),
+                    error_kind=kinds[0] if kinds else None)

@@ -26,13 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from encore.kernels import reference
 from encore.protocol.messages import BlendPlan, ScheduledSeq
 from encore.worker.attention.base import AttentionMetadata
 from encore.worker.blend_graphs import KeptRowGraphs
 from encore.worker.models.llama import DecoderLayer, LlamaForCausalLM, rms_norm
+from encore.worker.parallel import SINGLE, TPGroup
 
 
 @torch.inference_mode()
@@ -53,8 +53,7 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
     slots = table[pos // block_size] * block_size + pos % block_size
     check = min(plan.check_layer, len(model.layers) - 1)
     copy = ChunkCopy(model, plan, slots, start, block_size, runtime.layers)
-    stream = _Stream(model, F.embedding(torch.tensor(seq.token_ids, device=dev),
-                                        model.embed_tokens))
+    stream = _Stream(model, model.embed(torch.tensor(seq.token_ids, device=dev)))
     deviations = torch.zeros(0)
     keep: torch.Tensor | None = None  # rows still computed, after the check layer
     meta = _metadata(start + n, table, slots)  # every row: an ordinary prefill
@@ -71,7 +70,7 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
         if i >= check:  # the cached K/V: compared with the fresh ones, kept past the check
             copy(kv_caches, i, i + 1)
         if i == check:
-            selected, deviations = select_tokens(k, v, cache, slots, plan, start)
+            selected, deviations = select_tokens(k, v, cache, slots, plan, start, model.tp)
         stream.finish(layer, layer.attn.forward(q, k, v, cache, meta, layer.scale))
         if selected is not None:
             keep = selected
@@ -115,7 +114,7 @@ class _Stream:
     def finish(self, layer: DecoderLayer, attn_out: torch.Tensor) -> None:
         """o_proj, residual add and the MLP, after attention."""
         if self.ops is not None:
-            x = self.ops.linear(attn_out.reshape(attn_out.shape[0], -1), layer.o_proj)
+            x = layer.project_out_fused(attn_out, self.ops)
             h, self.residual = self.ops.add_rmsnorm(x, self.residual, layer.post_norm,
                                                     layer.eps)
             self.x = layer.mlp_fused(h, self.ops)
@@ -190,15 +189,19 @@ def _text_mask(plan: BlendPlan, start: int, n: int, device: torch.device) -> tor
 
 
 def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                  plan: BlendPlan, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  plan: BlendPlan, start: int, tp: TPGroup = SINGLE
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows to keep computing (sorted): non-chunk rows, the last row, and per chunk its
     ``recompute`` rows of largest K/V deviation (fresh ``k``/``v`` vs the cache at ``slots``,
-    read before this layer overwrites it). Also each chunk's mean relative deviation."""
+    read before this layer overwrites it). Also each chunk's mean relative deviation. Under
+    tensor parallelism the sums run over every rank's heads, so all ranks keep the same rows."""
     flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
     ck, cv = flat[0].index_select(0, slots).float(), flat[1].index_select(0, slots).float()
     kf, vf = k.float(), v.float()
-    err = (kf - ck).square().sum((1, 2)) + (vf - cv).square().sum((1, 2))
-    rel = (err / (kf.square().sum((1, 2)) + vf.square().sum((1, 2))).clamp_min(1e-12)).sqrt()
+    sums = torch.stack(((kf - ck).square().sum((1, 2)) + (vf - cv).square().sum((1, 2)),
+                        kf.square().sum((1, 2)) + vf.square().sum((1, 2))))
+    err, norm = tp.all_reduce(sums)
+    rel = (err / norm.clamp_min(1e-12)).sqrt()
     keep = _text_mask(plan, start, len(slots), slots.device)
     means = []
     for c in plan.chunks:

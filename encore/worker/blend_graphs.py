@@ -91,7 +91,7 @@ class KeptRowGraphs:
             h, residual = ops.add_rmsnorm(x, residual, layer.input_norm, layer.eps)
             q, k, v = layer.project_qkv_fused(h, positions, self.model.rope_inv_freq, ops)
             out = layer.attn.forward(q, k, v, cache, meta, layer.scale)
-            x = ops.linear(out.reshape(size, -1), layer.o_proj)
+            x = layer.project_out_fused(out, ops)
             h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, layer.eps)
             x = layer.mlp_fused(h, ops)
         return x, residual

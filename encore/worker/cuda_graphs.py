@@ -96,7 +96,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(size, width, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=dev)
-        vocab = model.lm_head.shape[0]
+        vocab = model.arch.vocab_size
         self.logits = torch.empty(size, vocab, dtype=torch.float32, device=dev)
         self.argmax = torch.zeros(size, dtype=torch.int64, device=dev)
         self.buckets = context_buckets(max_model_len)

@@ -2,6 +2,8 @@
 
 Loads the model, sends ``WorkerReady`` (or ``EngineDead`` with the reason if loading fails),
 then answers each ``SchedulerOutput`` with a ``ModelRunnerOutput`` until ``Shutdown``.
+Under tensor parallelism the executor starts one per rank (``--rank R --tp-size N
+--dist-init file://...``); each joins the torch.distributed group before loading its shard.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="encore-worker")
     ap.add_argument("--in", dest="inbox", required=True)
     ap.add_argument("--out", dest="outbox", required=True)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--dist-init", default="")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ignore_group_signals()
@@ -60,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     inbox.connect(args.inbox)
     outbox.connect(args.outbox)
     try:
+        from encore.worker.parallel import close_group, init_group
         from encore.worker.worker import Worker
 
-        worker = Worker(config)
+        tp = init_group(args.rank, args.tp_size, args.dist_init, config.worker.device)
+        worker = Worker(config, tp)
     except Exception as e:
         logger.error("worker failed to start: %s", e)
         outbox.send(encode(EngineDead(reason=f"{type(e).__name__}: {e}")))
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(worker, inbox, outbox)
     finally:
         worker.close()  # let disk writes in flight finish
+        close_group(tp)
     return 0
 
 

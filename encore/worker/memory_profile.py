@@ -45,7 +45,7 @@ def profile_peak_bytes(runner) -> int:
     """Peak bytes torch allocates for the largest step (weights included)."""
     sched, dev = runner.config.scheduler, runner.device
     lens = profile_lengths(sched.max_num_batched_tokens, runner.max_model_len)
-    shape = kv_cache_shape(runner.arch, 1, runner.block_size)
+    shape = kv_cache_shape(runner.arch, 1, runner.block_size, runner.tp)
     caches = [torch.zeros(shape, dtype=runner.dtype, device=dev)
               for _ in range(runner.arch.num_layers)]
     positions = torch.cat([torch.arange(n, device=dev) for n in lens])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from encore.worker.attention.base import LayerWaits
 from encore.worker.cuda_graphs import DecodeGraphs
 from encore.worker.devices import resolve_device, resolve_dtype
 from encore.worker.memory_profile import kv_budget_after_profiling
+from encore.worker.parallel import SINGLE, TPGroup
 from encore.worker.sampler import Sampler, SeqSamplingState, make_state, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -57,46 +59,57 @@ class StepBatch(StepRows):
 
 
 class ModelRunner:
-    """Owns the model and the KV tensors of one device."""
+    """Owns the model and the KV tensors of one device: under tensor parallelism (``tp``),
+    this rank's shard of both. Every rank runs every step alike (the collectives pair up);
+    only rank 0 samples."""
 
-    def __init__(self, config: EncoreConfig) -> None:
+    def __init__(self, config: EncoreConfig, tp: TPGroup = SINGLE) -> None:
         from encore.worker.loader import load_model
         from encore.worker.models.llama import kv_bytes_per_block, kv_cache_shape
 
-        self.config = config
+        self.config, self.tp = config, tp
         self.device = resolve_device(config.worker.device)
+        if self.device.type == "cuda" and tp.size > 1:
+            self.device = torch.device("cuda", tp.rank)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
-        if self.device.type == "cpu" and config.worker.num_threads:
-            torch.set_num_threads(config.worker.num_threads)
+        if self.device.type == "cpu" and (config.worker.num_threads or tp.size > 1):
+            torch.set_num_threads(config.worker.num_threads
+                                  or max(1, (os.cpu_count() or 1) // tp.size))
         backend = config.worker.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.attn = get_backend(backend)
-        self.model, self.arch = load_model(config.model, self.device, self.dtype, self.attn)
+        self.model, self.arch = load_model(config.model, self.device, self.dtype, self.attn,
+                                           tp=tp)
         self.block_size = config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
-        per_block = kv_bytes_per_block(self.arch, self.block_size, self.dtype)
-        self.num_blocks = self._num_blocks(per_block)
-        shape = kv_cache_shape(self.arch, self.num_blocks, self.block_size)
+        self.num_blocks = tp.min_int(self._num_blocks(
+            kv_bytes_per_block(self.arch, self.block_size, self.dtype, tp),
+            kv_bytes_per_block(self.arch, self.block_size, self.dtype)))
+        shape = kv_cache_shape(self.arch, self.num_blocks, self.block_size, tp)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.arch.num_layers)]
         self.sampler = Sampler(config.model.seed, self.device)
         self.states: dict[str, SeqSamplingState] = {}
         self.graphs = self._capture_graphs(backend)
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
-        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s",
+        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s%s",
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
-                    self.block_size, self.graphs.sizes if self.graphs else "off")
+                    self.block_size, self.graphs.sizes if self.graphs else "off",
+                    f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "")
 
-    def _num_blocks(self, bytes_per_block: int) -> int:
+    def _num_blocks(self, rank_bytes: int, full_bytes: int) -> int:
+        """This rank's pool size: from its free memory on CUDA (``rank_bytes`` per block,
+        this rank's shard); on the CPU ``kv_cache_gib`` holds whole blocks (``full_bytes``,
+        all ranks together), whatever the number of ranks."""
         cache = self.config.cache
         if cache.num_device_blocks is not None:
             return cache.num_device_blocks
         if self.device.type == "cuda":
             budget = kv_budget_after_profiling(self, self.config.cache.gpu_memory_utilization)
-            return max(2, int(budget // bytes_per_block))
-        return max(2, int(cache.kv_cache_gib * 1024**3 // bytes_per_block))
+            return max(2, int(budget // rank_bytes))
+        return max(2, int(cache.kv_cache_gib * 1024**3 // full_bytes))
 
     def _capture_graphs(self, backend: str) -> DecodeGraphs | None:
         """Decode CUDA graphs on CUDA with the triton backend, unless ``enforce_eager``."""
@@ -146,6 +159,8 @@ class ModelRunner:
             sampled = [*sampled, *blends]
         if logits is None:
             return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
+        if self.tp.rank != 0:  # the other ranks computed the same logits; rank 0 samples
+            return ModelRunnerOutput(step_id=step.step_id)
         states = [self.states[s.seq_id] for s in sampled]
         token_ids, logprobs = self.sampler(logits, states, argmax)
         return ModelRunnerOutput(step_id=step.step_id, seq_ids=[s.seq_id for s in sampled],

@@ -19,18 +19,21 @@ import torch
 from encore.configs import EncoreConfig
 from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
 from encore.worker.model_runner import ModelRunner
+from encore.worker.parallel import SINGLE, TPGroup
 from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint
 
 
 class Worker:
-    """The model runner of one device and its tier data plane."""
+    """The model runner of one device and its tier data plane (under tensor parallelism:
+    one rank's shard of both)."""
 
-    def __init__(self, config: EncoreConfig) -> None:
-        self.runner = ModelRunner(config)
+    def __init__(self, config: EncoreConfig, tp: TPGroup = SINGLE) -> None:
+        self.runner = ModelRunner(config, tp)
         kv = self.runner.kv_caches
         shape = (len(kv), 2, *kv[0].shape[2:])
-        fingerprint = kv_fingerprint(config, self.runner.arch, kv[0].dtype, shape)
-        self.tiers = TierDataPlane(config, kv, fingerprint)
+        fingerprint = kv_fingerprint(config, self.runner.arch, kv[0].dtype, shape, tp.rank,
+                                     tp.size)
+        self.tiers = TierDataPlane(config, kv, fingerprint, tp.rank, tp.size)
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:

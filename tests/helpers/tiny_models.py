@@ -141,7 +141,7 @@ def make_tiny_model_dir(
 
     path = Path(path)
     vocab = save_tokenizer(path)
-    config = hf_config(family, vocab, **config_overrides)
+    config = hf_config(family, config_overrides.pop("vocab_size", vocab), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_(model, seed)

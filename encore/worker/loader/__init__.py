@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # importing this package stays torch-free until load_model ru
 
     from encore.worker.attention.base import AttentionBackend
     from encore.worker.models.llama import LlamaForCausalLM
+    from encore.worker.parallel import TPGroup
 
 __all__ = ["ModelLoadError", "ResolvedModel", "default_gguf_path", "load_model", "resolve_model"]
 
@@ -36,30 +37,39 @@ def load_model(
     dtype: torch.dtype,
     attn: AttentionBackend,
     progress: Progress | None = None,
+    tp: TPGroup | None = None,
 ) -> tuple[LlamaForCausalLM, ModelArch]:
     """Load weights onto ``device`` in ``dtype``. RoPE tables cover ``max_model_len`` when set.
+    Under tensor parallelism (``tp``) only this rank's shard of each weight is kept.
 
     Progress goes to ``progress`` when given, else to a tqdm bar when stderr is a terminal.
     Raises ModelLoadError (one line) for anything missing or unsupported.
     """
+    from encore.worker.parallel import SINGLE
+
+    tp = tp or SINGLE
     resolved = resolve_model(model_config)
     positions = model_config.max_model_len
     if resolved.load_format == "python":
         from encore.worker.loader.plugin import load_plugin
+
+        if tp.size > 1:
+            raise ModelLoadError("model plugins do not support tensor_parallel_size > 1")
 
         return load_plugin(resolved.path, model_config, device, dtype, attn)
     with _progress(progress, resolved.name) as report:
         if resolved.load_format == "dummy":
             from encore.worker.loader.dummy_loader import load_dummy
 
-            return load_dummy(resolved.path, model_config.seed, device, dtype, attn, positions)
+            return load_dummy(resolved.path, model_config.seed, device, dtype, attn, positions,
+                              tp)
         if resolved.load_format == "gguf":
             from encore.worker.loader.gguf_loader import load_gguf
 
-            return load_gguf(resolved.path, device, dtype, attn, positions, report)
+            return load_gguf(resolved.path, device, dtype, attn, positions, report, tp)
         from encore.worker.loader.hf_loader import load_hf
 
-        return load_hf(resolved.path, device, dtype, attn, positions, report)
+        return load_hf(resolved.path, device, dtype, attn, positions, report, tp)
 
 
 class _progress:

@@ -22,6 +22,7 @@ from encore.worker.attention.base import AttentionBackend
 from encore.worker.loader.dummy_loader import build_empty
 from encore.worker.models.arch import ModelArch
 from encore.worker.models.llama import LlamaForCausalLM, expected_weight_names, llama3_scale
+from encore.worker.parallel import SINGLE, TPGroup
 
 Progress = Callable[[int, int], None]
 
@@ -151,10 +152,13 @@ def load_gguf(
     attn: AttentionBackend,
     max_positions: int | None = None,
     progress: Progress | None = None,
+    tp: TPGroup = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelArch]:
+    """Under tensor parallelism each tensor is dequantized whole (one at a time) and the
+    rank keeps its rows."""
     reader = GGUFReader(path)
     arch = arch_from_gguf(reader, path)
-    model = build_empty(arch, attn, device, dtype, max_positions)
+    model = build_empty(arch, attn, device, dtype, max_positions, tp)
     loaded: set[str] = set()
     for i, t in enumerate(reader.tensors):
         name = hf_name(t.name)

@@ -15,6 +15,7 @@ from encore.worker.attention.base import AttentionBackend
 from encore.worker.loader.dummy_loader import build_empty
 from encore.worker.models.arch import ModelArch
 from encore.worker.models.llama import LlamaForCausalLM, expected_weight_names
+from encore.worker.parallel import SINGLE, TPGroup
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -81,13 +82,16 @@ def load_hf(
     attn: AttentionBackend,
     max_positions: int | None = None,
     progress: Progress | None = None,
+    tp: TPGroup = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelArch]:
+    """Under tensor parallelism each rank reads only its rows of each tensor (safetensors
+    slices)."""
     root = Path(path)
     cfg = json.loads((root / "config.json").read_text())
     _check_supported_features(cfg, str(root / "config.json"))
     arch = arch_from_hf_config(cfg, str(root / "config.json"))
     arch = _with_generation_eos(arch, root)
-    model = build_empty(arch, attn, device, dtype, max_positions)
+    model = build_empty(arch, attn, device, dtype, max_positions, tp)
     files = sorted(root.glob("*.safetensors"))
     total = sum(len(_keys(f)) for f in files)
     loaded: set[str] = set()
@@ -95,7 +99,8 @@ def load_hf(
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if not name.endswith("rotary_emb.inv_freq"):
-                    model.load_weight(name, f.get_tensor(name))
+                    model.load_weight(name, f.get_slice(name) if tp.size > 1
+                                      else f.get_tensor(name))
                 loaded.add(name)
                 if progress is not None:
                     progress(len(loaded), total)

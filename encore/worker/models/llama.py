@@ -26,6 +26,8 @@ fused parameter; the GGUF loader renames to HF names first.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from torch import nn
 from encore.worker.attention.base import AttentionBackend, AttentionMetadata
 from encore.worker.models.arch import ModelArch, rope_type
 from encore.worker.models.ops import TritonOps, select_ops
+from encore.worker.parallel import SINGLE, TPGroup
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,14 +101,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    """Shape of one layer's paged KV cache: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
-    return (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int,
+                   tp: TPGroup = SINGLE) -> tuple[int, ...]:
+    """Shape of one layer's paged KV cache on one rank:
+    [2, num_blocks, block_size, local kv heads, head_dim]."""
+    kv_heads = tp.shard.heads(arch.num_heads, arch.num_kv_heads)[1]
+    return (2, num_blocks, block_size, kv_heads, arch.head_dim)
 
 
-def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (K and V)."""
-    per_layer = 2 * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype,
+                       tp: TPGroup = SINGLE) -> int:
+    """Bytes one block takes across all layers (K and V) on one rank."""
+    kv_heads = tp.shard.heads(arch.num_heads, arch.num_kv_heads)[1]
+    per_layer = 2 * block_size * kv_heads * arch.head_dim * dtype.itemsize
     return per_layer * arch.num_layers
 
 
@@ -114,25 +122,31 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP, with fused qkv and gate_up projections."""
+    """Pre-norm attention + SwiGLU MLP, with fused qkv and gate_up projections. Under tensor
+    parallelism (``tp``) the layer holds its rank's heads and intermediate rows; o_proj and
+    down_proj are followed by an all-reduce (``worker/parallel.py``)."""
 
-    def __init__(self, arch: ModelArch, attn: AttentionBackend, index: int) -> None:
+    def __init__(self, arch: ModelArch, attn: AttentionBackend, index: int,
+                 tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        d, qkv = arch.hidden_size, arch.q_size + 2 * arch.kv_size
+        self.tp = tp
+        nh, nkv, _ = tp.shard.heads(arch.num_heads, arch.num_kv_heads)
+        d, dh, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size // tp.size
+        qkv = (nh + 2 * nkv) * dh
         self.index, self.attn, self.eps = index, attn, arch.rms_norm_eps
-        self.num_heads = arch.num_heads
-        self.num_kv_heads = arch.num_kv_heads
-        self.head_dim = arch.head_dim
-        self.scale = arch.head_dim**-0.5
+        self.num_heads = nh
+        self.num_kv_heads = nkv
+        self.head_dim = dh
+        self.scale = dh**-0.5
         self.input_norm = _empty(d)
         self.qkv_proj = _empty(qkv, d)
         self.qkv_bias = _empty(qkv) if arch.attention_bias else None
-        self.q_norm = _empty(arch.head_dim) if arch.qk_norm else None
-        self.k_norm = _empty(arch.head_dim) if arch.qk_norm else None
-        self.o_proj = _empty(d, arch.q_size)
+        self.q_norm = _empty(dh) if arch.qk_norm else None
+        self.k_norm = _empty(dh) if arch.qk_norm else None
+        self.o_proj = _empty(d, nh * dh)
         self.post_norm = _empty(d)
-        self.gate_up_proj = _empty(2 * arch.intermediate_size, d)
-        self.down_proj = _empty(d, arch.intermediate_size)
+        self.gate_up_proj = _empty(2 * inter, d)
+        self.down_proj = _empty(d, inter)
 
     def forward(
         self,
@@ -177,12 +191,12 @@ class DecoderLayer(nn.Module):
         return qk[:, :nh], qk[:, nh:], v
 
     def project_out(self, attn_out: torch.Tensor) -> torch.Tensor:
-        """o_proj of the attention output [T, H, D] -> [T, d]."""
-        return linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj)
+        """o_proj of the attention output [T, H, D] -> [T, d] (summed over the ranks)."""
+        return self.tp.all_reduce(linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj)
+        return self.tp.all_reduce(linear(F.silu(gate) * up, self.down_proj))
 
     # ---- fused path (CUDA, TritonOps) ----------------------------------------------------
 
@@ -213,8 +227,12 @@ class DecoderLayer(nn.Module):
         ops: TritonOps,
     ) -> torch.Tensor:
         q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops)
-        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
-        return ops.linear(out.reshape(h.shape[0], -1), self.o_proj)
+        return self.project_out_fused(self.attn.forward(q, k, v, kv_cache, meta, self.scale), ops)
+
+    def project_out_fused(self, attn_out: torch.Tensor, ops: TritonOps) -> torch.Tensor:
+        """``project_out`` on the fused kernels."""
+        out = ops.linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj)
+        return self.tp.all_reduce(out)
 
     def project_qkv_fused(
         self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ops: TritonOps
@@ -236,7 +254,8 @@ class DecoderLayer(nn.Module):
         return q, k, v
 
     def mlp_fused(self, h: torch.Tensor, ops: TritonOps) -> torch.Tensor:
-        return ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
+        out = ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
+        return self.tp.all_reduce(out)
 
 
 def _wait_layer(meta: AttentionMetadata, i: int) -> None:
@@ -257,21 +276,30 @@ class LlamaForCausalLM(nn.Module):
         *,
         max_positions: int | None = None,
         ops: TritonOps | None | str = "auto",
+        tp: TPGroup = SINGLE,
     ) -> None:
         """Parameters are allocated uninitialised on torch's current default device and dtype
         (the loaders wrap this in ``torch.device(...)`` / default dtype); RoPE tables cover
         ``max_positions`` (default: the model's max_position_embeddings). ``ops``: "auto"
-        picks by device and backend (``select_ops``); None forces the plain-torch layers."""
+        picks by device and backend (``select_ops``); None forces the plain-torch layers.
+        ``tp``: this rank's group; the parameters are its shards (``worker/parallel.py``)."""
         super().__init__()
-        self.arch, self.attn = arch, attn
-        self.embed_tokens = _empty(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, attn, i) for i in range(arch.num_layers))
+        self.arch, self.attn, self.tp = arch, attn, tp
+        lo, hi = tp.shard.vocab_rows(arch.vocab_size)
+        self.vocab_lo, self.vocab_rows = lo, hi - lo
+        self.embed_tokens = _empty(hi - lo, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, attn, i, tp)
+                                    for i in range(arch.num_layers))
         self.norm = _empty(arch.hidden_size)
         self.lm_head = (
             self.embed_tokens
             if arch.tie_word_embeddings
-            else _empty(arch.vocab_size, arch.hidden_size)
+            else _empty(hi - lo, arch.hidden_size)
         )
+        if tp.size > 1:  # padding rows of the last rank's vocabulary shard stay zero
+            with torch.no_grad():
+                self.embed_tokens.zero_()
+                self.lm_head.zero_()
         positions = max_positions or arch.max_position_embeddings
         cos, sin = rope_cache(arch, positions, self.embed_tokens.device, self.embed_tokens.dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -291,7 +319,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]; kv_caches: one per layer (mutated); -> hidden [T, d]."""
         if isinstance(self.ops, TritonOps):
             return self._forward_fused(input_ids, positions, kv_caches, meta, self.ops)
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)
         cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D], shared by all layers
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -308,7 +336,7 @@ class LlamaForCausalLM(nn.Module):
         ops: TritonOps,
     ) -> torch.Tensor:
         """The same function on the fused kernels (positions must be contiguous)."""
-        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        x, residual = self.embed(input_ids), None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             _wait_layer(meta, i)
             x, residual = layer.forward_fused(
@@ -316,62 +344,117 @@ class LlamaForCausalLM(nn.Module):
             )
         return ops.add_rmsnorm(x, residual, self.norm, self.arch.rms_norm_eps)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, d]; vocab-parallel under TP: each rank looks up the ids in its
+        rows (zero elsewhere) and the ranks' rows are summed."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        local = input_ids - self.vocab_lo
+        outside = (local < 0) | (local >= self.vocab_rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, vocab] in float32 (written into ``out`` if given)."""
+        """hidden [N, d] -> logits [N, vocab] in float32 (written into ``out`` if given).
+        Under TP every rank computes its vocabulary rows and gets everyone's (all-gather)."""
         logits = linear(hidden, self.lm_head)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather_last(logits)[:, :self.arch.vocab_size]
         return logits.float() if out is None else out.copy_(logits)
 
     # ---- weight loading (HF names) -------------------------------------------------------
 
     @torch.no_grad()
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one HF-named tensor into its (slice of a fused) parameter; casts dtype/device."""
-        dest = self._destination(name)
-        if dest.shape != tensor.shape:
+    def load_weight(self, name: str, source: Any) -> None:
+        """Copy this rank's part of one HF-named tensor into its (slice of a fused) parameter;
+        casts dtype/device. ``source``: a tensor, or anything sliceable like one with a
+        ``get_shape()`` (a safetensors slice: only this rank's rows are read)."""
+        part = self._destination(name)
+        shape = tuple(source.shape) if hasattr(source, "shape") else tuple(source.get_shape())
+        if shape != part.full_shape:
             raise ValueError(
-                f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                f"weight {name!r} has shape {shape}, expected {part.full_shape}"
             )
-        dest.copy_(tensor)
+        part.dest.copy_(part.take(source))
 
-    def _destination(self, name: str) -> torch.Tensor:
-        top = {
-            "model.embed_tokens.weight": self.embed_tokens,
-            "model.norm.weight": self.norm,
-            "lm_head.weight": self.lm_head,
-        }
-        if name in top:
-            return top[name]
+    def _destination(self, name: str) -> Part:
+        arch, tp = self.arch, self.tp
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            dest = self.embed_tokens if name.startswith("model.") else self.lm_head
+            hi = min(self.vocab_lo + self.vocab_rows, arch.vocab_size)
+            return Part(dest[:hi - self.vocab_lo], 0, self.vocab_lo, hi,
+                        (arch.vocab_size, arch.hidden_size))
+        if name == "model.norm.weight":
+            return Part.whole(self.norm)
         m = re.fullmatch(r"model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)", name)
         if m is None or int(m[1]) >= len(self.layers):
             raise KeyError(f"unexpected weight {name!r}")
-        return _layer_slot(self.layers[int(m[1])], self.arch, m[2], m[3], name)
+        return _layer_part(self.layers[int(m[1])], arch, tp, m[2], m[3], name)
 
 
-def _layer_slot(
-    layer: DecoderLayer, arch: ModelArch, part: str, kind: str, name: str
-) -> torch.Tensor:
-    """The (view of the) parameter of ``layer`` that HF weight ``part.kind`` fills."""
-    q, kv, i = arch.q_size, arch.kv_size, arch.intermediate_size
-    qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+@dataclass(frozen=True)
+class Part:
+    """Where one checkpoint tensor goes on this rank: rows (``dim`` 0) or columns (``dim`` 1)
+    ``[lo, hi)`` of the full tensor (of shape ``full_shape``) are copied into ``dest``."""
+
+    dest: torch.Tensor
+    dim: int
+    lo: int
+    hi: int
+    full_shape: tuple[int, ...]
+
+    @classmethod
+    def whole(cls, dest: torch.Tensor) -> Part:
+        return cls(dest, 0, 0, dest.shape[0], tuple(dest.shape))
+
+    def take(self, source: Any) -> torch.Tensor:
+        """The rows/columns of ``source`` this rank keeps (a tensor; reads only those)."""
+        if self.lo == 0 and self.hi == self.full_shape[self.dim]:
+            piece = source if isinstance(source, torch.Tensor) else source[:]
+        elif self.dim == 0:
+            piece = source[self.lo:self.hi]
+        else:
+            piece = source[:, self.lo:self.hi]
+        return piece
+
+
+def _layer_part(layer: DecoderLayer, arch: ModelArch, tp: TPGroup, part: str, kind: str,
+                name: str) -> Part:
+    """Where HF weight ``part.kind`` of a layer goes: this rank's rows of q/k/v (in the fused
+    qkv), gate/up (in the fused gate_up), its columns of o_proj/down_proj, or a whole norm."""
+    d, dh = arch.hidden_size, arch.head_dim
+    nh, nkv, kv0 = tp.shard.heads(arch.num_heads, arch.num_kv_heads)
+    inter_lo, inter_hi = tp.shard.rows(arch.intermediate_size)
+    q0 = tp.rank * nh
+    qkv_rows = {  # source rows [lo, hi) of the full projection -> local rows from ``at``
+        "q_proj": (q0 * dh, (q0 + nh) * dh, 0, arch.q_size),
+        "k_proj": (kv0 * dh, (kv0 + nkv) * dh, nh * dh, arch.kv_size),
+        "v_proj": (kv0 * dh, (kv0 + nkv) * dh, (nh + nkv) * dh, arch.kv_size),
+    }
     if part.startswith("self_attn.") and part[10:] in qkv_rows:
-        lo, hi = qkv_rows[part[10:]]
+        lo, hi, at, full = qkv_rows[part[10:]]
         target = layer.qkv_proj if kind == "weight" else layer.qkv_bias
         if target is not None:
-            return target[lo:hi]
+            shape = (full, d) if kind == "weight" else (full,)
+            return Part(target[at:at + hi - lo], 0, lo, hi, shape)
     elif part in ("mlp.gate_proj", "mlp.up_proj") and kind == "weight":
-        return layer.gate_up_proj[:i] if part == "mlp.gate_proj" else layer.gate_up_proj[i:]
+        n = inter_hi - inter_lo
+        dest = layer.gate_up_proj[:n] if part == "mlp.gate_proj" else layer.gate_up_proj[n:]
+        return Part(dest, 0, inter_lo, inter_hi, (arch.intermediate_size, d))
+    elif part == "self_attn.o_proj" and kind == "weight":
+        return Part(layer.o_proj, 1, q0 * dh, (q0 + nh) * dh, (d, arch.q_size))
+    elif part == "mlp.down_proj" and kind == "weight":
+        return Part(layer.down_proj, 1, inter_lo, inter_hi, (d, arch.intermediate_size))
     elif kind == "weight":
         simple = {
-            "self_attn.o_proj": layer.o_proj,
-            "mlp.down_proj": layer.down_proj,
             "input_layernorm": layer.input_norm,
             "post_attention_layernorm": layer.post_norm,
             "self_attn.q_norm": layer.q_norm,
             "self_attn.k_norm": layer.k_norm,
         }
         if simple.get(part) is not None:
-            return simple[part]
+            return Part.whole(simple[part])
     raise KeyError(f"unexpected weight {name!r} for {arch.architecture}")
 
 

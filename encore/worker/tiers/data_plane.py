@@ -17,6 +17,11 @@ Order within a step (each op may read a slot that a later op of the same step ov
 
 On the CPU steps 5-6 are done before the forward pass. Finished ops come back as ``KVDone``
 (``ModelRunnerOutput.kv_done``), possibly steps later.
+
+Under tensor parallelism every rank runs its own data plane over its shard of each block:
+the same ops, its share (1/N) of the host and disk budgets, its own disk subdirectory
+(``tp{N}-rank{r}``) and remote namespace (the fingerprint names the rank). The executor
+reports an op done once every rank has (``protocol/executor.RankMerge``).
 """
 
 from __future__ import annotations
@@ -52,14 +57,18 @@ class TierDataPlane:
     """Runs tier transfers against ``kv_caches`` (per layer ``[2, blocks, bs, heads, dim]``)."""
 
     def __init__(self, config: EncoreConfig, kv_caches: list[torch.Tensor],
-                 fingerprint: bytes) -> None:
+                 fingerprint: bytes, rank: int = 0, ranks: int = 1) -> None:
+        cache = config.cache
         self.blocks = DeviceBlocks(kv_caches)
-        self.host = self._host_pool(config.cache.host_cache_gib)
+        self.host = self._host_pool(cache.host_cache_gib / ranks)
         self.host_copies = HostCopies(self.blocks, self.host) if self.host is not None else None
-        mac_key = disk_mac_key(config.cache)
+        mac_key = disk_mac_key(cache)
         self._probed: list[KVProbed] = []
-        self.disk = DiskIO(self.blocks, self.host, config.cache.disk_cache_dir,
-                           config.cache.disk_cache_gib, fingerprint, mac_key)
+        disk_dir = cache.disk_cache_dir
+        if disk_dir is not None and ranks > 1:
+            disk_dir = os.path.join(disk_dir, f"tp{ranks}-rank{rank}")
+        self.disk = DiskIO(self.blocks, self.host, disk_dir, cache.disk_cache_gib / ranks,
+                           fingerprint, mac_key)
         self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
                                                           self.blocks.block_bytes))
 
@@ -165,11 +174,14 @@ class TierDataPlane:
 
 
 def kv_fingerprint(config: EncoreConfig, arch: Any, dtype: torch.dtype,
-                   block_shape: tuple[int, ...]) -> bytes:
-    """32 bytes naming the model and the KV layout: files of another model never load."""
-    desc = {"model": config.model.model or "embedded-smollm2", "load_format":
-            config.model.load_format, "arch": repr(arch), "dtype": str(dtype),
-            "block_shape": list(block_shape), "format": 1}
+                   block_shape: tuple[int, ...], rank: int = 0, ranks: int = 1) -> bytes:
+    """32 bytes naming the model and the KV layout (and, under tensor parallelism, which
+    rank's shard): files of another model or another shard never load."""
+    desc: dict[str, Any] = {"model": config.model.model or "embedded-smollm2", "load_format":
+                            config.model.load_format, "arch": repr(arch), "dtype": str(dtype),
+                            "block_shape": list(block_shape), "format": 1}
+    if ranks > 1:
+        desc["tensor_parallel"] = [rank, ranks]
     return hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=32).digest()
 
 
