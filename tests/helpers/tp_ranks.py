@@ -30,30 +30,33 @@ def prefill_and_decode_logits(runner, prompts: list[list[int]]) -> torch.Tensor:
     return torch.cat((first, runner.model.compute_logits(hidden)))
 
 
-def model_runner(model_dir: str, tp=None):
+def model_runner(model_dir: str, tp=None, device: str = "cpu"):
+    """fp32, eager (no CUDA graphs: the rows are read straight from the forward pass)."""
     from encore.worker.model_runner import ModelRunner
     from encore.worker.parallel import SINGLE
 
-    config = build_config(overrides={"model": model_dir, "dtype": "float32",
-                                     "num_device_blocks": 64, "num_threads": 1})
+    config = build_config(overrides={"model": model_dir, "dtype": "float32", "device": device,
+                                     "num_device_blocks": 64, "num_threads": 1,
+                                     "enforce_eager": True})
     return ModelRunner(config, tp or SINGLE)
 
 
 def rank_main(rank: int, size: int, init: str, model_dir: str, prompts: list[list[int]],
-              results) -> None:
-    """One rank: join the group, load its shard, compute; rank 0 puts the logits."""
+              results, device: str = "cpu") -> None:
+    """One rank: join the group (gloo on the CPU, NCCL on CUDA), load its shard, compute;
+    rank 0 puts the logits."""
     from encore.worker.parallel import close_group, init_group
 
     torch.set_num_threads(1)
-    tp = init_group(rank, size, init, "cpu")
+    tp = init_group(rank, size, init, device)
     try:
-        runner = model_runner(model_dir, tp)
+        runner = model_runner(model_dir, tp, device)
         arch, layer = runner.arch, runner.model.layers[0]
         assert layer.o_proj.shape[1] * size == arch.q_size  # a shard, not the whole model
         assert layer.down_proj.shape[1] * size == arch.intermediate_size
         assert runner.model.embed_tokens.shape[0] == -(-arch.vocab_size // size)
         logits = prefill_and_decode_logits(runner, prompts)
         if rank == 0:
-            results.put(logits.numpy())
+            results.put(logits.cpu().numpy())
     finally:
         close_group(tp)

@@ -52,13 +52,13 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def split_logits(model_dir: str, size: int, tmp: Path) -> np.ndarray:
+def split_logits(model_dir: str, size: int, tmp: Path, device: str = "cpu") -> np.ndarray:
     """Rank 0's logits from ``size`` rank processes (spawned: nothing inherited)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     init = f"file://{tmp}/rendezvous"
     procs = [ctx.Process(target=tp_ranks.rank_main,
-                         args=(r, size, init, model_dir, PROMPTS, results))
+                         args=(r, size, init, model_dir, PROMPTS, results, device))
              for r in range(size)]
     for p in procs:
         p.start()
