@@ -170,6 +170,9 @@ class WorkerConfig:
     tensor_parallel_size: int = opt(1, "worker processes (ranks) the model is split over, one "
                                        "per GPU (NCCL) or CPU process (gloo); Megatron-style "
                                        "tensor parallelism")
+    quantization: Literal["none", "int8", "int4"] = opt(
+        "none", "CPU only: weight-only quantized matrices (int8 per channel; int4 in groups "
+                "of 32, LM head int8), run by torch's packed CPU matmuls")
 
     def __post_init__(self) -> None:
         check_range("worker", "num_threads", self.num_threads, lo=1)

@@ -81,6 +81,7 @@ class ModelRunner:
         self.attn = get_backend(backend)
         self.model, self.arch = load_model(config.model, self.device, self.dtype, self.attn,
                                            tp=tp)
+        self._quantize(config.worker.quantization)
         self.block_size = config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
@@ -98,6 +99,19 @@ class ModelRunner:
                     self.arch.architecture, self.device, self.dtype, self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off",
                     f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "")
+
+    def _quantize(self, mode: str) -> None:
+        """Weight-only quantization (``models/quant.py``): the CPU's plain-torch path only."""
+        if mode == "none":
+            return
+        if self.device.type != "cpu" or self.tp.size > 1:
+            raise ValueError(f"quantization={mode} is supported on the CPU with one rank only "
+                             f"(device {self.device}, tensor_parallel_size {self.tp.size})")
+        from encore.worker.models.quant import quantize_model
+
+        sizes = quantize_model(self.model, mode)
+        logger.info("quantized %s: matrices %.0f MB -> %.0f MB", mode,
+                    sizes["dense_bytes"] / 1e6, sizes["packed_bytes"] / 1e6)
 
     def _num_blocks(self, rank_bytes: int, full_bytes: int) -> int:
         """This rank's pool size: from its free memory on CUDA (``rank_bytes`` per block,

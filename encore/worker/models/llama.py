@@ -36,6 +36,7 @@ from torch import nn
 from encore.worker.attention.base import AttentionBackend, AttentionMetadata
 from encore.worker.models.arch import ModelArch, rope_type
 from encore.worker.models.ops import TritonOps, select_ops
+from encore.worker.models.quant import PackedLinear
 from encore.worker.parallel import SINGLE, TPGroup
 
 
@@ -46,10 +47,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedLinear,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except one bf16 row on the CPU goes through ``torch.mv``: batch-1 decode is
     memory-bound and oneDNN's bf16 GEMM reaches about half the bandwidth mv does for M=1
     (measured 2x on the lm_head, 1.3-1.7x on the layer matmuls, on a 2-core Xeon)."""
+    if not isinstance(weight, torch.Tensor):  # a quantized matrix (models/quant.py)
+        y = weight.matmul(x)
+        return y if bias is None else y + bias
     if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         y = torch.mv(weight, x[0]).unsqueeze(0)
         return y if bias is None else y + bias
