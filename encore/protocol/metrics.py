@@ -48,6 +48,9 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
                  "Requests waiting to be scheduled (or for their KV to load)"),
     EngineMetric("kv_cache_usage", "encore:kv_cache_usage_perc", "gauge",
                  "Fraction of device KV blocks in use (0-1)"),
+    EngineMetric("worker_up", "encore:worker_up", "gauge",
+                 "1 while the model worker (every tensor-parallel rank) runs, 0 while it "
+                 "restarts after a death (/health answers 503 meanwhile)"),
     EngineMetric("prefix_queries", "encore:prefix_cache_queries", "counter",
                  "Prompt tokens looked up in the prefix cache"),
     EngineMetric("prefix_hits", "encore:prefix_cache_hits", "counter",

@@ -27,16 +27,23 @@ from encore.protocol.messages import (
     EngineOutputs,
     EngineReady,
     EngineRequest,
+    GrammarVocab,
     RequestOutput,
     Shutdown,
     ToolCalled,
     WorkerReady,
 )
+from encore.scheduler.grammars import Grammars
 from encore.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+LOOP_METRICS = ("worker_up",)  # reported by the loop itself; every other one by the scheduler
 IDLE_WAIT_S = 0.5  # how long an idle loop blocks on its inbox before emitting stats again
+
+
+class GrammarCompiled:
+    """Put in the loop's inbox by a grammar pool thread: a compile ended, wake up."""
 
 
 class EngineCore:
@@ -121,6 +128,13 @@ class EngineCore:
         self.executor.shutdown()
         return self.scheduler.fail_all(f"the model worker failed: {reason}")
 
+    def check_worker(self) -> list[RequestOutput]:
+        """An idle engine's look at its worker: one that died meanwhile (a rank killed, an
+        OOM) is restarted now, not when the next request finds it gone."""
+        if self.worker_dead or self.executor.alive():
+            return []
+        return self._recover("the worker exited while idle")
+
     def restart_worker(self) -> None:
         """Start a new worker (raises WorkerDiedError if it cannot start)."""
         logger.info("restarting the model worker")
@@ -198,6 +212,10 @@ class EngineLoop:
                 return
             if self.core.has_work():
                 outputs.extend(self.core.step())
-            self.emit(EngineOutputs(outputs=outputs, stats=self.core.scheduler.stats()))
+            else:
+                outputs.extend(self.core.check_worker())
+            stats = self.core.scheduler.stats()
+            stats.values[LOOP_METRICS[0]] = 0.0 if self.core.worker_dead else 1.0
+            self.emit(EngineOutputs(outputs=outputs, stats=stats))
             if self.core.worker_dead:
                 self.core.restart_worker()
