@@ -209,6 +209,14 @@ class ServerConfig:
                                            "open between requests")
     max_header_bytes: int = opt(16384, "largest request head (request line and headers) "
                                        "accepted; a larger one gets 400")
+    responses_db: str | None = opt(None, "SQLite file of stored /v1/responses (store: true); "
+                                         "default: responses.sqlite3 beside "
+                                         "cache.disk_cache_dir, else "
+                                         "$XDG_DATA_HOME/encore/responses.sqlite3 "
+                                         "(~/.local/share/encore/ without XDG_DATA_HOME)")
+    responses_retention_s: float = opt(30 * 86400.0, "seconds a stored response is kept "
+                                                     "(OpenAI keeps them 30 days)")
+    responses_max_stored: int = opt(100_000, "most stored responses; the oldest go first")
 
     def __post_init__(self) -> None:
         check_range("server", "port", self.port, lo=0, hi=65535)
@@ -218,6 +226,8 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             check_range("server", name, getattr(self, name), lo=0.001)
         check_range("server", "max_header_bytes", self.max_header_bytes, lo=1024)
+        check_range("server", "responses_retention_s", self.responses_retention_s, lo=1.0)
+        check_range("server", "responses_max_stored", self.responses_max_stored, lo=1)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from encore.protocol.messages import (
     EngineOutputs,
     EngineReady,
     EngineRequest,
+    GrammarVocab,
     RequestOutput,
     Shutdown,
     ToolCalled,
@@ -62,6 +63,10 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineTotals:
         """The engine's metrics: latest gauges, counters and histograms since start."""
+
+    def set_grammar_vocab(self, msg: GrammarVocab) -> None:  # noqa: B027 - optional hook
+        """The tokenizer that grammars (structured outputs) compile against; an engine that
+        restarts gets it again. Without it a constrained request fails."""
 
     def begin_shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """The server began shutting down (a signal arrived): restart nothing from now on."""

@@ -40,6 +40,19 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+GrammarKind = Literal["json_schema", "json_object", "lark"]
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):
+    """What a constrained request's output must match (``encore.grammar``): ``json_schema``
+    (``spec`` is the schema as canonical JSON), ``json_object`` (any JSON object; ``spec``
+    empty) or ``lark`` (a grammar in llguidance's Lark dialect, e.g. a tool-call format).
+    Hashable: the engine caches compiled grammars by it."""
+
+    kind: GrammarKind
+    spec: str = ""
+
+
 class EngineRequest(msgspec.Struct, tag=True, omit_defaults=True):
     """A tokenized request, P0 → P1. ``n > 1`` becomes n sequences sharing the prompt's KV."""
 
@@ -62,6 +75,16 @@ class EngineRequest(msgspec.Struct, tag=True, omit_defaults=True):
     # prompt_cache_retention "24h": the prompt's blocks go to the durable tiers (disk, remote)
     # as soon as they are computed, not with the next checkpoint
     persist_kv: bool = False
+    # constrained decoding: every sequence's output matches this grammar (None: free text)
+    grammar: GrammarSpec | None = None
+
+
+class GrammarVocab(msgspec.Struct, tag=True):
+    """P0 → P1 once the engine is up (and again after a restart): the tokenizer grammars are
+    compiled against (a Hugging Face ``tokenizer.json`` string) and its end-of-sequence ids."""
+
+    tokenizer_json: str
+    eos_token_ids: list[int]
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -252,6 +275,16 @@ class KVProbed(msgspec.Struct, array_like=True, omit_defaults=True):
     error_kind: str | None = None
 
 
+class GrammarBitmask(msgspec.Struct, array_like=True):
+    """Allowed next tokens of this step's constrained sequences: row i (``words`` little-endian
+    int32 words, bit ``t % 32`` of word ``t // 32`` set = token t allowed) belongs to
+    ``seq_ids[i]``. Sequences not listed are unconstrained."""
+
+    seq_ids: list[str]
+    words: int
+    data: bytes
+
+
 class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     """One step for the worker. ``finished`` lists seq ids whose worker state can go.
 
@@ -267,6 +300,7 @@ class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     kv_loads: list[KVTransfer] = []
     kv_deletes: list[bytes] = []
     kv_probes: list[KVProbe] = []
+    grammar: GrammarBitmask | None = None  # token masks of the constrained sampled seqs
 
     @property
     def has_kv_ops(self) -> bool:
@@ -313,8 +347,8 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 Message = (
-    EngineRequest | AbortRequest | ToolCalled | EngineOutputs | EngineReady | EngineDead
-    | SchedulerOutput | ModelRunnerOutput | WorkerReady | Shutdown
+    EngineRequest | AbortRequest | ToolCalled | GrammarVocab | EngineOutputs | EngineReady
+    | EngineDead | SchedulerOutput | ModelRunnerOutput | WorkerReady | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()

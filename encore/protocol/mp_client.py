@@ -116,6 +116,7 @@ class MPEngineClient(BaseEngineClient):
                 logger.error("engine restart failed: %s", e)
                 return
             self.tasks[0] = asyncio.create_task(self._read())
+            self._resend_setup()
             self._ready = True
 
     def _close_sockets(self) -> None:

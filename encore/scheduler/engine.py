@@ -65,6 +65,7 @@ class EngineCore:
             max_model_len=self.worker.max_model_len,
             secret=block_key_secret(self.config.cache),
             tiers=self._tier_setup(self.worker))
+        self._scheduler.grammars = Grammars(self.worker.vocab_size)
         if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
             self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files
         w = self.worker
@@ -99,8 +100,17 @@ class EngineCore:
     def tool_called(self, program: str, tools: list[str], cache_salt: str | None = None) -> None:
         self.scheduler.tool_called(program, tools, cache_salt)
 
+    def set_grammar_vocab(self, msg: GrammarVocab) -> None:
+        """The tokenizer that constrained requests' grammars compile against."""
+        assert self.scheduler.grammars is not None
+        self.scheduler.grammars.set_vocab(msg)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_runnable(self) -> bool:
+        """Unfinished requests that do not just wait for a grammar compile."""
+        return self.scheduler.has_runnable()
 
     def has_work(self) -> bool:
         """Unfinished requests, or finished ids the worker has not been told about yet."""
@@ -108,18 +118,19 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Schedule one batch, run it, and return the new outputs."""
+        failed = self.scheduler.poll_grammars()
         sched_out = self.scheduler.schedule()
         tiers = self.scheduler.kv.tiers
         if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
                 or (tiers is not None and tiers.num_inflight)):
-            return []
+            return failed
         start = time.perf_counter()
         try:
             result = self.executor.execute(sched_out)
         except WorkerDiedError as e:
-            return self._recover(str(e))
+            return failed + self._recover(str(e))
         self.scheduler.observe_step(sched_out, time.perf_counter() - start)
-        return self.scheduler.update_from_output(sched_out, result)
+        return failed + self.scheduler.update_from_output(sched_out, result)
 
     def _recover(self, reason: str) -> list[RequestOutput]:
         """Fail every in-flight request; ``restart_worker`` brings a fresh worker up after."""
@@ -152,6 +163,8 @@ class EngineCore:
         kept beside the disk tier (``cost.json``)."""
         if self._scheduler is not None and not self.worker_dead:
             self._final_flush(self.config.cache.shutdown_flush_timeout_s)
+        if self._scheduler is not None and self._scheduler.grammars is not None:
+            self._scheduler.grammars.shutdown()
         self.executor.shutdown()
 
     def _final_flush(self, timeout_s: float) -> None:
@@ -179,6 +192,9 @@ class EngineLoop:
         self.core = core
         self.inbox = inbox
         self.emit = emit
+        grammars = core.scheduler.grammars if core._scheduler is not None else None
+        if grammars is not None:
+            grammars.wake = lambda: inbox.put(GrammarCompiled())
 
     def _handle(self, msg: object, outputs: list[RequestOutput]) -> bool:
         if isinstance(msg, EngineRequest):
@@ -187,6 +203,10 @@ class EngineLoop:
             outputs.extend(self.core.abort(msg.request_ids))
         elif isinstance(msg, ToolCalled):
             self.core.tool_called(msg.program, msg.tools, msg.cache_salt)
+        elif isinstance(msg, GrammarVocab):
+            self.core.set_grammar_vocab(msg)
+        elif isinstance(msg, GrammarCompiled):
+            pass  # the next step queues its requests
         elif isinstance(msg, Shutdown):
             return False
         else:
@@ -194,8 +214,9 @@ class EngineLoop:
         return True
 
     def _drain(self, outputs: list[RequestOutput]) -> bool:
-        """Handle every queued input; block briefly only when there is nothing to run."""
-        block = not self.core.has_unfinished()
+        """Handle every queued input; block briefly only when there is nothing to run
+        (requests waiting for a grammar compile wake the loop when it ends)."""
+        block = not self.core.has_runnable()
         while True:
             try:
                 msg = self.inbox.get(block=block, timeout=IDLE_WAIT_S if block else None)

@@ -8,8 +8,12 @@ positions  0 ........ num_prompt_tokens ........ num_tokens
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from encore.protocol.messages import EngineRequest, FinishReason, SamplingParams, program_id
+
+if TYPE_CHECKING:
+    from encore.grammar import Matcher
 
 
 class SeqStatus(enum.Enum):
@@ -17,6 +21,7 @@ class SeqStatus(enum.Enum):
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again after its blocks were taken (recompute)
     WAITING_FOR_KV = "waiting_for_kv"  # its prefix KV is being loaded from the host/disk tier
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its output grammar is still compiling
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -46,6 +51,7 @@ class Seq:
     ``sent_to_worker``: the worker holds this sequence's sampling state (sampling params and
     prompt are sent once, and dropped by the worker when the id appears in ``finished``).
     ``resumed``: re-admitted after preemption; its next chunk carries ``output_token_ids``.
+    ``matcher``: where its output stands in its grammar (constrained decoding), once compiled.
     """
 
     def __init__(self, req: EngineRequest, index: int, order: int) -> None:
@@ -64,6 +70,8 @@ class Seq:
         self.program_order = order  # program_fcfs: the order of the program's first request
         self.remote_probed = False  # the remote store was asked for this prompt's blocks
         self.persist_kv = req.persist_kv  # its blocks go to disk/remote once computed
+        self.grammar = req.grammar
+        self.matcher: Matcher | None = None
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.sampling: SamplingParams = req.sampling

@@ -42,10 +42,12 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from encore.configs.types import CacheConfig, SchedulerConfig
+from encore.grammar import CompiledGrammar, GrammarError
 from encore.kvmanager.hashing import DEV_SECRET
 from encore.kvmanager.tiered import StepOps, TierSetup, Transfer
 from encore.kvmanager.wiring import KVParts, build_kv
@@ -53,6 +55,7 @@ from encore.protocol.messages import (
     BlendPlan,
     EngineRequest,
     EngineStats,
+    GrammarBitmask,
     KVProbe,
     KVTransfer,
     ModelRunnerOutput,
@@ -64,6 +67,7 @@ from encore.protocol.messages import (
 )
 from encore.protocol.metrics import Increments
 from encore.scheduler.blending import Blender
+from encore.scheduler.grammars import Grammars
 from encore.scheduler.programs import Programs
 from encore.scheduler.queue import make_queue
 from encore.scheduler.request import Seq, SeqStatus
@@ -120,6 +124,9 @@ class Scheduler:
         self._blends: dict[str, tuple[BlendPlan, int]] = {}  # this step's plans, by seq id
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
         self._increments = Increments()
+        # constrained decoding (set by the engine once it knows the vocabulary size)
+        self.grammars: Grammars | None = None
+        self.compiling: dict[str, tuple[list[Seq], Future[CompiledGrammar]]] = {}
 
     @classmethod
     def build(cls, cache: CacheConfig, config: SchedulerConfig, num_device_blocks: int,
@@ -152,8 +159,36 @@ class Scheduler:
         self.requests[req.request_id] = seqs
         for seq in seqs:
             self._seqs[seq.seq_id] = seq
-            self.waiting.add(seq)
+        if req.grammar is None or self.grammars is None:
+            for seq in seqs:
+                self.waiting.add(seq)
+            return []
+        for seq in seqs:  # queued once the grammar is compiled (poll_grammars)
+            seq.status = SeqStatus.WAITING_FOR_GRAMMAR
+        self.compiling[req.request_id] = (seqs, self.grammars.compile(req.grammar))
         return []
+
+    def poll_grammars(self) -> list[RequestOutput]:
+        """Queue the sequences whose grammar has compiled; fail those whose grammar cannot
+        compile (one error output per sequence). Never waits for a compile."""
+        outputs = []
+        for rid, (seqs, fut) in list(self.compiling.items()):
+            if not fut.done():
+                continue
+            try:
+                compiled, error = fut.result(), None
+            except GrammarError as e:
+                compiled, error = None, f"the grammar cannot be used: {e}"
+            for seq in list(seqs):
+                if compiled is None:
+                    self._finish(seq, SeqStatus.FINISHED_ERROR, error=error)
+                    outputs.append(self._final_output(seq))
+                else:
+                    seq.matcher = compiled.matcher()
+                    seq.status = SeqStatus.WAITING
+                    self.waiting.add(seq)
+            self.compiling.pop(rid, None)
+        return outputs
 
     def _validate(self, req: EngineRequest) -> str | None:
         num_prompt = len(req.prompt_token_ids)
@@ -165,6 +200,8 @@ class Scheduler:
             return f"max_tokens must be >= 1, got {req.sampling.max_tokens}"
         if num_prompt == 0:
             return "the prompt is empty"
+        if req.grammar is not None and self.grammars is None:
+            return "structured outputs are not available: this engine has no grammar compiler"
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= 2**32:
             return "prompt token ids must be in [0, 2**32)"
         if num_prompt >= self.max_seq_len:
@@ -215,6 +252,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
+    def has_runnable(self) -> bool:
+        """Unfinished sequences other than those waiting for their grammar to compile."""
+        return len(self._seqs) > sum(len(seqs) for seqs, _ in self.compiling.values())
+
     def has_work(self) -> bool:
         """Unfinished sequences, finished ids the worker has not been told about yet, tier
         transfers still in flight, or host blocks to write to disk."""
@@ -239,10 +280,20 @@ class Scheduler:
             self._schedule_waiting(plan)
         seqs = [*plan.extra, *(self._to_wire(seq, n) for seq, n in plan.planned)]
         finished, self._finished_ids = self._finished_ids, []
-        out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished)
+        out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished,
+                              grammar=self._bitmask(plan))
         if self.kv.tiers is not None:
             _attach_ops(out, self.kv.tiers.take_ops())
         return out
+
+    def _bitmask(self, plan: _StepPlan) -> GrammarBitmask | None:
+        """Token masks of the constrained sequences that sample this step (after
+        ``_to_wire``: a sequence samples when its planned tokens reach its last one)."""
+        if self.grammars is None:
+            return None
+        rows = [(seq.seq_id, seq.matcher) for seq, _ in plan.planned
+                if seq.matcher is not None and seq.num_computed_tokens == seq.num_tokens]
+        return self.grammars.bitmask(rows)
 
     def _promote_loaded(self) -> None:
         """Sequences whose KV finished loading join the running batch with it computed;
@@ -493,6 +544,8 @@ class Scheduler:
         seq.append_token(token_id)
         self._counts["generation_tokens"] += 1
         status = seq.check_stop(token_id, self.max_seq_len)
+        if seq.matcher is not None:
+            status = _grammar_status(seq, token_id, status)
         out = RequestOutput(
             seq.request_id,
             index=seq.index,
@@ -503,9 +556,10 @@ class Scheduler:
             num_cached_tokens=seq.num_cached_tokens or 0,
         )
         if status is not None:
-            self._finish(seq, status)
+            self._finish(seq, status, error=seq.error)
             out.finish_reason = status.finish_reason
             out.stop_token_id = seq.stop_token_id
+            out.error = seq.error
         return out
 
     def _collect_prompt_logprobs(self, runner_out: ModelRunnerOutput) -> None:
@@ -521,6 +575,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING_FOR_KV:
             del self.loading[seq.seq_id]
+        elif seq.status is SeqStatus.WAITING_FOR_GRAMMAR:
+            self.compiling[seq.request_id][0].remove(seq)
         else:
             self.waiting.remove(seq)
         seq.status, seq.error = status, error
@@ -556,7 +612,8 @@ class Scheduler:
         b = self.blender
         return {
             "num_running": len(self.running),
-            "num_waiting": len(self.waiting) + len(self.loading),
+            "num_waiting": len(self.waiting) + len(self.loading)
+            + sum(len(seqs) for seqs, _ in self.compiling.values()),
             "kv_cache_usage": self.kv.usage,
             "prefix_queries": self.kv.prefix_queries, "prefix_hits": self.kv.prefix_hits,
             "chunk_queries": b.queries, "chunk_hit_tokens": b.hit_tokens,
@@ -583,7 +640,8 @@ class Scheduler:
     def check_integrity(self) -> None:
         """KV invariants plus: every unfinished seq is in exactly one queue, in a sane state."""
         self.kv.check_integrity()
-        queued = list(self.waiting) + self.running + list(self.loading.values())
+        compiling = [s for seqs, _ in self.compiling.values() for s in seqs]
+        queued = list(self.waiting) + self.running + list(self.loading.values()) + compiling
         ids = [s.seq_id for s in queued]
         _require(len(set(ids)) == len(ids), f"a sequence is queued twice: {ids}")
         _require(set(ids) == set(self._seqs), "queues and the sequence table disagree")
@@ -598,12 +656,31 @@ class Scheduler:
             _require(s.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED), f"{s} in waiting")
             _require(s.num_computed_tokens == 0, f"{s} waiting with computed tokens")
             _require(not self.kv.block_table(s.seq_id), f"{s} waiting with blocks")
+        for s in compiling:
+            _require(s.status is SeqStatus.WAITING_FOR_GRAMMAR and s.num_computed_tokens == 0
+                     and not self.kv.block_table(s.seq_id), f"{s} compiling")
         for s in self.loading.values():
             _require(s.status is SeqStatus.WAITING_FOR_KV, f"{s} in loading")
             probing = self.kv.tiers is not None and self.kv.tiers.is_probing(s.seq_id)
             _require(bool(self.kv.block_table(s.seq_id)) or probing
                      or self.kv.is_prefetching(self.blender.loader_id(s.seq_id)),
                      f"{s} loading without blocks")
+
+
+def _grammar_status(seq: Seq, token_id: int, status: SeqStatus | None) -> SeqStatus | None:
+    """Advance ``seq``'s grammar by its sampled token: a complete grammar ends the sequence
+    ("stop", whatever ``ignore_eos`` says: nothing else may follow); a token the grammar
+    refuses (the worker ignored the mask) is an error."""
+    assert seq.matcher is not None
+    if seq.matcher.accept(token_id):
+        if seq.matcher.stopped and status is not SeqStatus.FINISHED_STOPPED:
+            seq.stop_token_id = token_id if token_id in seq.eos_token_ids else None
+            return SeqStatus.FINISHED_STOPPED
+        return status
+    if status is SeqStatus.FINISHED_STOPPED and seq.matcher.stopped:
+        return status  # the grammar had ended; the EOS after it is fine
+    seq.error = f"sampled token {token_id} is not allowed by the request's grammar"
+    return SeqStatus.FINISHED_ERROR
 
 
 def _attach_ops(out: SchedulerOutput, ops: StepOps) -> None:

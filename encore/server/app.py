@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from encore.configs.model_source import ModelLoadError, resolve_model
 from encore.configs.types import EncoreConfig
 from encore.protocol.client import EngineClient
+from encore.protocol.messages import GrammarVocab
 from encore.server.errors import install_handlers
 from encore.server.metrics import ServerMetrics
 from encore.server.routes import build_router, openapi_schema
@@ -102,6 +103,17 @@ async def _start(app: FastAPI, ctx: ServingContext, tokenizer_loader: TokenizerL
     ctx.model_name = (ctx.config.model.served_model_name or info.model_name
                       or served_model_name(ctx.config))
     ctx.info = info
+    _send_grammar_vocab(ctx)
     logger.info("ready: model %s, context %d tokens, %d KV blocks of %d on %s (%s)",
                 ctx.model_name, info.max_model_len, info.num_device_blocks, info.block_size,
                 info.device, info.dtype)
+
+
+def _send_grammar_vocab(ctx: ServingContext) -> None:
+    """Hand the engine the tokenizer that structured outputs' grammars compile against (a
+    tokenizer that cannot serialize itself, such as a test fake, leaves them unavailable)."""
+    to_json = getattr(ctx.tokenizer, "to_json", None)
+    if to_json is None:
+        return
+    ctx.engine.set_grammar_vocab(GrammarVocab(to_json(), list(ctx.tokenizer.eos_token_ids)))
+    ctx.grammar_ready = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from encore.protocol.client import EngineError
+from encore.protocol.messages import GrammarSpec
 from encore.server.chat_parts import ChatPrompt, TextEscapes, part_marks, render_marked
 from encore.server.chat_tools import (
     check_tools,
@@ -28,6 +30,7 @@ from encore.server.serving import (
     ServingContext,
     UsageTracker,
     admit,
+    cache_block_size,
     check_common,
     check_model,
     check_num_seqs,
@@ -40,18 +43,42 @@ from encore.server.serving import (
     until_disconnect,
 )
 from encore.server.sse import DONE, SSEResponse, sse_event
+from encore.server.structured import chat_grammar
 from encore.server.tool_parsers import StreamingToolParser, parse_tool_calls
+
+
+@dataclass
+class ChatRun:
+    """A chat request on its way through the engine: its prompt, its deltas (one stream for
+    all ``n`` choices), and its usage as the deltas arrive."""
+
+    req: ChatCompletionRequest
+    rid: str
+    prompt_ids: list[int]
+    deltas: AsyncIterator[SeqDelta]
+    usage: UsageTracker
 
 
 async def create_chat_completion(ctx: ServingContext, request: Request, body: Any,
                                  arrival: float) -> Response:
     req = parse_body(ChatCompletionRequest, body)
     take_session_header(req, request)
+    run = await start_chat(ctx, request, req, new_id("chatcmpl"), arrival)
+    if req.stream:
+        return SSEResponse(_stream(ctx, req, run.rid, run.deltas, run.usage))
+    return JSONResponse(await until_disconnect(
+        request, _collect(ctx, req, run.rid, run.deltas, run.usage)))
+
+
+async def start_chat(ctx: ServingContext, request: Request, req: ChatCompletionRequest,
+                     rid: str, arrival: float) -> ChatRun:
+    """Check ``req`` (400s), render and tokenize it, and submit it to the engine."""
     check_model(ctx, req.model)
     check_common(ctx, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
     check_tools(req)
+    grammar = await structured_grammar(ctx, req)
     check_num_seqs(ctx, 1, req.n)
     # every message's text is in the prompt: a lower bound on its size, known before rendering
     check_prompt_size(ctx, sum(len(m.text()) for m in req.messages), "messages")
@@ -62,18 +89,28 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: An
                                     "messages")
     sampling = sampling_params(req, max_tokens, req.num_logprobs())
     admit(ctx, req.n)
-    rid = new_id("chatcmpl")
     ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time(),
                           tenant=getattr(request.state, "tenant", None), chunks=prompt.chunks,
-                          pin_breakpoints=prompt.pin_breakpoints)
+                          pin_breakpoints=prompt.pin_breakpoints, grammar=grammar)
     trackers = [SequenceTracker(i, ctx.tokenizer, prompt_ids, req.stop_strings())
                 for i in range(req.n)]
-    deltas = stream_request(ctx, ereq, trackers, arrival)
-    usage = UsageTracker()
+    usage = UsageTracker(cache_block_size(ctx))
     usage.add_prompt(len(prompt_ids))
-    if req.stream:
-        return SSEResponse(_stream(ctx, req, rid, deltas, usage))
-    return JSONResponse(await until_disconnect(request, _collect(ctx, req, rid, deltas, usage)))
+    return ChatRun(req, rid, prompt_ids, stream_request(ctx, ereq, trackers, arrival), usage)
+
+
+async def structured_grammar(ctx: ServingContext,
+                             req: ChatCompletionRequest) -> GrammarSpec | None:
+    """The grammar the output must match (server.structured), checked off the event loop;
+    400 when it cannot be enforced here."""
+    if req.response_format is None and not req.tools:
+        return None
+    grammar = await anyio.to_thread.run_sync(chat_grammar, req,
+                                             ctx.config.server.tool_call_parser)
+    if grammar is not None and not ctx.grammar_ready:
+        raise invalid("structured outputs are not supported by this server: its tokenizer "
+                      "cannot be handed to the grammar engine", "response_format")
+    return grammar
 
 
 async def render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPrompt:
@@ -129,16 +166,16 @@ async def _collect(ctx: ServingContext, req: ChatCompletionRequest, rid: str,
         logprobs = None
         if req.logprobs:
             logprobs = {"content": chat_logprobs(ctx.token_text, lps[i], req.top_logprobs or 0)}
-        message, reason = _message(ctx, req, texts[i], reasons[i] or "abort")
+        message, reason = assistant_message(ctx, req, texts[i], reasons[i] or "abort")
         if i == 0 and reason == "tool_calls":
-            _tools_called(ctx, req, [c["function"]["name"] for c in message["tool_calls"]])
+            tools_called(ctx, req, [c["function"]["name"] for c in message["tool_calls"]])
         choices.append({"index": i, "message": message, "logprobs": logprobs,
                         "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": ctx.model_name, "choices": choices, "usage": usage.body()}
 
 
-def _message(ctx: ServingContext, req: ChatCompletionRequest, text: str,
+def assistant_message(ctx: ServingContext, req: ChatCompletionRequest, text: str,
              reason: str) -> tuple[dict[str, Any], str]:
     """The assistant message of one choice and its finish reason (tool calls parsed out)."""
     if not tools_enabled(req):
@@ -184,14 +221,14 @@ async def _stream_events(ctx: ServingContext, req: ChatCompletionRequest, base: 
         if reason and parsers and parsers[d.index].num_calls:
             reason = "tool_calls"
             if d.index == 0:
-                _tools_called(ctx, req, parsers[0].called)
+                tools_called(ctx, req, parsers[0].called)
         yield chunk({"index": d.index, "delta": delta,
                      "logprobs": _choice_logprobs(ctx, req, d), "finish_reason": reason})
     if req.include_usage():
         yield sse_event({**base, "choices": [], "usage": usage.body()})
 
 
-def _tools_called(ctx: ServingContext, req: ChatCompletionRequest, names: list[str]) -> None:
+def tools_called(ctx: ServingContext, req: ChatCompletionRequest, names: list[str]) -> None:
     """An agent program's turn (choice 0) ended in tool calls: the engine's TTL pins learn
     per tool how long the program pauses (nothing to learn after its last step)."""
     program = req.program_key()

@@ -31,7 +31,7 @@ from typing import Any
 
 from encore.server.errors import invalid
 from encore.server.schemas import ChatCompletionRequest, ContentPart
-from encore.server.serving import ServingContext, checked_pin_ttl, pin_ttl
+from encore.server.serving import ServingContext, checked_pin_ttl, pin_ttl, soft_pin_ttl
 
 CHUNK_ROLES = ("system", "developer", "user", "tool")
 MAX_BREAKPOINTS = 4  # explicit pins per request, as OpenAI allows
@@ -156,6 +156,10 @@ def part_marks(ctx: ServingContext, req: ChatCompletionRequest) -> list[PartMark
             marks.append(PartMark(m, p, chunk=True))
         elif mode == "explicit":
             ttl = _breakpoint_ttl(ctx, req, part, param)
+            if ttl is not None:
+                marks.append(PartMark(m, p, chunk=False, pin_ttl_s=ttl))
+        elif part.cache_control is not None:  # Anthropic's marker: a soft breakpoint pin
+            ttl = soft_pin_ttl(ctx, req, part.cache_control)
             if ttl is not None:
                 marks.append(PartMark(m, p, chunk=False, pin_ttl_s=ttl))
     if sum(mk.pin_ttl_s is not None for mk in marks) > MAX_BREAKPOINTS:

@@ -21,6 +21,7 @@ from encore.server.serving import (
     ServingContext,
     UsageTracker,
     admit,
+    cache_block_size,
     check_common,
     check_model,
     check_num_seqs,
@@ -52,7 +53,7 @@ async def create_completion(ctx: ServingContext, request: Request, body: Any,
     _check_unsupported(req)
     prompts = await _tokenize_prompts(ctx, _prompt_list(req.prompt), req.n)
     rid = new_id("cmpl")
-    usage = UsageTracker()
+    usage = UsageTracker(cache_block_size(ctx))
     prompt_lps = req.logprobs if req.echo else None
     streams = []
     for p, prompt in enumerate(prompts):

@@ -20,6 +20,13 @@ from encore.server.chat import create_chat_completion
 from encore.server.completions import create_completion
 from encore.server.errors import APIError
 from encore.server.metrics import CONTENT_TYPE
+from encore.server.responses import create_response, delete_response, get_response
+from encore.server.responses_schemas import (
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseStreamEvent,
+)
 from encore.server.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -45,7 +52,8 @@ _ERRORS = {
     400: "invalid request: malformed JSON or a bad field value (`param` names it), a prompt "
          "beyond the context, an unsupported option",
     401: "missing or invalid API key (when the server has keys)",
-    404: "unknown model",
+    404: "unknown model, or (responses) an unknown, deleted, expired or other tenant's "
+         "response id",
     408: "the request body did not arrive within body_timeout_s",
     413: "body larger than max_body_bytes",
     415: "the body is not application/json",
@@ -88,8 +96,9 @@ _GENERATE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 503)
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
 }
-CHUNK_MODELS = (ChatCompletionChunk, CompletionChunk)
+CHUNK_MODELS = (ChatCompletionChunk, CompletionChunk, ResponseStreamEvent)
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -110,6 +119,19 @@ async def _serve(request: Request, handler: Handler) -> Response:
         raise
 
 
+async def _serve_id(request: Request, response_id: str,
+                    handler: Callable[[ServingContext, Request, str], Awaitable[Response]]
+                    ) -> Response:
+    ctx = _ctx(request)
+    try:
+        request.state.tenant = check_api_key(ctx, request)
+        check_ready(ctx)
+        return await handler(ctx, request, response_id)
+    except APIError as e:
+        ctx.metrics.request_errors.labels(status=str(e.status)).inc()
+        raise
+
+
 def build_router() -> APIRouter:
     router = APIRouter()
 
@@ -125,6 +147,25 @@ def build_router() -> APIRouter:
     async def completions(request: Request) -> Response:
         """OpenAI (legacy) text completions (body: CompletionRequest)."""
         return await _serve(request, create_completion)
+
+    @router.post("/v1/responses",
+                 responses=_responses(ResponseObject, _GENERATE_ERRORS,
+                                      chunk=ResponseStreamEvent))
+    async def responses_create(request: Request) -> Response:
+        """OpenAI Responses API: create (body: ResponsesRequest); stream: typed events."""
+        return await _serve(request, create_response)
+
+    @router.get("/v1/responses/{response_id}",
+                responses=_responses(ResponseObject, (401, 404, 503)))
+    async def responses_get(request: Request, response_id: str) -> Response:
+        """A stored response of this API key's tenant."""
+        return await _serve_id(request, response_id, get_response)
+
+    @router.delete("/v1/responses/{response_id}",
+                   responses=_responses(ResponseDeleted, (401, 404, 503)))
+    async def responses_delete(request: Request, response_id: str) -> Response:
+        """Delete a stored response of this API key's tenant."""
+        return await _serve_id(request, response_id, delete_response)
 
     @router.get("/v1/models", responses=_responses(ModelList, (401, 503)))
     async def models(request: Request) -> Response:

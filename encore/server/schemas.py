@@ -11,7 +11,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from encore.server.errors import APIError
 
@@ -37,6 +45,18 @@ class StreamOptions(_Model):
 
 
 BREAKPOINT_MODES = ("implicit", "explicit", "chunk")
+CACHE_CONTROL_TTLS = ("5m", "1h")  # Anthropic's ephemeral cache durations
+
+
+def _cache_control(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Anthropic's ``{"type": "ephemeral", "ttl": "5m" | "1h"}`` (ttl defaults to 5m)."""
+    if v is None:
+        return v
+    if v.get("type") != "ephemeral":
+        raise ValueError("cache_control type must be 'ephemeral'")
+    if v.get("ttl", "5m") not in CACHE_CONTROL_TTLS:
+        raise ValueError("cache_control ttl must be '5m' or '1h'")
+    return v
 
 
 def _breakpoint_mode(bp: dict[str, Any]) -> Any:
@@ -52,6 +72,10 @@ class ContentPart(_Model):
     type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
     prompt_cache_breakpoint: dict[str, Any] | None = None
+    cache_control: dict[str, Any] | None = None  # Anthropic's marker: a soft breakpoint pin
+
+    _check_cache_control = field_validator("cache_control")(classmethod(
+        lambda cls, v: _cache_control(v)))
 
     @field_validator("type")
     @classmethod
@@ -84,6 +108,33 @@ class ContentPart(_Model):
     def breakpoint_ttl(self) -> Any:
         """The raw ``ttl`` of an explicit breakpoint (None when absent)."""
         return (self.prompt_cache_breakpoint or {}).get("ttl")
+
+
+class JsonSchemaFormat(_Model):
+    """``response_format.json_schema``: the schema the output must match (always enforced,
+    whatever ``strict`` says)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def json_schema_body(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_ if self.json_schema is not None else None
 
 
 class FunctionDef(_Model):
@@ -157,8 +208,10 @@ class _CommonRequest(_Model):
     job_id: str | None = Field(default=None, max_length=1024)
     is_last_step: bool | None = None
     session_id: str | None = Field(default=None, max_length=1024)  # or the X-Session-ID header
-    # "24h": the prompt's KV goes to disk/remote at once (kept across restarts and replicas)
+    # "24h": the prompt's KV goes to disk/remote at once (kept across restarts and replicas);
+    # "in_memory": device/host only, explicit pins at most 1 h
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    cache_control: dict[str, Any] | None = None  # Anthropic's marker on the whole request
     # extensions
     top_k: int = Field(default=0, ge=-1, le=INT64_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -180,6 +233,16 @@ class _CommonRequest(_Model):
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
+
+    _check_cache_control = field_validator("cache_control")(classmethod(
+        lambda cls, v: _cache_control(v)))
+
+    @field_validator("prompt_cache_options")
+    @classmethod
+    def _cache_options(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("mode", "implicit") not in ("implicit", "explicit"):
+            raise ValueError("prompt_cache_options mode must be 'implicit' or 'explicit'")
+        return v
 
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])
@@ -203,6 +266,8 @@ class ChatCompletionRequest(_CommonRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -310,7 +375,8 @@ class ErrorResponse(_Response):
 
 
 class PromptTokensDetails(_Response):
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused
+    cache_write_tokens: int  # prompt tokens whose KV this request computed and cached
 
 
 class Usage(_Response):

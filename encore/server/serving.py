@@ -16,7 +16,7 @@ from fastapi import Request
 from encore.configs.secrets import deployment_secret, tenant_salt
 from encore.configs.types import EncoreConfig, ServerConfig
 from encore.protocol.client import EngineClient
-from encore.protocol.messages import EngineReady, EngineRequest, SamplingParams
+from encore.protocol.messages import EngineReady, EngineRequest, GrammarSpec, SamplingParams
 from encore.server.errors import APIError, invalid
 from encore.server.metrics import ServerMetrics
 from encore.server.schemas import _CommonRequest, decode_json
@@ -43,6 +43,8 @@ class ServingContext:
     # Most UTF-8 bytes one token spells (+1), measured at start-up; None until then.
     max_token_bytes: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    responses: Any = None  # the /v1/responses store (server.responses), opened on first use
+    grammar_ready: bool = False  # the engine has the tokenizer grammars compile against
 
     tenants: dict[str, str] = field(default_factory=dict)  # API key -> its cache salt
 
@@ -65,6 +67,13 @@ class ServingContext:
     def vocab_size(self) -> int:
         assert self.info is not None
         return self.info.vocab_size
+
+
+def cache_block_size(ctx: ServingContext) -> int:
+    """The KV block size when prefix caching keeps computed blocks, else 0 (usage's
+    ``cache_write_tokens``)."""
+    cache = ctx.config.cache
+    return cache.block_size if cache.enable_prefix_caching else 0
 
 
 def new_id(prefix: str) -> str:
@@ -209,6 +218,9 @@ def check_common(ctx: ServingContext, req: _CommonRequest) -> None:
     if req.cache_salt is not None and not ctx.config.server.allow_client_cache_salt:
         raise invalid("cache_salt is not supported by this server (the operator has not "
                       "enabled allow_client_cache_salt)", "cache_salt")
+    if req.prompt_cache_retention is not None and req.prompt_cache_options is not None:
+        raise invalid("prompt_cache_retention and prompt_cache_options both set how long the "
+                      "prompt stays cached; send one of them", "prompt_cache_retention")
     for tok in req.stop_token_ids or []:
         if tok >= ctx.vocab_size:
             raise invalid(f"stop_token_ids contains {tok}, beyond the vocabulary "
@@ -272,9 +284,11 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    prompt_ids: list[int], sampling: SamplingParams,
                    arrival: float, tenant: str | None = None,
                    chunks: list[tuple[int, int]] | None = None,
-                   pin_breakpoints: list[tuple[int, float]] | None = None) -> EngineRequest:
+                   pin_breakpoints: list[tuple[int, float]] | None = None,
+                   grammar: GrammarSpec | None = None) -> EngineRequest:
     """The engine's request; ``chunks`` and ``pin_breakpoints`` are token positions of the
-    prompt's marked content parts (chat only, see server.chat_parts)."""
+    prompt's marked content parts (chat only, see server.chat_parts); ``grammar``: what the
+    output must match (server.structured)."""
     req._engine_salt = cache_salt(tenant, req.cache_salt)
     return EngineRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
@@ -283,7 +297,7 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
         prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
         is_last_step=req.is_last_step, chunks=list(chunks or []),
         pin_breakpoints=list(pin_breakpoints or []),
-        persist_kv=req.prompt_cache_retention == "24h")
+        persist_kv=req.prompt_cache_retention == "24h", grammar=grammar)
 
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -300,13 +314,31 @@ def parse_duration(text: str) -> float | None:
     return value if value is not None and 0 < value < float("inf") else None
 
 
+IN_MEMORY_MAX_S = 3600.0  # prompt_cache_retention "in_memory": pinned at most 1 h
+
+
 def pin_ttl(ctx: ServingContext, req: _CommonRequest) -> float | None:
-    """The explicit pin TTL of ``prompt_cache_options.ttl`` (None: the engine's policy picks);
-    400 as :func:`checked_pin_ttl` says."""
+    """The explicit pin TTL of ``prompt_cache_options.ttl``, else the soft one of a top-level
+    ``cache_control`` (None: the engine's policy picks); 400 as :func:`checked_pin_ttl`
+    says."""
     opts = req.prompt_cache_options or {}
     if opts.get("ttl") is None:
-        return None
+        return soft_pin_ttl(ctx, req, req.cache_control)
     return checked_pin_ttl(ctx, req, opts["ttl"], "prompt_cache_options.ttl")
+
+
+def soft_pin_ttl(ctx: ServingContext, req: _CommonRequest,
+                 marker: dict[str, Any] | None) -> float | None:
+    """Seconds of an Anthropic ``cache_control`` marker's pin (``"5m"`` unless ``"1h"``),
+    capped by ``cache.max_pin_ttl_s``: a soft pin, so never a 400. None without a marker,
+    without a program key (the prefix cache, always on, is then what caches it) or with pins
+    off."""
+    cache = ctx.config.cache
+    if (marker is None or req.program_key() is None or not cache.enable_ttl_pins
+            or not cache.enable_prefix_caching):
+        return None
+    ttl = parse_duration(str(marker.get("ttl", "5m"))) or 300.0
+    return min(ttl, cache.max_pin_ttl_s)
 
 
 def checked_pin_ttl(ctx: ServingContext, req: _CommonRequest, value: Any, param: str) -> float:
@@ -323,18 +355,23 @@ def checked_pin_ttl(ctx: ServingContext, req: _CommonRequest, value: Any, param:
     if ttl > cache.max_pin_ttl_s:
         raise invalid(f"{param}={value!r} exceeds this server's limit of "
                       f"{cache.max_pin_ttl_s:g}s (cache.max_pin_ttl_s)", param)
+    if req.prompt_cache_retention == "in_memory" and ttl > IN_MEMORY_MAX_S:
+        raise invalid(f"{param}={value!r} is longer than prompt_cache_retention 'in_memory' "
+                      "keeps a prompt (1 h)", param)
     if req.program_key() is None:
         raise invalid(f"{param} needs a prompt_cache_key (or job_id) naming the program whose "
                       "KV to pin", param)
     return ttl
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          cache_write_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens,
+                                  "cache_write_tokens": cache_write_tokens},
     }
 
 
@@ -356,12 +393,23 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class UsageTracker:
-    """Token counts of one API call (possibly several engine requests)."""
+    """Token counts of one API call (possibly several engine requests).
 
-    def __init__(self) -> None:
+    ``cache_write_tokens``: per engine request, the prompt tokens in complete KV blocks of
+    ``block_size`` that it computed rather than reused; prefix caching keeps those blocks, so
+    a later request with the same prefix reuses them. 0 when ``block_size`` is 0 (prefix
+    caching off)::
+
+        prompt      |=========== cached ===========|---- written ----|-- partial --|
+                    0                        cached_tokens    (len // bs) * bs     len
+    """
+
+    def __init__(self, block_size: int = 0) -> None:
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.block_size = block_size
         self._cached: dict[str, int] = {}
+        self._prompts: dict[str, int] = {}  # engine request id -> its prompt tokens
 
     def add_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens += num_tokens
@@ -369,9 +417,19 @@ class UsageTracker:
     def observe(self, delta: Any) -> None:
         self.completion_tokens += len(delta.token_ids)
         out = delta.output
+        if out is not None and out.num_prompt_tokens:
+            self._prompts[out.request_id] = out.num_prompt_tokens
         if out is not None and out.num_cached_tokens:
             prev = self._cached.get(out.request_id, 0)
             self._cached[out.request_id] = max(prev, out.num_cached_tokens)
 
+    def cache_write_tokens(self) -> int:
+        if not self.block_size:
+            return 0
+        bs = self.block_size
+        return sum(max(0, n // bs * bs - self._cached.get(rid, 0))
+                   for rid, n in self._prompts.items())
+
     def body(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, self.completion_tokens, sum(self._cached.values()))
+        return usage(self.prompt_tokens, self.completion_tokens, sum(self._cached.values()),
+                     self.cache_write_tokens())

@@ -176,7 +176,8 @@ class ModelRunner:
         if self.tp.rank != 0:  # the other ranks computed the same logits; rank 0 samples
             return ModelRunnerOutput(step_id=step.step_id)
         states = [self.states[s.seq_id] for s in sampled]
-        token_ids, logprobs = self.sampler(logits, states, argmax)
+        token_ids, logprobs = self.sampler(logits, states, argmax, step.grammar,
+                                           [s.seq_id for s in sampled])
         return ModelRunnerOutput(step_id=step.step_id, seq_ids=[s.seq_id for s in sampled],
                                  sampled_token_ids=token_ids, logprobs=logprobs,
                                  prompt_logprobs=prompt_lps, chunk_deviation=deviations)

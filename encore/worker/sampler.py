@@ -5,8 +5,9 @@ its own ``torch.Generator`` (seeded from ``(seed, child index)``), so the same s
 same tokens whatever else runs in the batch. Sampling uses the exponential race
 (``argmax(p / q)``, ``q ~ Exp(1)``), which draws exactly from ``p``.
 
-Order, as in vLLM: penalties → min-tokens mask → logprobs (of the penalized logits, before
-temperature) → temperature → top-k → top-p → min-p → sample.
+Order, as in vLLM: penalties → min-tokens mask → grammar mask (structured outputs: the step's
+token bitmask, applied to the whole batch at once) → logprobs (of the penalized, masked logits,
+before temperature) → temperature → top-k → top-p → min-p → sample.
 
 Sampling stays finite whatever the parameters: a temperature below GREEDY_TEMPERATURE is
 greedy, and penalized logits are clamped to ±LOGIT_LIMIT (a repetition penalty of 5e-324
@@ -18,9 +19,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from encore.protocol.messages import Logprob, SamplingParams, TokenLogprobs
+from encore.protocol.messages import GrammarBitmask, Logprob, SamplingParams, TokenLogprobs
 
 # Dividing logits by a smaller temperature overflows float32 (the API sends these as 0).
 GREEDY_TEMPERATURE = 1e-5
@@ -98,6 +100,54 @@ def _mask_min_tokens(logits: torch.Tensor, states: list[SeqSamplingState]) -> bo
     return changed
 
 
+def unpack_bitmask(bitmask: torch.Tensor, on_host: bool) -> torch.Tensor:
+    """[N, W] int32 words -> [N, 32 * W] bool (bit t of the row = token t allowed)."""
+    if on_host:
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1).bool()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[i, t] = -inf`` where bit ``t % 32`` of ``bitmask[i, t // 32]`` is
+    clear. ``logits`` [N, V] float, ``bitmask`` [N, W] int32 (little-endian words) on the
+    same device; tokens past ``32 * W`` are masked too. On the CPU the bits are unpacked by
+    numpy and applied in one pass (a pass over the logits is the cost); on a GPU by shifts."""
+    v = logits.shape[1]
+    allowed = unpack_bitmask(bitmask, on_host=logits.device.type == "cpu")
+    width = min(v, allowed.shape[1])
+    if width < v:
+        logits[:, width:] = float("-inf")
+    part = logits[:, :width]
+    torch.where(allowed[:, :width], part, torch.tensor(float("-inf"), device=logits.device),
+                out=part)
+
+
+def _mask_grammar(logits: torch.Tensor, grammar: GrammarBitmask | None,
+                  seq_ids: list[str] | None) -> bool:
+    """Mask the rows of constrained sequences (``seq_ids[i]`` is row i) with their grammar's
+    bitmask, in one batched op; True if any row was masked."""
+    if grammar is None or not grammar.seq_ids or seq_ids is None:
+        return False
+    row_of = {seq_id: i for i, seq_id in enumerate(seq_ids)}
+    pairs = [(row_of[s], j) for j, s in enumerate(grammar.seq_ids) if s in row_of]
+    if not pairs:
+        return False
+    masks = torch.frombuffer(bytearray(grammar.data), dtype=torch.int32).view(-1, grammar.words)
+    if [j for _, j in pairs] != list(range(len(grammar.seq_ids))):
+        masks = masks[[j for _, j in pairs]]
+    masks = masks.to(logits.device, non_blocking=True)
+    if [i for i, _ in pairs] == list(range(logits.shape[0])):  # every row: mask in place
+        apply_token_bitmask(logits, masks)
+        return True
+    rows = torch.tensor([i for i, _ in pairs], device=logits.device)
+    sub = logits.index_select(0, rows)
+    apply_token_bitmask(sub, masks)
+    logits.index_copy_(0, rows, sub)
+    return True
+
+
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """One row [V]: temperature, top-k, top-p, min-p; returns probabilities."""
     logits = logits / p.temperature
@@ -136,15 +186,19 @@ class Sampler:
         self.default_generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState],
-                 argmax: torch.Tensor | None = None
+                 argmax: torch.Tensor | None = None, grammar: GrammarBitmask | None = None,
+                 seq_ids: list[str] | None = None
                  ) -> tuple[list[int], list[TokenLogprobs] | None]:
         """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs.
 
         ``argmax`` [N] int64: the argmax of ``logits`` as given, already computed (inside a
-        decode CUDA graph); used, and mutated, unless a penalty or min-tokens mask applies.
+        decode CUDA graph); used, and mutated, unless a penalty or a mask applies.
+        ``grammar``: the step's token bitmasks (``SchedulerOutput.grammar``), whose rows are
+        matched to the batch by ``seq_ids`` (row i samples ``seq_ids[i]``).
         """
         changed = _apply_penalties(logits, states)
         changed = _mask_min_tokens(logits, states) or changed
+        changed = _mask_grammar(logits, grammar, seq_ids) or changed
         want_lp = any(st.params.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         chosen = argmax if argmax is not None and not changed else torch.argmax(logits, dim=-1)

@@ -51,7 +51,8 @@ def start_server(tmp: Path, *extra: str, preset: str | None = "test",
     log_path = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "encore.server.cli", "serve",
            *(["--config", preset] if preset else []), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", API_KEY, "--max-body-bytes", "262144", *extra]
+           "--port", str(port), "--api-key", API_KEY, "--max-body-bytes", "262144",
+           "--responses-db", str(tmp / f"responses-{port}.sqlite3"), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": ""}
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -36,11 +36,12 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case,
 
 
 def capped_body(body: Any) -> Any:
-    """Cap generation cost; a missing output budget (chat: the whole context) becomes 4."""
+    """Cap generation cost; a missing output budget (chat: the whole context) becomes 4
+    (``max_output_tokens`` is the responses API's; each endpoint ignores the others')."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
         body[field] = MAX_TOKENS if value is None else _capped(value, MAX_TOKENS)
     if "n" in body:
@@ -79,6 +80,7 @@ def finite_json(ctx: schemathesis.CheckContext, response: schemathesis.Response,
     elif media == "text/event-stream":
         for block in filter(None, text.split("\n\n")):
             data = block.removeprefix("data: ")
-            if data != "[DONE]" and "error" in _strict_json(data):
+            event = _strict_json(data) if data != "[DONE]" else {}
+            if "error" in event or event.get("type") == "error":  # chat / responses streams
                 raise AssertionError(f"stream reports an error: {data[:200]}")
     return None

@@ -78,6 +78,6 @@ def test_openapi_fuzz_finds_no_5xx_nan_or_schema_violation(tmp_path: Path) -> No
           f"errors {len(report['errors'])}")
     assert report["failures"] == [] and report["errors"] == [], output
     assert cases["with_failures"] == 0 and cases["errored"] == 0, output
-    assert report["operations"]["tested"] == report["operations"]["total"] == 5, output
+    assert report["operations"]["tested"] == report["operations"]["total"] == 8, output
     assert cases["generated"] >= MIN_CASES, output
     assert report["exit_code"] == 0, output

@@ -22,7 +22,8 @@ def test_chat_completion_shape_and_usage() -> None:
     prompt = "<user>hi\n<assistant>"
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n_out,
                              "total_tokens": len(prompt) + n_out,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0,
+                                                       "cache_write_tokens": 16}}
     req = engine.requests[0]
     assert req.prompt_token_ids == list(prompt.encode()) and req.eos_token_ids == [EOS]
 
