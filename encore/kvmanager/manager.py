@@ -149,13 +149,14 @@ class KVCacheManager:
                 return False
 
     def pin_prefix(self, seq: KVSeq, program: str, ttl_s: float | None,
-                   num_tokens: int | None = None) -> float:
+                   num_tokens: int | None = None, soft: bool = False) -> float:
         """Pin the leading cached full blocks of ``seq`` (still held) for ``program``, in its
         tenant (``seq.cache_salt``); returns the TTL (0 = not pinned).
 
         Without ``num_tokens``: the turn's pin (TTL from the policy unless ``ttl_s``). With it:
         an explicit breakpoint pin, for ``ttl_s``, of the blocks wholly inside the first
-        ``num_tokens`` tokens (``num_tokens // block_size`` blocks at most).
+        ``num_tokens`` tokens (``num_tokens // block_size`` blocks at most); ``soft``: a hit
+        refreshes it (``PinTable.refresh``).
         """
         if self.pins is None:
             return 0.0
@@ -170,7 +171,8 @@ class KVCacheManager:
             return self.pins.pin(program, table[:n], keys[:n], ttl_s, seq.cache_salt)
         if ttl_s is None:
             raise ValueError(f"{seq.seq_id}: a breakpoint pin needs a TTL")
-        return self.pins.pin_breakpoint(program, table[:n], keys[:n], ttl_s, seq.cache_salt)
+        return self.pins.pin_breakpoint(program, table[:n], keys[:n], ttl_s, seq.cache_salt,
+                                        soft)
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks (tail first into the LRU) and forget its keys.

@@ -182,6 +182,7 @@ class Pin:
     explicit: bool = False
     awaited: bool = False  # the program's next turn arrived and waits for admission
     fixed: bool = False  # the request chose the TTL (the policy never changes it)
+    soft: bool = False  # an Anthropic cache_control pin: each hit on it restarts its TTL
 
     @property
     def ttl(self) -> float:
@@ -270,24 +271,42 @@ class PinTable:
         return ttl if pin is not None else 0.0
 
     def pin_breakpoint(self, program: str, blocks: Sequence[int], keys: Sequence[bytes],
-                       ttl_s: float, tenant: str | None = None) -> float:
+                       ttl_s: float, tenant: str | None = None, soft: bool = False) -> float:
         """Explicitly pin the prefix ``blocks`` (full, cached, held by the caller) for ``ttl_s``
         (at most the policy's max TTL); no claim ends it. Pinning a pinned prefix again keeps
-        the later expiry. Returns the TTL (0 = not pinned: empty, or no room)."""
+        the later expiry. ``soft``: every later hit on the whole prefix restarts the TTL
+        (``refresh``). Returns the TTL (0 = not pinned: empty, or no room)."""
         now = self.clock()
         ttl = min(ttl_s, self.policy.max_ttl_s)
         if not blocks or ttl <= 0:
             return 0.0
-        pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant, True))
+        pin = self._fit(Pin(program, list(blocks), list(keys), now, now + ttl, tenant, True,
+                            soft=soft))
         if pin is None:
             return 0.0
         same = self._prefixes.get(pin.keys[-1])
         if same is not None:  # the same prefix (the same blocks): extend, never shorten
             same.expires = max(same.expires, pin.expires)
+            same.soft = same.soft or soft
         else:
             self._hold(pin)
         self.ttls.append(ttl)
         return ttl
+
+    def refresh(self, hit_blocks: Sequence[int]) -> int:
+        """A sequence was admitted holding ``hit_blocks``: every soft pin whose whole prefix
+        it hit starts its TTL again (Anthropic: a cache hit refreshes the entry). Returns
+        how many were refreshed."""
+        soft = [p for p in self._prefixes.values() if p.soft]
+        if not soft or not hit_blocks:
+            return 0
+        hit, now, n = set(hit_blocks), self.clock(), 0
+        for pin in soft:
+            if hit.issuperset(pin.blocks):
+                ttl = pin.ttl
+                pin.start, pin.expires = now, max(pin.expires, now + ttl)
+                n += 1
+        return n
 
     def claim(self, program: str | None, hit_blocks: Sequence[int]) -> bool:
         """The program's next turn was admitted holding ``hit_blocks``: end its turn pin (the

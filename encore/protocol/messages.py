@@ -72,6 +72,9 @@ class EngineRequest(msgspec.Struct, tag=True, omit_defaults=True):
     chunk_recompute: float | None = None  # recompute fraction for this request (None: config)
     # Explicit pins at content-part breakpoints: (prefix length in tokens, ttl seconds).
     pin_breakpoints: list[tuple[int, float]] = []
+    # Anthropic cache_control markers: pinned like pin_breakpoints, and a later request that
+    # hits the pinned prefix refreshes the TTL (a soft pin: capped, never an error).
+    soft_pin_breakpoints: list[tuple[int, float]] = []
     # prompt_cache_retention "24h": the prompt's blocks go to the durable tiers (disk, remote)
     # as soon as they are computed, not with the next checkpoint
     persist_kv: bool = False

@@ -67,7 +67,10 @@ class Programs:
 
     def claim(self, seq: Seq, hits: list[int]) -> None:
         """``seq`` was admitted holding ``hits``: its program's pin has done its job."""
-        if self.kv.pins is not None and seq.program is not None:
+        if self.kv.pins is None:
+            return
+        self.kv.pins.refresh(hits)
+        if seq.program is not None:
             self.kv.pins.claim(seq.program, hits)
 
     def turn_ended(self, seq: Seq, status: SeqStatus) -> None:
@@ -90,8 +93,10 @@ class Programs:
         elif pins is not None and done:
             self.kv.pin_prefix(seq, program, seq.pin_ttl_s)
         if pins is not None and done:
-            for num_tokens, ttl_s in seq.pin_breakpoints:
-                self.kv.pin_prefix(seq, program, ttl_s, num_tokens)
+            soft = [(n, ttl, True) for n, ttl in seq.soft_pin_breakpoints]
+            for num_tokens, ttl_s, is_soft in [*((n, t, False) for n, t in seq.pin_breakpoints),
+                                               *soft]:
+                self.kv.pin_prefix(seq, program, ttl_s, num_tokens, soft=is_soft)
                 if self._outlives_checkpoints(ttl_s):  # the promise holds across a crash
                     self.kv.persist_prefix(seq, num_tokens)
 

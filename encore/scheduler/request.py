@@ -64,7 +64,8 @@ class Seq:
                         else program_id(req.cache_salt, req.prompt_cache_key))
         self.pin_ttl_s = req.pin_ttl_s  # explicit TTL for pinning this turn's KV
         self.is_last_step = bool(req.is_last_step)  # no pin after the program's last turn
-        self.pin_breakpoints = list(req.pin_breakpoints)  # (prefix tokens, ttl s) to pin
+        self.pin_breakpoints = list(req.pin_breakpoints)
+        self.soft_pin_breakpoints = list(req.soft_pin_breakpoints)  # (prefix tokens, ttl s) to pin
         self.chunks = list(req.chunks)  # position-independent chunk spans of the prompt
         self.chunk_recompute = req.chunk_recompute
         self.program_order = order  # program_fcfs: the order of the program's first request

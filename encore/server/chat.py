@@ -91,7 +91,8 @@ async def start_chat(ctx: ServingContext, request: Request, req: ChatCompletionR
     admit(ctx, req.n)
     ereq = engine_request(ctx, req, rid, prompt_ids, sampling, time.time(),
                           tenant=getattr(request.state, "tenant", None), chunks=prompt.chunks,
-                          pin_breakpoints=prompt.pin_breakpoints, grammar=grammar)
+                          pin_breakpoints=prompt.pin_breakpoints,
+                          soft_pin_breakpoints=prompt.soft_pin_breakpoints, grammar=grammar)
     trackers = [SequenceTracker(i, ctx.tokenizer, prompt_ids, req.stop_strings())
                 for i in range(req.n)]
     usage = UsageTracker(cache_block_size(ctx))

@@ -119,6 +119,7 @@ class PartMark:
     part: int
     chunk: bool  # tokenized on its own; its span goes to EngineRequest.chunks
     pin_ttl_s: float | None = None  # explicit breakpoint: pin the prefix ending with this part
+    soft: bool = False  # Anthropic's cache_control: a later hit on the prefix refreshes it
     token_ids: list[int] | None = None  # the chunk's own tokens, when already encoded
 
 
@@ -129,6 +130,7 @@ class ChatPrompt:
     token_ids: list[int]
     chunks: list[tuple[int, int]] = field(default_factory=list)
     pin_breakpoints: list[tuple[int, float]] = field(default_factory=list)
+    soft_pin_breakpoints: list[tuple[int, float]] = field(default_factory=list)
 
 
 def breakpoint_param(message: int, part: int) -> str:
@@ -161,7 +163,7 @@ def part_marks(ctx: ServingContext, req: ChatCompletionRequest) -> list[PartMark
         elif part.cache_control is not None:  # Anthropic's marker: a soft breakpoint pin
             ttl = soft_pin_ttl(ctx, req, part.cache_control)
             if ttl is not None:
-                marks.append(PartMark(m, p, chunk=False, pin_ttl_s=ttl))
+                marks.append(PartMark(m, p, chunk=False, pin_ttl_s=ttl, soft=True))
     if sum(mk.pin_ttl_s is not None for mk in marks) > MAX_BREAKPOINTS:
         raise invalid(f"at most {MAX_BREAKPOINTS} content parts may carry an explicit "
                       "prompt_cache_breakpoint with a ttl", "messages")
@@ -242,6 +244,7 @@ def _encode_pieces(escapes: TextEscapes, req: ChatCompletionRequest, pieces: lis
     ids: list[int] = []
     chunks: list[tuple[int, int]] = []
     pins: list[tuple[int, float]] = []
+    soft: list[tuple[int, float]] = []
     for i, piece in enumerate(pieces):
         if i % 2 == 0:
             ids += escapes.encode(piece)
@@ -253,8 +256,8 @@ def _encode_pieces(escapes: TextEscapes, req: ChatCompletionRequest, pieces: lis
             if len(ids) > start:
                 chunks.append((start, len(ids)))
         if mk.pin_ttl_s is not None:
-            pins.append((len(ids), mk.pin_ttl_s))
-    return ChatPrompt(ids, chunks, pins)
+            (soft if mk.soft else pins).append((len(ids), mk.pin_ttl_s))
+    return ChatPrompt(ids, chunks, pins, soft)
 
 
 def _chunk_ids(escapes: TextEscapes, req: ChatCompletionRequest, mk: PartMark) -> list[int]:

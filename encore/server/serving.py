@@ -285,7 +285,9 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
                    arrival: float, tenant: str | None = None,
                    chunks: list[tuple[int, int]] | None = None,
                    pin_breakpoints: list[tuple[int, float]] | None = None,
-                   grammar: GrammarSpec | None = None) -> EngineRequest:
+                   grammar: GrammarSpec | None = None,
+                   soft_pin_breakpoints: list[tuple[int, float]] | None = None
+                   ) -> EngineRequest:
     """The engine's request; ``chunks`` and ``pin_breakpoints`` are token positions of the
     prompt's marked content parts (chat only, see server.chat_parts); ``grammar``: what the
     output must match (server.structured)."""
@@ -297,6 +299,7 @@ def engine_request(ctx: ServingContext, req: _CommonRequest, request_id: str,
         prompt_cache_key=req.program_key(), pin_ttl_s=pin_ttl(ctx, req),
         is_last_step=req.is_last_step, chunks=list(chunks or []),
         pin_breakpoints=list(pin_breakpoints or []),
+        soft_pin_breakpoints=list(soft_pin_breakpoints or []),
         persist_kv=req.prompt_cache_retention == "24h", grammar=grammar)
 
 

@@ -354,6 +354,33 @@ def test_breakpoint_pins_its_prefix_for_its_ttl_even_on_the_last_step() -> None:
     assert_no_leaks(sched)
 
 
+def test_a_hit_refreshes_a_soft_pin_but_not_an_explicit_one() -> None:
+    """Anthropic's cache_control: each request that hits the pinned prefix restarts its TTL
+    (even one without the marker, of another program); an OpenAI explicit breakpoint keeps
+    the TTL it was given."""
+    sched, worker, clock = make()
+    req = make_request("s1", A_PROMPT, max_tokens=1, prompt_cache_key="S", is_last_step=True)
+    sched.add_request(msgspec.structs.replace(req, soft_pin_breakpoints=[(12, 100.0)]))
+    run_all(sched, worker)
+    turn(sched, worker, "e1", B_PROMPT, prompt_cache_key="E", is_last_step=True,
+         pin_breakpoints=[(12, 100.0)])
+    pins = sched.kv.pins
+    assert pins is not None
+    soft, explicit = sorted(pins.all_pins(), key=lambda p: not p.soft)
+    assert soft.soft and not explicit.soft and soft.expires == explicit.expires == 100.0
+    clock.t = 80.0
+    turn(sched, worker, "s2", A_PROMPT + [7, 8])  # no marker, no program: a plain hit
+    turn(sched, worker, "e2", B_PROMPT + [7, 8])
+    assert soft.expires == 180.0 and explicit.expires == 100.0
+    clock.t = 150.0
+    step(sched, worker)
+    assert pins.all_pins() == [soft], "the explicit pin expired, the refreshed one did not"
+    clock.t = 180.0
+    step(sched, worker)
+    assert pins.all_pins() == []
+    assert_no_leaks(sched)
+
+
 def test_breakpoint_ttl_is_bounded_by_max_pin_ttl() -> None:
     sched, worker, _ = make(max_pin_ttl_s=60.0)
     turn(sched, worker, "a1", A_PROMPT, prompt_cache_key="A", is_last_step=True,
