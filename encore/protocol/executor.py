@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -23,6 +24,8 @@ import zmq
 from encore.configs import EncoreConfig
 from encore.protocol.messages import (
     EngineDead,
+    GrammarBitmask,
+    GrammarMasks,
     KVDone,
     KVProbed,
     ModelRunnerOutput,
@@ -36,6 +39,7 @@ from encore.protocol.spawn import Child, spawn_child
 
 logger = logging.getLogger(__name__)
 
+MaskSource = Callable[[], "GrammarBitmask | None"]
 POLL_MS = 100  # how often a waiting executor checks that the worker is still alive
 
 
@@ -49,8 +53,11 @@ class Executor(abc.ABC):
         """Load the model (blocking); raise WorkerDiedError if the worker cannot start."""
 
     @abc.abstractmethod
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step; raise WorkerDiedError if the worker is gone."""
+    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step; raise WorkerDiedError if the worker is gone. ``masks`` (with
+        ``step.grammar_follows``): builds the step's token masks; called once the step is on
+        its way, so that they are built while the forward pass runs."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -114,12 +121,16 @@ class MPExecutor(Executor):
             raise
         return self.merge.ready(msgs)
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
+                ) -> ModelRunnerOutput:
         if not self.children:
             raise WorkerDiedError("worker is not running")
         frame = encode(step)
         for rank in range(len(self.children)):
             self._send(rank, frame)
+        if step.grammar_follows:  # only rank 0 samples
+            grammar = masks() if masks is not None else None
+            self._send(0, encode(GrammarMasks(step.step_id, grammar)))
         msgs = self._recv_all(timeout_s=None)
         errors = []
         for rank, msg in enumerate(msgs):

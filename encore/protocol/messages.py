@@ -304,6 +304,9 @@ class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     kv_deletes: list[bytes] = []
     kv_probes: list[KVProbe] = []
     grammar: GrammarBitmask | None = None  # token masks of the constrained sampled seqs
+    # The masks come in a ``GrammarMasks`` message right after this one (to rank 0): the
+    # engine builds them while the worker runs the forward pass, which does not need them.
+    grammar_follows: bool = False
 
     @property
     def has_kv_ops(self) -> bool:
@@ -345,13 +348,20 @@ class WorkerReady(msgspec.Struct, tag=True):
     kv_disk_corrupt_files: int = 0  # bad files found (and deleted) by the start-up scan
 
 
+class GrammarMasks(msgspec.Struct, tag=True):
+    """P1 → P2 (rank 0), right after a step with ``grammar_follows``: its token masks."""
+
+    step_id: int
+    grammar: GrammarBitmask | None = None
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Ask a process to exit cleanly."""
 
 
 Message = (
     EngineRequest | AbortRequest | ToolCalled | GrammarVocab | EngineOutputs | EngineReady
-    | EngineDead | SchedulerOutput | ModelRunnerOutput | WorkerReady | Shutdown
+    | EngineDead | SchedulerOutput | ModelRunnerOutput | WorkerReady | GrammarMasks | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -119,14 +119,15 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule one batch, run it, and return the new outputs."""
         failed = self.scheduler.poll_grammars()
-        sched_out = self.scheduler.schedule()
+        sched_out = self.scheduler.schedule(defer_grammar=True)
         tiers = self.scheduler.kv.tiers
         if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
                 or (tiers is not None and tiers.num_inflight)):
             return failed
         start = time.perf_counter()
         try:
-            result = self.executor.execute(sched_out)
+            masks = self.scheduler.take_bitmask if sched_out.grammar_follows else None
+            result = self.executor.execute(sched_out, masks)
         except WorkerDiedError as e:
             return failed + self._recover(str(e))
         self.scheduler.observe_step(sched_out, time.perf_counter() - start)

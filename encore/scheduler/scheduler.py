@@ -117,6 +117,7 @@ class Scheduler:
         self.requests: dict[str, list[Seq]] = {}  # request id -> its children (until all end)
         self._seqs: dict[str, Seq] = {}  # unfinished sequences by seq id
         self._finished_ids: list[str] = []  # for the next SchedulerOutput.finished
+        self._deferred: list[tuple[str, Any]] = []  # constrained rows of a deferred step
         self._prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         self._next_order = 0
         self._step_id = 0
@@ -264,8 +265,10 @@ class Scheduler:
                 or bool(tiers and (tiers.num_inflight or tiers.needs_flush())))
 
     # ------------------------------------------------------------------ one step
-    def schedule(self) -> SchedulerOutput:
-        """Plan one step: which tokens of which sequences to compute (see module docstring)."""
+    def schedule(self, defer_grammar: bool = False) -> SchedulerOutput:
+        """Plan one step: which tokens of which sequences to compute (see module docstring).
+        ``defer_grammar``: leave the token masks out (``grammar_follows``); ``take_bitmask``
+        builds them once the step is on its way."""
         self._step_id += 1
         self._step_preempted = False
         if self.kv.tiers is not None:
@@ -280,20 +283,32 @@ class Scheduler:
             self._schedule_waiting(plan)
         seqs = [*plan.extra, *(self._to_wire(seq, n) for seq, n in plan.planned)]
         finished, self._finished_ids = self._finished_ids, []
+        rows = self._grammar_rows(plan)
+        self._deferred = rows if defer_grammar else []
         out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished,
-                              grammar=self._bitmask(plan))
+                              grammar=None if defer_grammar else self._bitmask(rows),
+                              grammar_follows=defer_grammar and bool(rows))
         if self.kv.tiers is not None:
             _attach_ops(out, self.kv.tiers.take_ops())
         return out
 
-    def _bitmask(self, plan: _StepPlan) -> GrammarBitmask | None:
-        """Token masks of the constrained sequences that sample this step (after
-        ``_to_wire``: a sequence samples when its planned tokens reach its last one)."""
+    def _grammar_rows(self, plan: _StepPlan) -> list[tuple[str, Any]]:
+        """The constrained sequences that sample this step (after ``_to_wire``: a sequence
+        samples when its planned tokens reach its last one), with their matchers."""
         if self.grammars is None:
-            return None
-        rows = [(seq.seq_id, seq.matcher) for seq, _ in plan.planned
+            return []
+        return [(seq.seq_id, seq.matcher) for seq, _ in plan.planned
                 if seq.matcher is not None and seq.num_computed_tokens == seq.num_tokens]
-        return self.grammars.bitmask(rows)
+
+    def _bitmask(self, rows: list[tuple[str, Any]]) -> GrammarBitmask | None:
+        return self.grammars.bitmask(rows) if self.grammars is not None and rows else None
+
+    def take_bitmask(self) -> GrammarBitmask | None:
+        """The token masks of the last step scheduled with ``defer_grammar`` (built now, while
+        the worker runs that step's forward pass; the matchers only move in
+        ``update_from_output``)."""
+        rows, self._deferred = self._deferred, []
+        return self._bitmask(rows)
 
     def _promote_loaded(self) -> None:
         """Sequences whose KV finished loading join the running batch with it computed;

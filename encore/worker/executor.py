@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from encore.configs import EncoreConfig
-from encore.protocol.executor import Executor, MPExecutor, WorkerDiedError
+from encore.protocol.executor import Executor, MaskSource, MPExecutor, WorkerDiedError
 from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
 
 if TYPE_CHECKING:  # the model (torch) loads only when the worker starts
@@ -31,11 +31,12 @@ class InprocExecutor(Executor):
                 raise WorkerDiedError(f"{type(e).__name__}: {e}") from e
         return self.worker.ready_message()
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
+                ) -> ModelRunnerOutput:
         if self.worker is None:
             raise WorkerDiedError("worker is not running")
         try:
-            return self.worker.execute(step)
+            return self.worker.execute(step, masks if step.grammar_follows else None)
         except Exception as e:
             raise WorkerDiedError(f"worker failed a step: {type(e).__name__}: {e}") from e
 

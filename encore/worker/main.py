@@ -9,6 +9,7 @@ Under tensor parallelism the executor starts one per rank (``--rank R --tp-size 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ import zmq
 from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import (
     EngineDead,
+    GrammarBitmask,
+    GrammarMasks,
     ModelRunnerOutput,
     SchedulerOutput,
     Shutdown,
@@ -37,15 +40,30 @@ def serve(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
         msg = decode(inbox.recv(copy=False).buffer)
         if isinstance(msg, Shutdown):
             return
+        if isinstance(msg, GrammarMasks):
+            continue  # of a step that failed before it sampled
         if not isinstance(msg, SchedulerOutput):
             logger.error("worker got unexpected %s", type(msg).__name__)
             continue
+        masks = functools.partial(_masks_of, inbox, msg.step_id) if msg.grammar_follows \
+            else None
         try:
-            out = worker.execute(msg)
+            out = worker.execute(msg, masks)
         except Exception as e:  # a failed step must reach the engine, not hang it
             logger.exception("step %d failed", msg.step_id)
             out = ModelRunnerOutput(step_id=msg.step_id, error=f"{type(e).__name__}: {e}")
         outbox.send(encode(out), copy=False)
+
+
+def _masks_of(inbox: zmq.Socket, step_id: int) -> GrammarBitmask | None:
+    """The ``GrammarMasks`` the engine sends right after step ``step_id`` (rank 0)."""
+    while True:
+        msg = decode(inbox.recv(copy=False).buffer)
+        if isinstance(msg, GrammarMasks) and msg.step_id == step_id:
+            return msg.grammar
+        if not isinstance(msg, GrammarMasks):
+            raise RuntimeError(f"expected the grammar masks of step {step_id}, "
+                               f"got {type(msg).__name__}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from encore.configs import EncoreConfig
 from encore.protocol.messages import (
+    GrammarBitmask,
     ModelRunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
@@ -143,8 +145,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput, ready: LayerWaits | None = None
-                ) -> ModelRunnerOutput:
+    def execute(self, step: SchedulerOutput, ready: LayerWaits | None = None,
+                masks: Callable[[], GrammarBitmask | None] | None = None) -> ModelRunnerOutput:
         """Run ``step``'s sequences and sample. ``ready``: the step's tier copies, which the
         forward pass waits for layer group by layer group (None: nothing to wait for)."""
         for seq_id in step.finished:
@@ -176,7 +178,8 @@ class ModelRunner:
         if self.tp.rank != 0:  # the other ranks computed the same logits; rank 0 samples
             return ModelRunnerOutput(step_id=step.step_id)
         states = [self.states[s.seq_id] for s in sampled]
-        token_ids, logprobs = self.sampler(logits, states, argmax, step.grammar,
+        grammar = step.grammar if masks is None else masks()  # built during the forward pass
+        token_ids, logprobs = self.sampler(logits, states, argmax, grammar,
                                            [s.seq_id for s in sampled])
         return ModelRunnerOutput(step_id=step.step_id, seq_ids=[s.seq_id for s in sampled],
                                  sampled_token_ids=token_ids, logprobs=logprobs,

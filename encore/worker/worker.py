@@ -13,11 +13,18 @@ Both executors drive this class: ``python -m encore.worker.main`` (the worker pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import torch
 
 from encore.configs import EncoreConfig
-from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
+from encore.protocol.messages import (
+    GrammarBitmask,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    WorkerReady,
+)
 from encore.worker.model_runner import ModelRunner
 from encore.worker.parallel import SINGLE, TPGroup
 from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint
@@ -50,10 +57,13 @@ class Worker:
             remote=tiers.remote.store is not None,
             kv_disk_corrupt_files=tiers.disk.take_corrupt())
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, step: SchedulerOutput, masks: Callable[[], GrammarBitmask | None] | None
+                = None) -> ModelRunnerOutput:
+        """``masks``: the step's token masks, fetched when the sampler needs them (after the
+        forward pass is launched), for a step with ``grammar_follows``."""
         done, copies = self.tiers.before_step(step)
         try:
-            out = self.runner.execute(step, copies)
+            out = self.runner.execute(step, copies, masks)
         finally:
             if copies is not None:
                 copies.finish()  # what the forward pass did not reach
