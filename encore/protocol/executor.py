@@ -85,11 +85,6 @@ class MPExecutor(Executor):
         self.merge = RankMerge(self.size)
 
     @property
-    def child(self) -> Child | None:
-        """Rank 0 (the only process without tensor parallelism)."""
-        return self.children[0] if self.children else None
-
-    @property
     def pid(self) -> int | None:
         return self.children[0].proc.pid if self.children else None
 

@@ -1,12 +1,11 @@
-"""In-process executor: the model runner in the engine's own process (tests, offline), and
-``executor_for``: that, or worker processes when the model is split over ranks."""
+"""In-process executor: the model runner in the engine's own process (tests, offline)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from encore.configs import EncoreConfig
-from encore.protocol.executor import Executor, MaskSource, MPExecutor, WorkerDiedError
+from encore.protocol.executor import Executor, MaskSource, WorkerDiedError
 from encore.protocol.messages import ModelRunnerOutput, SchedulerOutput, WorkerReady
 
 if TYPE_CHECKING:  # the model (torch) loads only when the worker starts
@@ -23,7 +22,7 @@ class InprocExecutor(Executor):
 
         if self.config.worker.tensor_parallel_size > 1:
             raise WorkerDiedError("tensor_parallel_size > 1 is not supported in-process: "
-                                  "the ranks are worker processes (use executor_for)")
+                                  "the ranks are worker processes (use MPExecutor)")
         if self.worker is None:
             try:
                 self.worker = Worker(self.config)
@@ -45,10 +44,3 @@ class InprocExecutor(Executor):
             self.worker.close()
         self.worker: Worker | None = None
 
-
-def executor_for(config: EncoreConfig) -> Executor:
-    """In this process for one rank; worker processes (one per rank) under tensor
-    parallelism."""
-    if config.worker.tensor_parallel_size > 1:
-        return MPExecutor(config)
-    return InprocExecutor(config)
