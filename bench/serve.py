@@ -111,9 +111,11 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
     return res
 
 
-async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
+async def run(args: argparse.Namespace,
+              prompts: list[str] | None = None) -> tuple[list[Result], float]:
+    """Send ``prompts`` (default: ``make_prompts``) as ``args`` says; (results, seconds)."""
     rng = random.Random(args.seed)
-    prompts = make_prompts(args, rng)
+    prompts = make_prompts(args, rng) if prompts is None else prompts
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     sem = asyncio.Semaphore(args.concurrency) if args.concurrency else None
