@@ -79,7 +79,8 @@ def part_engine(args) -> dict:
 
     config = build_config(overrides={
         "model": args.model, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
-        "max_num_seqs": args.num_requests, "max_num_batched_tokens": args.max_batched_tokens})
+        "max_num_seqs": args.max_num_seqs or args.num_requests,
+        "max_num_batched_tokens": args.max_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype})
     t0 = time.perf_counter()
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
@@ -87,6 +88,7 @@ def part_engine(args) -> dict:
     out = {"startup_s": time.perf_counter() - t0, "kv_blocks": info.num_device_blocks,
            "graph_sizes": len(runner.graphs.sizes) if runner.graphs else 0,
            **model_numbers(runner.arch)}
+    out[KV_TOKEN_BYTES_KEY] = out[KV_TOKEN_BYTES_KEY] // 2 * runner.kv_dtype.itemsize
     rng = random.Random(1)
     run_requests(core, [random_prompt(rng, args.prompt_len, 128256) for _ in range(32)], 8)
     steps = record_steps(core)
@@ -320,6 +322,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ttft-len", type=int, default=4096)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="0: --num-requests")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8_e4m3 or fp8_e5m2")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-timeout", type=float, default=300)
     ap.add_argument("--parts", default="roofline,engine,hf")

@@ -16,6 +16,8 @@ capacity. Configurations:
     device    prefix caching on the device pool only
     host      device + host tier (large enough for the working set)
     disk      device + a host tier of one device pool + a disk tier (fresh temp directory)
+    host@int8, disk@int4, ...   the same with the lower tiers' codec (``tier_kv_codec``);
+              ``--tier-kv-codec none,int8`` runs host and disk with each codec listed
 
 The engine runs in-process, stepped synchronously in this thread (as ``bench/offline.py``).
 Prints one table last.
@@ -60,6 +62,7 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)
+    load_s: list[float] = field(default_factory=list)  # each request's wait for tier loads
 
 
 def make_users(args, vocab: int) -> list[User]:
@@ -75,18 +78,23 @@ def make_users(args, vocab: int) -> list[User]:
 
 
 def overrides_for(name: str, args, capacity_gib: float, disk_dir: str) -> dict:
+    """The config of ``name`` (``host@int8``: config host, its tiers at codec int8); the disk
+    tier in a directory of its own under ``disk_dir``."""
+    name, _, codec = name.partition("@")
     base = {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
             "device": args.device,
             "num_device_blocks": args.num_device_blocks, "max_num_seqs": args.concurrency,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "num_threads": args.num_threads, "kv_load_policy": args.kv_load_policy}
     base = {k: v for k, v in base.items() if v is not None}
+    tiers = {"tier_kv_codec": codec} if codec else {}
     if name == "none":
         return {**base, "enable_prefix_caching": False}
     if name == "host":
-        return {**base, "host_cache_gib": capacity_gib * args.working_set * 2}
+        return {**base, **tiers, "host_cache_gib": capacity_gib * args.working_set * 2}
     if name == "disk":
-        return {**base, "host_cache_gib": capacity_gib, "disk_cache_dir": disk_dir,
+        return {**base, **tiers, "host_cache_gib": capacity_gib,
+                "disk_cache_dir": os.path.join(disk_dir, f"{name}@{codec or 'none'}"),
                 "disk_cache_gib": capacity_gib * args.working_set * 2}
     return base
 
@@ -110,6 +118,7 @@ def run_config(name: str, args, capacity_gib: float, disk_dir: str,
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
     warm_up(core, args, info.vocab_size)
+    core.scheduler.stats()  # drains the warm-up's load times
     if before_drive is not None:
         before_drive(core)
     users = make_users(args, info.vocab_size)
@@ -165,7 +174,9 @@ def drive(core: EngineCore, users: list[User], args, result: Result) -> Result:
                 del inflight[out.request_id]
     result.wall_s = time.perf_counter() - start
     stats = core.scheduler.stats()
-    result.tier_hits = dict(stats.kv_tier_hit_tokens) or {"device": stats.prefix_hits}
+    result.tier_hits = dict(stats.labeled.get("kv_tier_hit_tokens", {})) or {
+        "device": int(stats.values.get("prefix_hits", 0))}
+    result.load_s = list(stats.observed.get("kv_tier_load_seconds", []))
     return result
 
 
@@ -202,6 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="device pool; default: from --working-set")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--tier-kv-codec", default=None,
+                    help="codecs of the lower tiers (none, int8, int4; comma-separated): the "
+                         "host and disk configs run once with each (host@int8, ...)")
     ap.add_argument("--kv-load-policy", default=None, choices=["cost", "always"],
                     help="override the load-or-recompute policy (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -226,7 +240,7 @@ def main() -> int:
     results = []
     capacity_gib = device_pool_gib(args)
     with tempfile.TemporaryDirectory(prefix="encore-bench-kv-") as disk_dir:
-        for name in args.configs.split(","):
+        for name in config_names(args):
             r = run_config(name, args, capacity_gib, disk_dir)
             results.append(r)
             print(f"# {name}: done in {r.wall_s:.1f}s", flush=True)
@@ -234,16 +248,29 @@ def main() -> int:
     return 0
 
 
+def config_names(args) -> list[str]:
+    """``--configs``, the host and disk configs once per ``--tier-kv-codec`` codec."""
+    codecs = args.tier_kv_codec.split(",") if args.tier_kv_codec else [""]
+    names = []
+    for name in args.configs.split(","):
+        if name in ("host", "disk"):
+            names += [f"{name}@{c}" if c and c != "none" else name for c in codecs]
+        else:
+            names.append(name)
+    return names
+
+
 def print_table(results: list[Result]) -> None:
     print("| config | TTFT p50 (ms) | TTFT p99 (ms) | TTFT mean (ms) | output tok/s | "
-          "wall (s) | cached / prompt tokens | hits device/host/disk |")
-    print("|---|---|---|---|---|---|---|---|")
+          "wall (s) | cached / prompt tokens | hits device/host/disk | tier load p50 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r.tier_hits
         print(f"| {r.name} | {pct(r.ttft, 0.5) * 1e3:.0f} | {pct(r.ttft, 0.99) * 1e3:.0f} | "
               f"{statistics.fmean(r.ttft) * 1e3:.0f} | {r.output_tokens / r.wall_s:.1f} | "
               f"{r.wall_s:.1f} | {r.cached_tokens}/{r.prompt_tokens} | "
-              f"{h.get('device', '-')}/{h.get('host', '-')}/{h.get('disk', '-')} |")
+              f"{h.get('device', '-')}/{h.get('host', '-')}/{h.get('disk', '-')} | "
+              f"{pct(r.load_s, 0.5) * 1e3:.2f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/quant_quality.py                 # quality of int8 and int4 vs none (bf16)
     python bench/quant_quality.py --speed         # plus batch-1 decode and 512-token prefill
+    python bench/quant_quality.py --kv fp8_e4m3,fp8_e5m2  # fp8 KV (cache.kv_cache_dtype) vs auto
 
 Quality on the embedded SmolLM2 with chat-templated prompts (the style of the tests):
   next-token  the log-probability, under each mode, of the reference's top next token after
@@ -54,7 +55,7 @@ def chat_prompts() -> list[list[int]]:
             for p in PROMPTS]
 
 
-def start(mode: str, **overrides) -> EngineCore:
+def start(mode: str = "none", **overrides) -> EngineCore:
     config = build_config(overrides={"quantization": mode, "num_device_blocks": 256,
                                      **overrides})
     core = EngineCore(config, InprocExecutor(config))
@@ -93,11 +94,16 @@ def next_token_logprobs(core: EngineCore, prompts: list[list[int]]):
 
 
 def quality(modes: list[str], n: int = 32, num_prompts: int = len(PROMPTS)) -> dict:
-    """Each mode against the first (the reference)."""
+    """Each quantization mode against the first (the reference)."""
+    return compare({m: {"quantization": m} for m in modes}, n, num_prompts)
+
+
+def compare(variants: dict[str, dict], n: int = 32, num_prompts: int = len(PROMPTS)) -> dict:
+    """Each variant (config overrides) against the first (the reference)."""
     prompts = chat_prompts()[:num_prompts]
     results, ref_tokens, ref_lp = {}, None, None
-    for mode in modes:
-        core = start(mode)
+    for name, overrides in variants.items():
+        core = start(**overrides)
         tokens, lp = greedy(core, prompts, n), next_token_logprobs(core, prompts)
         core.shutdown()
         if ref_tokens is None:
@@ -111,7 +117,7 @@ def quality(modes: list[str], n: int = 32, num_prompts: int = len(PROMPTS)) -> d
             while k < min(len(a), len(b)) and a[k] == b[k]:
                 k += 1
             common.append(k)
-        results[mode] = {
+        results[name] = {
             "next_token_abs_logprob_err_mean": float(diff.mean()),
             "next_token_abs_logprob_err_max": float(diff.max()),
             "top1_agreement": float((lp.argmax(-1) == top).float().mean()),
@@ -141,10 +147,17 @@ def speed(modes: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="none,int8,int4")
+    ap.add_argument("--kv", default=None, help="fp8 KV dtypes to compare with auto instead of "
+                    "quantization modes, e.g. fp8_e4m3,fp8_e5m2")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     modes = args.modes.split(",")
+    if args.kv:
+        kv = {"auto": {}} | {d: {"kv_cache_dtype": d} for d in args.kv.split(",")}
+        print(json.dumps({"date": time.strftime("%Y-%m-%d"), "kv_quality": compare(kv)},
+                         indent=2))
+        return
     res = {"date": time.strftime("%Y-%m-%d"), "quality": quality(modes)}
     if args.speed:
         res["speed"] = speed(modes)

@@ -14,6 +14,9 @@ seed, and the question. Modes, all greedy:
                engine with chunk_check_layer -1)
     blend_5/15/30   fixed recompute fractions (CacheBlend)
     adaptive   the adaptive policy (Cache-Craft style; runs last, once chunks are measured)
+    tier       with ``--tier-kv-codec int8|int4``: the plain prompt with its prefix loaded
+               from a host tier holding it at that codec (a third engine: the prompt runs
+               once, a filler prompt pushes it out of the device pool into host, it runs again)
 
 Scores: answer F1 against the gold answers (SQuAD-style token F1, best over answers);
 agreement with the full-prefill answer (normalized exact match) and F1 against it; and, for
@@ -54,6 +57,7 @@ INSTRUCTION = ("You will be asked a question after reading several passages. Ans
                "question directly based on the given passages, in at most 5 words.\n"
                "Passages:\n")
 TOP_LOGPROBS = 20
+TIER_BLOCK = 16  # the tier engine's block size (its pool is sized in blocks)
 LOGPROB_FLOOR = -20.0  # a token outside a mode's top logprobs counts as this
 MODES = {"full": None, "naive": 0.0, "blend_5": 0.05, "blend_15": 0.15, "blend_30": 0.30,
          "adaptive": "adaptive"}
@@ -110,6 +114,8 @@ class Answer:
 def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid: str,
            max_tokens: int) -> Answer:
     """The answer of one mode: its first line, time to the first token, first-token logprobs."""
+    if mode == "tier":
+        return tier_answer(cores["tier"], tok, prompt, rid, max_tokens)
     core = cores["naive" if mode == "naive" else "main"]
     fraction = MODES[mode]
     chunks = [] if fraction is None else prompt.chunks
@@ -120,6 +126,28 @@ def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid
     salt = "full-prefill" if fraction is None else None
     req = EngineRequest(rid, prompt.token_ids, params, time.time(), eos_token_ids=tok.eos_token_ids,
                         chunks=chunks, chunk_recompute=recompute, cache_salt=salt)
+    return generate(core, tok, req)
+
+
+def tier_answer(core: EngineCore, tok, prompt: ChatPrompt, rid: str, max_tokens: int) -> Answer:
+    """The plain prompt, run once, pushed out of the tier engine's device pool (into its host
+    tier, encoded) by a filler prompt of random tokens as long as the pool, then run again
+    (the answer returned) with its prefix loaded from host."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
+    pool = core.scheduler.kv.pool.num_usable
+    rng = random.Random(len(prompt.token_ids))
+    assert core.worker is not None
+    vocab = min(core.worker.vocab_size, 32000)
+    filler = [rng.randrange(100, vocab) for _ in range(pool * TIER_BLOCK - 1)]
+    for name, ids in (("cold", prompt.token_ids), ("filler", filler)):
+        generate(core, tok, EngineRequest(f"{rid}-{name}", ids, SamplingParams(
+            temperature=0.0, max_tokens=1), time.time(), eos_token_ids=tok.eos_token_ids))
+    return generate(core, tok, EngineRequest(rid, prompt.token_ids, params, time.time(),
+                                             eos_token_ids=tok.eos_token_ids))
+
+
+def generate(core: EngineCore, tok, req: EngineRequest) -> Answer:
+    """Run one request to its end."""
     start = time.perf_counter()
     errors = core.add_request(req)
     if errors:
@@ -145,20 +173,25 @@ def run(args) -> dict:
     overrides = engine_overrides(args, chunk_recompute_policy="adaptive",
                                  chunk_recompute_fraction=0.15,
                                  chunk_check_layer=args.check_layer)
+    prompts = [build_prompt(tok, item, args.seed + i) for i, item in enumerate(data)]
+    engines: list[tuple[str, dict]] = [("main", {}), ("naive", {"chunk_check_layer": -1})]
+    modes = list(MODES)
+    if args.tier_kv_codec:
+        engines.append(("tier", tier_overrides(args, prompts)))
+        modes.append("tier")
     cores = {}
-    for name, extra in (("main", {}), ("naive", {"chunk_check_layer": -1})):
+    for name, extra in engines:
         config = build_config(overrides={**overrides, **extra})
         cores[name] = EngineCore(config, InprocExecutor(config))
         cores[name].start()
     results: dict[str, dict[str, list[float]]] = {
         m: {"f1": [], "agree": [], "f1_vs_full": [], "top1": [], "lp_err": [], "ttft_s": []}
-        for m in MODES}
-    for i, item in enumerate(data):
-        prompt = build_prompt(tok, item, args.seed + i)
+        for m in modes}
+    for i, (item, prompt) in enumerate(zip(data, prompts, strict=True)):
         line = []
         full = answer(cores, tok, prompt, "full", f"q{i}-full", args.max_tokens)
         top = max(full.first, key=full.first.__getitem__)
-        for mode in MODES:
+        for mode in modes:
             a = full if mode == "full" else answer(cores, tok, prompt, mode, f"q{i}-{mode}",
                                                     args.max_tokens)
             r = results[mode]
@@ -171,11 +204,24 @@ def run(args) -> dict:
             line.append(f"{mode}={a.text[:24]!r}")
         print(f"[{i + 1}/{len(data)}] {len(prompt.token_ids)} tokens, gold "
               f"{item['answers'][0][:24]!r}: " + " ".join(line), flush=True)
-    stats = cores["main"].scheduler.stats()
+    stats = cores["main"].scheduler.stats().values
     summary = {m: {k: sum(v) / len(v) for k, v in r.items()} for m, r in results.items()}
-    return {"modes": summary, "questions": len(data), "data": os.path.abspath(args.data),
-            "chunk_hit_tokens": stats.chunk_hit_tokens,
-            "chunk_recomputed_tokens": stats.chunk_recomputed_tokens}
+    out = {"modes": summary, "questions": len(data), "data": os.path.abspath(args.data),
+           "chunk_hit_tokens": stats.get("chunk_hit_tokens", 0),
+           "chunk_recomputed_tokens": stats.get("chunk_recomputed_tokens", 0)}
+    if "tier" in cores:  # how much of the tier mode's prompts came from host
+        hits = cores["tier"].scheduler.stats().labeled.get("kv_tier_hit_tokens", {})
+        out["tier"] = {"codec": args.tier_kv_codec, "host_hit_tokens": hits.get("host", 0)}
+    return out
+
+
+def tier_overrides(args, prompts: list[ChatPrompt]) -> dict:
+    """The tier engine: a device pool just over the longest prompt (so that a filler as long
+    evicts it), a host tier at ``--tier-kv-codec``, every hit loaded."""
+    longest = max(len(p.token_ids) for p in prompts) + args.max_tokens
+    return {"tier_kv_codec": args.tier_kv_codec, "host_cache_gib": args.tier_host_gib,
+            "num_device_blocks": -(-longest // TIER_BLOCK) + 3, "block_size": TIER_BLOCK,
+            "kv_load_policy": "always", "max_num_seqs": 1}
 
 
 def main() -> None:
@@ -186,6 +232,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--check-layer", type=int, default=None)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tier-kv-codec", default=None, choices=["none", "int8", "int4"],
+                   help="add the tier mode: the prefix loaded from a host tier at this codec")
+    p.add_argument("--tier-host-gib", type=float, default=2.0,
+                   help="the tier mode's host tier (GiB)")
     add_engine_args(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()

@@ -13,10 +13,12 @@ Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 QueuePolicyName = Literal["fcfs", "priority", "program_fcfs"]
 HashAlgorithm = Literal["blake2b", "sha256"]
+KVCacheDType = Literal["auto", "fp8_e4m3", "fp8_e5m2"]
 CacheWritePolicy = Literal["write_back", "write_through"]
 KVLoadPolicyName = Literal["cost", "always"]
 ChunkReuseMode = Literal["off", "marked", "parts"]
 ChunkRecomputePolicy = Literal["fixed", "adaptive"]
+TierKVCodec = Literal["none", "int8", "int4"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class CacheConfig:
                                    "num_device_blocks is not set")
     gpu_memory_utilization: float = opt(0.9, "CUDA only: fraction of GPU memory Encore may use "
                                              "(weights + activations + KV)")
+    kv_cache_dtype: KVCacheDType = opt("auto", "dtype of the device KV pool: auto (the "
+                                       "model's dtype), fp8_e4m3 or fp8_e5m2 (half the bytes "
+                                       "of bf16: ~2x the blocks; per-tensor scales of each "
+                                       "layer, 1.0 unless the checkpoint has k_scale/v_scale)")
     hash_algorithm: HashAlgorithm = opt("blake2b", "digest for block keys (keyed)")
     host_cache_gib: float = opt(0.0, "GiB of CPU memory for the host KV tier (pinned on CUDA); "
                                      "0 = off")
@@ -64,6 +70,10 @@ class CacheConfig:
                                                  "(MB); bigger blocks are not stored there")
     remote_cache_timeout_s: float = opt(2.0, "seconds one remote store operation may take; "
                                              "slower is a miss")
+    tier_kv_codec: TierKVCodec = opt("none", "how the host, disk and remote tiers store KV "
+                                     "blocks: none (as on the device), int8 or int4 (keys "
+                                     "per channel, values per token, min/max scales in each "
+                                     "block; bf16 blocks of 16 tokens shrink ~1.75x / ~3.1x)")
     deployment_secret_file: str | None = opt(None, "file holding the deployment secret that "
                                                    "every replica of a fleet shares (block "
                                                    "keys, tenant salts, MACs); the env var "
@@ -125,6 +135,12 @@ class CacheConfig:
 
             raise ConfigError("cache.remote_cache_url must start with redis://, rediss:// or "
                               f"unix://, got {self.remote_cache_url.split(':')[0]!r}")
+        if self.kv_cache_dtype != "auto" and self.tier_kv_codec != "none":
+            from encore.configs.fields import ConfigError
+
+            raise ConfigError(f"cache.tier_kv_codec={self.tier_kv_codec} with cache.kv_cache_dtype="
+                              f"{self.kv_cache_dtype} is not supported (fp8 blocks are stored "
+                              "in the tiers as they are)")
         check_range("cache", "shutdown_flush_timeout_s", self.shutdown_flush_timeout_s, lo=0.0)
         check_range("cache", "max_pin_ttl_s", self.max_pin_ttl_s, lo=1.0)
         check_range("cache", "max_pinned_fraction", self.max_pinned_fraction, lo=0.0, hi=1.0)

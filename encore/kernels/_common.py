@@ -7,6 +7,15 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp8 KV caches (``cache.kv_cache_dtype``): values stored as x / scale, saturated to the
+# format's largest finite value (e4m3 has no infinity; e5m2's would poison a softmax)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+KV_DTYPES = (*FLOAT_DTYPES, *FP8_MAX)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The saturation bound of an fp8 cache dtype; 0.0 (no clamp) for the float dtypes."""
+    return FP8_MAX.get(dtype, 0.0)
 
 
 def dot_upcast(device: torch.device) -> bool:
@@ -61,7 +70,8 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
     check(kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
           f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
           f"got {tuple(kv_cache.shape)}")
-    check_float("kv_cache", kv_cache)
+    check(kv_cache.dtype in KV_DTYPES,
+          f"kv_cache must be fp16, bf16, fp32 or fp8 (e4m3fn, e5m2), got {kv_cache.dtype}")
     check_last_contiguous("kv_cache", kv_cache)
 
 
@@ -72,7 +82,9 @@ def check_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
     hk, d = kv_cache.shape[3], kv_cache.shape[4]
     check(q.dim() == 3 and q.shape[2] == d, f"q must be [*, H, {d}], got {tuple(q.shape)}")
     check(q.shape[1] % hk == 0, f"query heads {q.shape[1]} not a multiple of KV heads {hk}")
-    check(q.dtype == kv_cache.dtype, f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    check(q.dtype == kv_cache.dtype or kv_cache.dtype in FP8_MAX,
+          f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    check_float("q", q)
     check(d >= 16, f"head_dim must be >= 16 (tl.dot minimum), got {d}")
     check_last_contiguous("q", q)
     num_seqs = seq_lens.shape[0]

@@ -10,6 +10,10 @@ walking it BLOCK_N tokens at a time (a tile may span several pages; each token f
 page through the block table). With S > 1 (flash-decoding) each split writes its normalized
 partial output and log-sum-exp, and ``_reduce_kernel`` merges the S partials; with S == 1
 the first kernel writes the final output directly. Accumulation is fp32 throughout.
+
+An fp8 cache (``cache.kv_cache_dtype``) holds K / k_scale and V / v_scale: tiles are widened
+to q's dtype as they are loaded (the MMAs stay bf16/fp16), k_scale is folded into the softmax
+scale and v_scale multiplies the output, so the pages cross HBM at half the bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from encore.kernels._common import (
     check_paged,
     dot_precision,
     dot_upcast,
+    fp8_max,
     mma,
     next_pow2,
 )
@@ -44,7 +49,8 @@ def _decode_kernel(
     stride_c2, stride_cb, stride_cs, stride_ch,
     stride_tb,
     stride_ob, stride_oh,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) * k_scale
+    v_scale,  # 1.0 unless the cache is fp8
     head_dim, group, num_splits,
     SPLIT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache page
@@ -83,8 +89,9 @@ def _decode_kernel(
         page = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = page * stride_cb + (pos % BLOCK_SIZE) * stride_cs  # [N] int64
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(kv_head + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(kv_head + stride_c2 + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(kv_head + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(kv_head + stride_c2 + tok[:, None] + d[None, :], mask=kv_mask,
+                    other=0.0).to(q.dtype)
         qk = mma(q, tl.trans(k), UPCAST, PREC) * qk_scale  # [G, N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -94,6 +101,7 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PREC)
         m_i = m_new
 
+    acc = acc * v_scale
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
         # An empty split (lo >= hi) leaves l_i = 0: it writes lse = -inf and zeros.
@@ -152,17 +160,20 @@ def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                     num_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, out: torch.Tensor | None = None,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
-    q [B, H, D]; kv_cache [2, N, bs, Hk, D] (same dtype as q); block_tables [B, max_blocks]
+    q [B, H, D]; kv_cache [2, N, bs, Hk, D] (q's dtype, or fp8 holding K / k_scale and
+    V / v_scale); block_tables [B, max_blocks]
     int32; seq_lens [B] int32, each >= 1 (context including the new token, whose K/V must
     already be in the cache); max_seq_len >= max(seq_lens) (a host int: no device sync).
     Returns ``out`` (a new [B, H, D] tensor in q's dtype unless given; a static buffer suits
     CUDA graphs). ``num_splits`` overrides the split-K choice.
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
+    if not fp8_max(kv_cache.dtype):
+        k_scale = v_scale = 1.0  # scales are an fp8 cache's only
     check(q.shape[0] == seq_lens.shape[0], f"q has {q.shape[0]} rows for {seq_lens.shape[0]} seqs")
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -185,7 +196,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * LOG2E, head_dim, group, splits,
+        scale * LOG2E * k_scale, v_scale, head_dim, group, splits,
         SPLIT=splits > 1, num_stages=2 if head_dim > 128 else 3, **common,
     )
     if splits > 1:

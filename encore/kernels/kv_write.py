@@ -3,7 +3,9 @@
     slot_mapping[t] = block * block_size + offset   (-1: padding token, skipped)
     kv_cache[0, block, offset] = k[t];  kv_cache[1, block, offset] = v[t]
 
-One program per token copies all its KV heads (a [BLOCK_H, BLOCK_D] tile).
+One program per token copies all its KV heads (a [BLOCK_H, BLOCK_D] tile). An fp8 cache
+(``cache.kv_cache_dtype``) stores k / k_scale and v / v_scale (per-tensor scales of the
+layer), saturated to the format's range; the attention kernels multiply the scales back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from encore.kernels._common import (
     check_kv_cache,
     check_last_contiguous,
     check_same_device,
+    fp8_max,
     next_pow2,
 )
 
@@ -33,6 +36,8 @@ def _kv_write_kernel(
     stride_vt, stride_vh,
     stride_c2, stride_cb, stride_cs, stride_ch,  # cache strides (int64 math below)
     num_kv_heads, head_dim,
+    inv_k_scale, inv_v_scale,
+    FP8_MAX: tl.constexpr,  # > 0: an fp8 cache, values scaled and clamped to +-FP8_MAX
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -51,14 +56,18 @@ def _kv_write_kernel(
     v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     dst = cache_ptr + block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
     ty = cache_ptr.dtype.element_ty
+    if FP8_MAX > 0:
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
     tl.store(dst, k.to(ty), mask=mask)
     tl.store(dst + stride_c2, v.to(ty), mask=mask)
 
 
 def kv_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store k, v ([T, Hk, D], any float dtype; cast to the cache's) at ``slot_mapping``
-    ([T] int64 flat slots, -1 = skip) of ``kv_cache`` ([2, N, bs, Hk, D]). Mutates kv_cache."""
+    ([T] int64 flat slots, -1 = skip) of ``kv_cache`` ([2, N, bs, Hk, D]). Mutates kv_cache.
+    An fp8 cache holds k / k_scale and v / v_scale (saturated); other caches ignore them."""
     check_kv_cache(kv_cache)
     _, num_blocks, block_size, hk, d = kv_cache.shape
     for name, t in (("k", k), ("v", v)):
@@ -77,6 +86,6 @@ def kv_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        hk, d,
+        hk, d, 1.0 / k_scale, 1.0 / v_scale, FP8_MAX=fp8_max(kv_cache.dtype),
         BLOCK_SIZE=block_size, BLOCK_H=next_pow2(hk), BLOCK_D=next_pow2(d),
     )

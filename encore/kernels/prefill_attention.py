@@ -14,7 +14,9 @@ positions below ``seq_len`` instead of its last ``q_len``; row i sees keys [0, q
 GQA: grid ``(row_tiles, B, Hk)``. The rows of a tile are (token, query head) pairs of the
 G query heads sharing KV head h, flattened row = token * G + head, so one K/V tile feeds
 all G heads. Each tile first walks the keys every row sees (no causal mask), then the
-diagonal band with the mask. fp32 online softmax in log2 units.
+diagonal band with the mask. fp32 online softmax in log2 units. An fp8 cache is widened to
+q's dtype as tiles load, k_scale folded into the softmax scale, v_scale applied to the output
+(as in ``decode_attention``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from encore.kernels._common import (
     check_same_device,
     dot_precision,
     dot_upcast,
+    fp8_max,
     mma,
     next_pow2,
 )
@@ -50,8 +53,9 @@ def _attend_tile(q, m_i, l_i, acc, kv_head, table, key_lo, key_hi, row_pos, d, d
         page = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = page * stride_cb + (pos % BLOCK_SIZE) * stride_cs
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(kv_head + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_head + stride_c2 + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(kv_head + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(kv_head + stride_c2 + tok[:, None] + d[None, :], mask=kv_mask,
+                    other=0.0).to(q.dtype)
         qk = mma(q, tl.trans(k), UPCAST, PREC) * qk_scale  # [M, N]
         keep = n_mask[None, :]
         if CAUSAL:
@@ -79,7 +83,7 @@ def _prefill_kernel(
     stride_c2, stride_cb, stride_cs, stride_ch,
     stride_tb,
     stride_ot, stride_oh,
-    qk_scale, head_dim, group,
+    qk_scale, v_scale, head_dim, group,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows = (token, head) pairs per tile
     BLOCK_N: tl.constexpr,  # keys per inner step
@@ -132,7 +136,7 @@ def _prefill_kernel(
     m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kv_head, table, free_hi, last_pos + 1,
                                  row_pos, d, d_mask, stride_c2, stride_cb, stride_cs, qk_scale,
                                  True, BLOCK_SIZE, BLOCK_N, UPCAST, PREC)
-    o = acc / l_i[:, None]
+    o = acc * (v_scale / l_i)[:, None]
     dst = out_ptr + rows64[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -140,7 +144,8 @@ def _prefill_kernel(
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                       max_query_len: int, out: torch.Tensor | None = None,
-                      q_positions: torch.Tensor | None = None) -> torch.Tensor:
+                      q_positions: torch.Tensor | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of the new tokens of a ragged batch over the paged cache.
 
     q [T, H, D] (sequence b owns rows [query_start_loc[b], query_start_loc[b+1]));
@@ -148,10 +153,13 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     (run kv_write first); block_tables [B, max_blocks] int32; query_start_loc [B+1] int32;
     seq_lens [B] int32 >= query lens; max_query_len a host int >= every query length;
     q_positions [T] int32, optional: each row's position (ascending within a sequence, below
-    its seq_len) when the rows are not the sequence's last ``q_len`` tokens.
+    its seq_len) when the rows are not the sequence's last ``q_len`` tokens. An fp8 kv_cache
+    holds K / k_scale and V / v_scale.
     Returns ``out`` (a new [T, H, D] tensor in q's dtype unless given).
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
+    if not fp8_max(kv_cache.dtype):
+        k_scale = v_scale = 1.0  # scales are an fp8 cache's only
     num_seqs = seq_lens.shape[0]
     check(query_start_loc.shape == (num_seqs + 1,),
           f"query_start_loc must be [B+1={num_seqs + 1}], got {tuple(query_start_loc.shape)}")
@@ -168,11 +176,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     out = check_out(out, q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m, block_n = (128, 64) if head_dim <= 128 else (64, 32)
-    if q_positions is not None and head_dim <= 128:
-        block_m = 64  # scattered rows: each tile's causal band is wide; more tiles, shorter
-    if q.device.type == "cpu":  # interpreter: small tiles keep the masked waste low
-        block_m, block_n = 32, 16
+    block_m, block_n, warps, stages = tiles(head_dim, q_positions is not None, q.device)
     grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, kv_cache, block_tables, query_start_loc, seq_lens,
@@ -180,10 +184,21 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * LOG2E, head_dim, group,
+        scale * LOG2E * k_scale, v_scale, head_dim, group,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(head_dim)), UPCAST=dot_upcast(q.device),
         PREC=dot_precision(q.dtype), HAS_POS=q_positions is not None,
-        num_warps=8 if block_m >= 128 else 4,
+        num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def tiles(head_dim: int, scattered: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch (``bench/prefill_tune.py``
+    measures the alternatives)."""
+    if device.type == "cpu":  # interpreter: small tiles keep the masked waste low
+        return 32, 16, 4, 1
+    block_m, block_n = (128, 64) if head_dim <= 128 else (64, 32)
+    if scattered and head_dim <= 128:
+        block_m = 64  # scattered rows: each tile's causal band is wide; more tiles, shorter
+    return block_m, block_n, 8 if block_m >= 128 else 4, 3

@@ -15,22 +15,38 @@ import torch
 
 # ----------------------------------------------------------------------------- KV write
 def kv_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k, v ([T, Hk, D]) at flat slots ``slot_mapping`` ([T]); slot -1 is skipped."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store k, v ([T, Hk, D]) at flat slots ``slot_mapping`` ([T]); slot -1 is skipped.
+    An fp8 cache stores k / k_scale and v / v_scale, saturated."""
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    flat[0][slots] = k[keep].to(kv_cache.dtype)
-    flat[1][slots] = v[keep].to(kv_cache.dtype)
+    flat[0][slots] = to_kv(k[keep], kv_cache.dtype, k_scale)
+    flat[1][slots] = to_kv(v[keep], kv_cache.dtype, v_scale)
+
+
+def to_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x`` as a cache of ``dtype`` stores it: fp8 holds x / scale, saturated."""
+    if dtype.itemsize > 1:
+        return x.to(dtype)
+    bound = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-bound, bound).to(dtype)
+
+
+def from_kv(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """fp32 values of cache entries ``x`` (an fp8 cache's times its scale)."""
+    return x.float() * scale if x.dtype.itemsize == 1 else x.float()
 
 
 # ----------------------------------------------------------------------------- attention
-def _context(kv_cache: torch.Tensor, table: torch.Tensor, seq_len: int):
+def _context(kv_cache: torch.Tensor, table: torch.Tensor, seq_len: int,
+             k_scale: float = 1.0, v_scale: float = 1.0):
     """fp32 K, V of positions [0, seq_len) of one sequence: two [Hk, seq_len, D]."""
     bs = kv_cache.shape[2]
     nb = (seq_len + bs - 1) // bs
-    blocks = kv_cache[:, table[:nb].long()].flatten(1, 2)[:, :seq_len].float()
-    return blocks[0].transpose(0, 1), blocks[1].transpose(0, 1)
+    blocks = kv_cache[:, table[:nb].long()].flatten(1, 2)[:, :seq_len]
+    return (from_kv(blocks[0], k_scale).transpose(0, 1),
+            from_kv(blocks[1], v_scale).transpose(0, 1))
 
 
 def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int,
@@ -49,19 +65,21 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int,
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence. q [B, H, D] attends to its ``seq_lens[b]`` cached tokens."""
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
-        kc, vc = _context(kv_cache, block_tables[b], n)
+        kc, vc = _context(kv_cache, block_tables[b], n, k_scale, v_scale)
         out[b] = _attend(q[b:b + 1], kc, vc, n - 1, scale)[0].to(q.dtype)
     return out
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                      scale: float, q_positions: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: float, q_positions: torch.Tensor | None = None,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Ragged causal attention of new tokens q [T, H, D] over the paged cache.
 
     Sequence b owns q rows [qsl[b], qsl[b+1]); they sit at the last positions of its
@@ -73,7 +91,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         lo, hi, n = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
         if hi == lo:
             continue
-        kc, vc = _context(kv_cache, block_tables[b], n)
+        kc, vc = _context(kv_cache, block_tables[b], n, k_scale, v_scale)
         pos = None if q_positions is None else q_positions[lo:hi]
         out[lo:hi] = _attend(q[lo:hi], kc, vc, n - (hi - lo), scale, pos).to(q.dtype)
     return out
@@ -106,10 +124,17 @@ def rerotate_copy(kv_caches: list[torch.Tensor], src_slots: torch.Tensor,
     """In every layer cache: K and V of flat slots ``src_slots`` to ``dst_slots``, keys
     moved by ``deltas``."""
     for kv_cache in kv_caches:
-        flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-        keys = _rotate(flat[0].index_select(0, src_slots), deltas, inv_freq)
-        flat[0].index_copy_(0, dst_slots, keys)
+        # as bytes: the CPU's index ops do not take fp8 (a rotation needs no fp8 scale)
+        flat = _as_raw(kv_cache).view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+        keys = flat[0].index_select(0, src_slots).view(kv_cache.dtype)
+        keys = to_kv(_rotate(keys.float(), deltas, inv_freq), kv_cache.dtype)
+        flat[0].index_copy_(0, dst_slots, _as_raw(keys))
         flat[1].index_copy_(0, dst_slots, flat[1].index_select(0, src_slots))
+
+
+def _as_raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same shape), for index ops; others as they are."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
 
 def rope_rerotate_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,

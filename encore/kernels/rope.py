@@ -9,7 +9,8 @@ keys by a position delta: rotations in the same planes compose by adding angles,
 rope(rope(x, p), delta) == rope(x, p + delta) and a chunk's K computed at p is re-homed at
 p + delta without its pre-RoPE keys (V has no position). ``rerotate_copy`` does the same
 token by token while copying K and V to other slots (a chunk placed into a sequence at any
-offset, ``worker/blend.py``). ``inv_freq`` ([D/2] fp32) carries
+offset, ``worker/blend.py``). An fp8 cache holds K / k_scale: a rotation is linear, so the
+stored values rotate as they are (no scale needed). ``inv_freq`` ([D/2] fp32) carries
 theta and any frequency scaling (llama3, linear): precompute it with the model's rule.
 Angles are fp32 products ``float(p) * inv_freq`` as in HF, so the twin matches exactly.
 """
@@ -27,6 +28,7 @@ from encore.kernels._common import (
     check_kv_cache,
     check_last_contiguous,
     check_same_device,
+    fp8_max,
     next_pow2,
 )
 
@@ -104,6 +106,7 @@ def _rerotate_copy_kernel(
     stride_c2, stride_cs, stride_ch,
     num_kv_heads, half,
     DTYPE: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # > 0: an fp8 cache (its scale commutes with the rotation)
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
@@ -121,8 +124,13 @@ def _rerotate_copy_kernel(
     v1 = tl.load(src + stride_c2 + offs, mask=mask, other=0.0)
     v2 = tl.load(src + stride_c2 + offs + half, mask=mask, other=0.0)
     x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
-    tl.store(dst + offs, (x1 * cos[None, :] - x2 * sin[None, :]).to(DTYPE), mask=mask)
-    tl.store(dst + offs + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(DTYPE), mask=mask)
+    y1 = x1 * cos[None, :] - x2 * sin[None, :]
+    y2 = x2 * cos[None, :] + x1 * sin[None, :]
+    if FP8_MAX > 0:
+        y1 = tl.clamp(y1, -FP8_MAX, FP8_MAX)
+        y2 = tl.clamp(y2, -FP8_MAX, FP8_MAX)
+    tl.store(dst + offs, y1.to(DTYPE), mask=mask)
+    tl.store(dst + offs + half, y2.to(DTYPE), mask=mask)
     tl.store(dst + stride_c2 + offs, v1, mask=mask)
     tl.store(dst + stride_c2 + offs + half, v2, mask=mask)
 
@@ -186,7 +194,8 @@ def rope_rerotate_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,
     )
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
 
 
 def layer_pointers(kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -230,5 +239,6 @@ def rerotate_copy(kv_caches: list[torch.Tensor], src_slots: torch.Tensor,
     _rerotate_copy_kernel[(src_slots.shape[0], len(kv_caches))](
         layers, src_slots, dst_slots, deltas, inv_freq,
         cache.stride(0), cache.stride(2), cache.stride(3), hk, half,
-        DTYPE=_TL_DTYPES[cache.dtype], BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
+        DTYPE=_TL_DTYPES[cache.dtype], FP8_MAX=fp8_max(cache.dtype), BLOCK_HK=next_pow2(hk),
+        BLOCK_HALF=next_pow2(half),
     )

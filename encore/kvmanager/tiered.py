@@ -46,7 +46,8 @@ MAX_DISK_WRITES_IN_FLIGHT = 64  # per tier (disk, remote): beyond this a block i
 class TierSetup:
     """What the engine learns from the worker (sizes, the disk index) and the config."""
 
-    block_bytes: int
+    block_bytes: int  # one device block
+    tier_block_bytes: int = 0  # one block as the lower tiers hold it (encoded); 0: block_bytes
     num_host_blocks: int = 0
     num_disk_blocks: int = 0
     disk_keys: Sequence[bytes] = ()
@@ -98,10 +99,12 @@ class TieredCache:
                  clock: Callable[[], float] = time.monotonic,
                  policy: LoadPolicy | None = None) -> None:
         self.block_bytes = setup.block_bytes
+        # what a lower tier holds and moves per block: their usage, transfers and prices
+        self.tier_block_bytes = setup.tier_block_bytes or setup.block_bytes
         self.write_through = setup.write_policy == "write_through"
         self.clock = clock
         self.policy = policy or make_load_policy(setup.load_policy, block_size,
-                                                 setup.block_bytes, setup.cost)
+                                                 self.tier_block_bytes, setup.cost)
         self.tiers: dict[str, TierIndex] = {}
         if setup.num_host_blocks > 0:
             self.tiers["host"] = TierIndex("host", setup.num_host_blocks)
@@ -175,7 +178,7 @@ class TieredCache:
         return sl is not None and not sl.inline
 
     def usage_bytes(self) -> dict[str, int]:
-        return {name: len(t) * self.block_bytes for name, t in self.tiers.items()}
+        return {name: len(t) * self.tier_block_bytes for name, t in self.tiers.items()}
 
     def snapshot(self) -> dict[str, Any]:
         """The tier metrics: usage now, counters since start, load times since the last call
@@ -543,7 +546,7 @@ class TieredCache:
         if op.dst == "device":
             self._load_done(op, ok)
             if ok:
-                self.policy.observe_transfer(op.src, self.block_bytes, seconds)
+                self.policy.observe_transfer(op.src, self.tier_block_bytes, seconds)
         else:
             self.tiers[op.dst].complete_store(op.key, ok)
             if op.dst in self._writes:
@@ -551,7 +554,7 @@ class TieredCache:
             if not ok and op.dst == "disk":
                 self._read_only(error)
             elif ok:  # a link is about as fast both ways (a disk: writes as reads)
-                self.policy.observe_transfer(op.dst, self.block_bytes, seconds)
+                self.policy.observe_transfer(op.dst, self.tier_block_bytes, seconds)
             if op.dst == "host" and ok and self._writable("disk") \
                     and op.key not in self.tiers["disk"]:
                 self._dirty[op.key] = None
@@ -561,7 +564,8 @@ class TieredCache:
                     self._dirty[op.key] = None
         if ok:
             route = f"{op.src}>{op.dst}"
-            self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) + self.block_bytes
+            self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) \
+                + self.tier_block_bytes
 
     def _load_done(self, op: Transfer, ok: bool) -> None:
         self.tiers[op.src].complete_load(op.key, ok)

@@ -229,6 +229,7 @@ class RankMerge:
         return msgspec.structs.replace(
             first, num_device_blocks=min(m.num_device_blocks for m in msgs),
             kv_block_bytes=sum(m.kv_block_bytes for m in msgs),
+            kv_tier_block_bytes=sum(m.kv_tier_block_bytes for m in msgs),
             num_host_blocks=min(m.num_host_blocks for m in msgs),
             num_disk_blocks=min(m.num_disk_blocks for m in msgs),
             disk_keys=[k for k in first.disk_keys if k in on_all],

@@ -340,6 +340,7 @@ class WorkerReady(msgspec.Struct, tag=True):
     device: str
     dtype: str
     kv_block_bytes: int = 0  # bytes of one block across layers (K and V)
+    kv_tier_block_bytes: int = 0  # the same block as the lower tiers hold it (tier_kv_codec)
     num_host_blocks: int = 0  # host tier slots (0 = off)
     num_disk_blocks: int = 0  # disk tier capacity in blocks (0 = off)
     disk_keys: list[bytes] = []  # valid blocks found on disk at start-up, oldest first

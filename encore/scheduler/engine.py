@@ -76,8 +76,9 @@ class EngineCore:
 
     def _tier_setup(self, w: WorkerReady) -> TierSetup:
         cache = self.config.cache
-        cost = load_cost_numbers(cache.disk_cache_dir, cache.block_size, w.kv_block_bytes)
-        return TierSetup(block_bytes=w.kv_block_bytes, num_host_blocks=w.num_host_blocks,
+        cost = load_cost_numbers(cache.disk_cache_dir, cache.block_size, w.kv_tier_block_bytes)
+        return TierSetup(block_bytes=w.kv_block_bytes, tier_block_bytes=w.kv_tier_block_bytes,
+                         num_host_blocks=w.num_host_blocks,
                          num_disk_blocks=w.num_disk_blocks, disk_keys=w.disk_keys,
                          disk_writable=w.disk_writable, remote=w.remote,
                          write_policy=cache.cache_write_policy,

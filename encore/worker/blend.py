@@ -70,8 +70,11 @@ def blend_forward(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], seq: S
         if i >= check:  # the cached K/V: compared with the fresh ones, kept past the check
             copy(kv_caches, i, i + 1)
         if i == check:
-            selected, deviations = select_tokens(k, v, cache, slots, plan, start, model.tp)
-        stream.finish(layer, layer.attn.forward(q, k, v, cache, meta, layer.scale))
+            selected, deviations = select_tokens(k, v, cache, slots, plan, start, model.tp,
+                                                 (layer.k_scale, layer.v_scale))
+        out = layer.attn.forward(q, k, v, cache, meta, layer.scale, layer.k_scale,
+                                 layer.v_scale)
+        stream.finish(layer, out)
         if selected is not None:
             keep = selected
             stream.keep(keep)
@@ -189,14 +192,18 @@ def _text_mask(plan: BlendPlan, start: int, n: int, device: torch.device) -> tor
 
 
 def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                  plan: BlendPlan, start: int, tp: TPGroup = SINGLE
+                  plan: BlendPlan, start: int, tp: TPGroup = SINGLE,
+                  kv_scales: tuple[float, float] = (1.0, 1.0)
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows to keep computing (sorted): non-chunk rows, the last row, and per chunk its
     ``recompute`` rows of largest K/V deviation (fresh ``k``/``v`` vs the cache at ``slots``,
     read before this layer overwrites it). Also each chunk's mean relative deviation. Under
-    tensor parallelism the sums run over every rank's heads, so all ranks keep the same rows."""
-    flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-    ck, cv = flat[0].index_select(0, slots).float(), flat[1].index_select(0, slots).float()
+    tensor parallelism the sums run over every rank's heads, so all ranks keep the same rows.
+    An fp8 cache is compared at its values times ``kv_scales``."""
+    raw = cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache  # CPU: no fp8 index
+    flat = raw.view(2, -1, cache.shape[-2], cache.shape[-1])
+    ck, cv = (reference.from_kv(flat[i].index_select(0, slots).view(cache.dtype), kv_scales[i])
+              for i in (0, 1))
     kf, vf = k.float(), v.float()
     sums = torch.stack(((kf - ck).square().sum((1, 2)) + (vf - cv).square().sum((1, 2)),
                         kf.square().sum((1, 2)) + vf.square().sum((1, 2))))

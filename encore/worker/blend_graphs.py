@@ -90,7 +90,8 @@ class KeptRowGraphs:
         for layer, cache in zip(layers, self.kv_caches[first_layer:], strict=True):
             h, residual = ops.add_rmsnorm(x, residual, layer.input_norm, layer.eps)
             q, k, v = layer.project_qkv_fused(h, positions, self.model.rope_inv_freq, ops)
-            out = layer.attn.forward(q, k, v, cache, meta, layer.scale)
+            out = layer.attn.forward(q, k, v, cache, meta, layer.scale, layer.k_scale,
+                                          layer.v_scale)
             x = layer.project_out_fused(out, ops)
             h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, layer.eps)
             x = layer.mlp_fused(h, ops)

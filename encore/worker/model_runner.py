@@ -60,6 +60,10 @@ class StepBatch(StepRows):
     meta: AttentionMetadata
 
 
+# ``cache.kv_cache_dtype`` other than auto (the model's dtype)
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 class ModelRunner:
     """Owns the model and the KV tensors of one device: under tensor parallelism (``tp``),
     this rank's shard of both. Every rank runs every step alike (the collectives pair up);
@@ -87,18 +91,20 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
+        self.kv_dtype = KV_DTYPES.get(config.cache.kv_cache_dtype, self.dtype)
         self.num_blocks = tp.min_int(self._num_blocks(
-            kv_bytes_per_block(self.arch, self.block_size, self.dtype, tp),
-            kv_bytes_per_block(self.arch, self.block_size, self.dtype)))
+            kv_bytes_per_block(self.arch, self.block_size, self.kv_dtype, tp),
+            kv_bytes_per_block(self.arch, self.block_size, self.kv_dtype)))
         shape = kv_cache_shape(self.arch, self.num_blocks, self.block_size, tp)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(self.arch.num_layers)]
         self.sampler = Sampler(config.model.seed, self.device)
         self.states: dict[str, SeqSamplingState] = {}
         self.graphs = self._capture_graphs(backend)
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
-        logger.info("worker ready: %s on %s (%s), %d KV blocks of %d tokens, cuda graphs %s%s",
-                    self.arch.architecture, self.device, self.dtype, self.num_blocks,
+        logger.info("worker ready: %s on %s (%s, KV %s), %d KV blocks of %d tokens, cuda graphs "
+                    "%s%s", self.arch.architecture, self.device, self.dtype, self.kv_dtype,
+                    self.num_blocks,
                     self.block_size, self.graphs.sizes if self.graphs else "off",
                     f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "")
 

@@ -25,9 +25,13 @@ from encore.protocol.messages import (
     SchedulerOutput,
     WorkerReady,
 )
-from encore.worker.model_runner import ModelRunner
+from encore.worker.model_runner import KV_DTYPES, ModelRunner
 from encore.worker.parallel import SINGLE, TPGroup
-from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint
+from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint, layout_fingerprints
+
+# the dtypes a device KV pool may hold (model dtypes, fp8): the files of this model in another
+# of them are misses to this server, not bad files
+KV_LAYOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *KV_DTYPES.values())
 
 
 class Worker:
@@ -38,9 +42,13 @@ class Worker:
         self.runner = ModelRunner(config, tp)
         kv = self.runner.kv_caches
         shape = (len(kv), 2, *kv[0].shape[2:])
-        fingerprint = kv_fingerprint(config, self.runner.arch, kv[0].dtype, shape, tp.rank,
-                                     tp.size)
-        self.tiers = TierDataPlane(config, kv, fingerprint, tp.rank, tp.size)
+        arch = self.runner.arch
+        fingerprint = kv_fingerprint(config, arch, kv[0].dtype, shape, tp.rank, tp.size)
+        layouts = layout_fingerprints(config, arch, KV_LAYOUT_DTYPES, shape, tp.rank, tp.size)
+        # fp8 pools move as bytes (torch's index ops take no fp8 on the CPU)
+        raw = [c.view(torch.uint8) if c.dtype.itemsize == 1 else c for c in kv]
+        self.tiers = TierDataPlane(config, raw, fingerprint, tp.rank, tp.size,
+                                   layouts - {fingerprint})
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
@@ -52,6 +60,7 @@ class Worker:
         tiers = self.tiers
         return msgspec.structs.replace(
             self.runner.ready_message(), kv_block_bytes=tiers.blocks.block_bytes,
+            kv_tier_block_bytes=tiers.blocks.tier_block_bytes,
             num_host_blocks=tiers.num_host_blocks, num_disk_blocks=tiers.disk.num_blocks,
             disk_keys=tiers.disk.keys, disk_writable=tiers.disk.writable,
             remote=tiers.remote.store is not None,

@@ -1,7 +1,8 @@
 """The attention backend interface: what a model layer asks of attention over paged KV.
 
 KV cache of one layer: a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
-(K at index 0, V at 1). A token at position ``p`` of a sequence lives in block
+(K at index 0, V at 1), in the model's dtype or fp8 (``cache.kv_cache_dtype``: K / k_scale and
+V / v_scale, per-tensor scales of the layer). A token at position ``p`` of a sequence lives in block
 ``block_table[p // block_size]`` at offset ``p % block_size``; its flat slot is
 ``block * block_size + offset``.
 
@@ -73,5 +74,7 @@ class AttentionBackend(abc.ABC):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,  # an fp8 kv_cache holds K / k_scale and V / v_scale
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Attention output for every new token; mutates ``kv_cache`` at ``meta.slot_mapping``."""

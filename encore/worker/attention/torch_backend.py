@@ -9,15 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from encore.kernels.reference import to_kv
 from encore.worker.attention.base import AttentionBackend, AttentionMetadata
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store new K/V ([T, Hk, D]) at their flat slots of ``kv_cache`` ([2, N, bs, Hk, D])."""
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store new K/V ([T, Hk, D]) at their flat slots of ``kv_cache`` ([2, N, bs, Hk, D]);
+    an fp8 cache (written as bytes: the CPU's index_copy_ takes no fp8) holds K / k_scale and
+    V / v_scale."""
+    raw = kv_cache.view(torch.uint8) if kv_cache.dtype.itemsize == 1 else kv_cache
+    flat = raw.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    for i, (x, scale) in enumerate(((k, k_scale), (v, v_scale))):
+        x = to_kv(x, kv_cache.dtype, scale)
+        flat[i].index_copy_(0, slot_mapping, x.view(raw.dtype) if x.dtype != raw.dtype else x)
+
+
+def widen(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cache entries ``x`` in ``dtype`` (an fp8 cache's times its scale)."""
+    return x.to(dtype) * scale if x.dtype.itemsize == 1 else x.to(dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -31,7 +41,7 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float) -> torch.Tensor:
+                     scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence: gather every context padded to the longest, one SDPA.
 
     q [B, H, D] -> [B, H, D]. Padding positions are masked out by ``seq_lens``.
@@ -44,7 +54,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     if min(meta.start_pos) + 1 < seq:  # ragged contexts: hide each row's padding
         cols = torch.arange(seq, device=q.device)
         mask = (cols[None, :] < meta.seq_lens[:, None]).view(len(meta.start_pos), 1, 1, seq)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype),
+    k, v = widen(k, q.dtype, k_scale), widen(v, q.dtype, v_scale)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v,
                                        attn_mask=mask, scale=scale,
                                        enable_gqa=q.shape[1] != k.shape[1])
     return o.squeeze(2)
@@ -56,10 +67,11 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
         if meta.is_decode_only:
-            return decode_attention(q, kv_cache, meta, scale)
+            return decode_attention(q, kv_cache, meta, scale, k_scale, v_scale)
         out = torch.empty_like(q)
         num_heads, num_kv_heads = q.shape[1], k.shape[1]
         tables = meta.block_tables
@@ -68,8 +80,8 @@ class TorchAttentionBackend(AttentionBackend):
             seq_len = start + qlen
             kc, vc = gather_kv(kv_cache, tables[i], seq_len)
             qi = q[q_start:q_start + qlen].transpose(0, 1)  # [H, q, D]
-            kc = kc.transpose(0, 1).to(q.dtype)  # [Hk, S, D]
-            vc = vc.transpose(0, 1).to(q.dtype)
+            kc = widen(kc.transpose(0, 1), q.dtype, k_scale)  # [Hk, S, D]
+            vc = widen(vc.transpose(0, 1), q.dtype, v_scale)
             if num_heads != num_kv_heads:
                 rep = num_heads // num_kv_heads
                 kc = kc.repeat_interleave(rep, dim=0)

@@ -17,16 +17,19 @@ from encore.worker.attention.base import AttentionBackend, AttentionMetadata
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Same contract as the torch backend; q, k, v and kv_cache share one dtype."""
+    """Same contract as the torch backend; q, k, v share one dtype, kv_cache has it or fp8."""
 
     name = "triton"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        kv_write(kv_cache, k, v, meta.slot_mapping)
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        kv_write(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
         if meta.is_decode_only:
             return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                    max_seq_len=meta.max_seq_len)
+                                    max_seq_len=meta.max_seq_len, k_scale=k_scale,
+                                    v_scale=v_scale)
         return prefill_attention(q, kv_cache, meta.block_tables, meta.query_start_loc,
                                  meta.seq_lens, scale, max_query_len=meta.max_query_len,
-                                 q_positions=meta.q_positions)
+                                 q_positions=meta.q_positions, k_scale=k_scale,
+                                 v_scale=v_scale)

@@ -100,7 +100,7 @@ def load_hf(
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if not name.endswith("rotary_emb.inv_freq"):
                     model.load_weight(name, f.get_slice(name) if tp.size > 1
-                                      else f.get_tensor(name))
+                                      and not name.endswith("_scale") else f.get_tensor(name))
                 loaded.add(name)
                 if progress is not None:
                     progress(len(loaded), total)

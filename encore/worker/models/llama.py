@@ -143,6 +143,7 @@ class DecoderLayer(nn.Module):
         self.num_kv_heads = nkv
         self.head_dim = dh
         self.scale = dh**-0.5
+        self.k_scale = self.v_scale = 1.0  # an fp8 KV cache's per-tensor scales (loaders)
         self.input_norm = _empty(d)
         self.qkv_proj = _empty(qkv, d)
         self.qkv_bias = _empty(qkv) if arch.attention_bias else None
@@ -173,7 +174,7 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self.project_qkv(h, cos, sin)
-        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.project_out(out)
 
     def project_qkv(
@@ -232,7 +233,8 @@ class DecoderLayer(nn.Module):
         ops: TritonOps,
     ) -> torch.Tensor:
         q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops)
-        return self.project_out_fused(self.attn.forward(q, k, v, kv_cache, meta, self.scale), ops)
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        return self.project_out_fused(out, ops)
 
     def project_out_fused(self, attn_out: torch.Tensor, ops: TritonOps) -> torch.Tensor:
         """``project_out`` on the fused kernels."""
@@ -375,6 +377,15 @@ class LlamaForCausalLM(nn.Module):
         """Copy this rank's part of one HF-named tensor into its (slice of a fused) parameter;
         casts dtype/device. ``source``: a tensor, or anything sliceable like one with a
         ``get_shape()`` (a safetensors slice: only this rank's rows are read)."""
+        m = _KV_SCALE.fullmatch(name)
+        if m is not None:  # an fp8 KV cache's per-tensor scale (llm-compressor's names)
+            layer = self.layers[int(m[1])]
+            value = float(torch.as_tensor(source).float().max())
+            if m[2] in ("k", "kv"):
+                layer.k_scale = value
+            if m[2] in ("v", "kv"):
+                layer.v_scale = value
+            return
         part = self._destination(name)
         shape = tuple(source.shape) if hasattr(source, "shape") else tuple(source.get_shape())
         if shape != part.full_shape:
@@ -396,6 +407,9 @@ class LlamaForCausalLM(nn.Module):
         if m is None or int(m[1]) >= len(self.layers):
             raise KeyError(f"unexpected weight {name!r}")
         return _layer_part(self.layers[int(m[1])], arch, tp, m[2], m[3], name)
+
+
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k|v|kv)_scale")
 
 
 @dataclass(frozen=True)

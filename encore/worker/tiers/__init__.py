@@ -3,6 +3,7 @@
 P1 decides (``encore.kvmanager.tiered``); this package moves. One file per thing moved:
 
 ``blocks``       the device KV pool seen as whole blocks: gather, scatter, events, bytes
+``codec``        how the lower tiers hold a block: its own bytes, or int8/int4 (KVQuant's split)
 ``host_pool``    the host tier's pinned tensors (one per layer group)
 ``host_copies``  device <-> host copies, issued a layer group ahead of the forward pass
 ``disk_files``   the disk tier's file format (header, checksum, atomic writes, start-up scan)

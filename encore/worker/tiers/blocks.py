@@ -1,8 +1,12 @@
 """The device KV pool seen as whole blocks (all layers of a block id at once).
 
 KV per layer: ``[2, blocks, bs, heads, dim]``; a gathered block is
-``[layers, 2, bs, heads, dim]``. On CUDA every tier copy runs on one side ``stream``; on the
-CPU ``stream`` is None, copies are done when issued and events are None.
+``[layers, 2, bs, heads, dim]``; the lower tiers hold it encoded by ``codec`` as
+``[layers, layer_bytes]`` uint8 (``tier_block_bytes`` in all). On CUDA every tier copy, and
+the codec around it, runs on one side ``stream``: encoded before a copy to the CPU, decoded
+after a copy to the device (fewer bytes cross PCIe). On the CPU ``stream`` is None, copies
+are done when issued, events are None, and blocks to or from disk and remote are encoded and
+decoded by the I/O threads (off the step's path).
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from typing import Any
 
 import torch
 
+from encore.worker.tiers.codec import KVCodec
+
 
 class DeviceBlocks:
     """Gathers and scatters whole blocks of ``kv_caches``; records events on ``stream``."""
 
-    def __init__(self, kv_caches: list[torch.Tensor]) -> None:
+    def __init__(self, kv_caches: list[torch.Tensor], codec: str = "none") -> None:
         self.kv = kv_caches
         first = kv_caches[0]
         self.device = first.device
         self.block_shape = (len(kv_caches), 2, *first.shape[2:])
         self.dtype = first.dtype
         self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
+        self.codec = KVCodec(codec, self.block_shape[1:], self.dtype)
+        self.tier_block_bytes = self.codec.layer_bytes * len(kv_caches)
         # one side stream for every copy: the stores' copies to host queue behind the step's
         # loads, which the forward pass waits for (on a stream of their own they competed
         # with the loads for PCIe and slowed the step down)
@@ -48,22 +56,46 @@ class DeviceBlocks:
         for i in range(*layers):
             self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
 
+    def stage_out(self, gathered: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        """Gathered blocks ``[n, layers, 2, ...]`` on their way to disk or remote, one CPU
+        tensor per block for the I/O threads (``payload``), and the event after which they
+        hold their bytes: on CUDA encoded here and copied to the CPU; on the CPU as they are
+        (None: ready)."""
+        if self.stream is None:
+            return list(gathered), None
+        staged = self.codec.encode(gathered).to("cpu", non_blocking=True)
+        return list(staged), self.record()
+
+    def payload(self, block: torch.Tensor) -> memoryview:
+        """A block from ``stage_out`` as the bytes to write (the CPU: encoded here, by the
+        I/O thread that calls this)."""
+        if self.stream is None:
+            block = self.codec.encode(block[None])[0]
+        return self.as_bytes(block)
+
+    @staticmethod
+    def as_bytes(payload: torch.Tensor) -> memoryview:
+        """An encoded block (CPU, uint8: a host slot, ``payload``) as bytes."""
+        return payload.contiguous().numpy().data.cast("B")
+
+    def from_payload(self, data: bytes) -> torch.Tensor:
+        """Bytes read by an I/O thread as ``copy_in`` takes them: on the CPU decoded here
+        (``[layers, 2, ...]``), on CUDA the payload (``[layers, layer_bytes]``), decoded on the
+        device after its copy."""
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        payload = raw.view(1, self.num_layers, self.codec.layer_bytes)
+        return payload[0] if self.stream is not None else self.codec.decode(payload)[0]
+
     def copy_in(self, data: torch.Tensor, block: int) -> Any:
-        """One whole block read from a file or a store (CPU, ``[layers, 2, ...]``) into device
-        block ``block``, on the side stream; returns the event it completes (None: done)."""
+        """One whole block read from a file or a store (``from_payload``) into device block
+        ``block``, on the side stream; returns the event it completes (None: done)."""
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
             staged = data.to(self.device, non_blocking=True)[None]
+            if self.stream is not None:
+                staged = self.codec.decode(staged)
             self.scatter(self.ids([block]), staged, (0, self.num_layers))
         return self.record()
-
-    @staticmethod
-    def to_bytes(t: torch.Tensor) -> memoryview:
-        return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-
-    def from_bytes(self, data: bytes) -> torch.Tensor:
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return raw.view(self.dtype).view(self.block_shape)
 
     def record(self, timing: bool = False) -> Any:
         """An event recorded on the side stream; None on the CPU."""

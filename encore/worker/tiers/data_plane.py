@@ -18,6 +18,12 @@ Order within a step (each op may read a slot that a later op of the same step ov
 On the CPU steps 5-6 are done before the forward pass. Finished ops come back as ``KVDone``
 (``ModelRunnerOutput.kv_done``), possibly steps later.
 
+The lower tiers hold blocks encoded by ``cache.tier_kv_codec`` (``codec``): the host pool's
+slots, disk files and remote values are sized to the encoded block, and host and disk
+budgets in GiB hold that many more blocks. On CUDA the codec runs on the side stream (encode
+before a copy to the CPU, decode after a copy to the device); on the CPU the host tier's
+blocks are encoded and decoded in the step, disk and remote blocks by the I/O threads.
+
 Under tensor parallelism every rank runs its own data plane over its shard of each block:
 the same ops, its share (1/N) of the host and disk budgets, its own disk subdirectory
 (``tp{N}-rank{r}``) and remote namespace (the fingerprint names the rank). The executor
@@ -30,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import wait
 from typing import Any
 
@@ -39,6 +46,7 @@ from encore.configs import EncoreConfig
 from encore.configs.secrets import disk_mac_key, remote_namespace_id
 from encore.protocol.messages import KVDone, KVProbed, SchedulerOutput
 from encore.worker.tiers.blocks import DeviceBlocks
+from encore.worker.tiers.codec import TIER_CODECS, KVCodec
 from encore.worker.tiers.disk_io import DiskIO
 from encore.worker.tiers.frames import Frames
 from encore.worker.tiers.host_copies import HostCopies, LayerCopies
@@ -57,9 +65,12 @@ class TierDataPlane:
     """Runs tier transfers against ``kv_caches`` (per layer ``[2, blocks, bs, heads, dim]``)."""
 
     def __init__(self, config: EncoreConfig, kv_caches: list[torch.Tensor],
-                 fingerprint: bytes, rank: int = 0, ranks: int = 1) -> None:
+                 fingerprint: bytes, rank: int = 0, ranks: int = 1,
+                 retired: frozenset[bytes] = frozenset()) -> None:
+        """``fingerprint``: this layout's (``kv_fingerprint``); ``retired``: the same model's
+        other layouts (another KV dtype or tier codec: their disk files are plain misses)."""
         cache = config.cache
-        self.blocks = DeviceBlocks(kv_caches)
+        self.blocks = DeviceBlocks(kv_caches, cache.tier_kv_codec)
         self.host = self._host_pool(cache.host_cache_gib / ranks)
         self.host_copies = HostCopies(self.blocks, self.host) if self.host is not None else None
         mac_key = disk_mac_key(cache)
@@ -68,19 +79,20 @@ class TierDataPlane:
         if disk_dir is not None and ranks > 1:
             disk_dir = os.path.join(disk_dir, f"tp{ranks}-rank{rank}")
         self.disk = DiskIO(self.blocks, self.host, disk_dir, cache.disk_cache_gib / ranks,
-                           fingerprint, mac_key)
+                           fingerprint, mac_key, retired)
         self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
-                                                          self.blocks.block_bytes))
+                                                          self.blocks.tier_block_bytes))
 
     def _host_pool(self, gib: float) -> HostPool | None:
         blocks = self.blocks
-        num = int(gib * GIB // blocks.block_bytes)
+        num = int(gib * GIB // blocks.tier_block_bytes)
         if num <= 0:
             return None
         pin = blocks.stream is not None
-        logger.info("host KV tier: %d blocks (%.2f GiB)%s", num, num * blocks.block_bytes / GIB,
+        logger.info("host KV tier: %d blocks (%.2f GiB, %s)%s", num,
+                    num * blocks.tier_block_bytes / GIB, blocks.codec.name,
                     ", pinned" if pin else "")
-        return HostPool(num, blocks.block_shape, blocks.dtype, pin, LOAD_GROUPS)
+        return HostPool(num, blocks.num_layers, blocks.codec.layer_bytes, pin, LOAD_GROUPS)
 
     @property
     def num_host_blocks(self) -> int:
@@ -134,16 +146,17 @@ class TierDataPlane:
         Return the host copies' stages (steps 5-6, ``HostCopies.stages``)."""
         for op in step.kv_stores:
             if op.src == "host":
-                self.disk.write(op, None, done)
+                self.disk.write(op, None, None, done)
         from_device = [op for op in step.kv_stores if op.src != "host"]
         to_host = sorted((op for op in from_device if op.dst == "host"),
                          key=lambda op: op.dst_slot)
         to_io = [op for op in from_device if op.dst != "host"]
         if to_io:
             ids = self.blocks.ids([op.src_slot for op in to_io])
-            gathered = self.blocks.gather(ids, (0, self.blocks.num_layers))
-            for op, data in zip(to_io, gathered, strict=True):
-                (self.remote if op.dst == "remote" else self.disk).write(op, data, done)
+            staged, event = self.blocks.stage_out(
+                self.blocks.gather(ids, (0, self.blocks.num_layers)))
+            for op, data in zip(to_io, staged, strict=True):
+                (self.remote if op.dst == "remote" else self.disk).write(op, data, event, done)
         for op in step.kv_loads:
             if op.src != "host":
                 (self.remote if op.src == "remote" else self.disk).read(op, done)
@@ -174,15 +187,30 @@ class TierDataPlane:
 
 
 def kv_fingerprint(config: EncoreConfig, arch: Any, dtype: torch.dtype,
-                   block_shape: tuple[int, ...], rank: int = 0, ranks: int = 1) -> bytes:
-    """32 bytes naming the model and the KV layout (and, under tensor parallelism, which
-    rank's shard): files of another model or another shard never load."""
+                   block_shape: tuple[int, ...], rank: int = 0, ranks: int = 1,
+                   codec: str | None = None) -> bytes:
+    """32 bytes naming the model, the KV layout (and, under tensor parallelism, which rank's
+    shard) and the tier codec (``codec``, default the config's) with its parameters: files of
+    another model, shard or codec never load."""
     desc: dict[str, Any] = {"model": config.model.model or "embedded-smollm2", "load_format":
                             config.model.load_format, "arch": repr(arch), "dtype": str(dtype),
                             "block_shape": list(block_shape), "format": 1}
     if ranks > 1:
         desc["tensor_parallel"] = [rank, ranks]
+    tier_codec = KVCodec(codec or config.cache.tier_kv_codec, tuple(block_shape[1:]), dtype)
+    if tier_codec.bits:  # codec none keeps the fingerprint of the files written before codecs
+        desc["tier_codec"] = tier_codec.describe()
     return hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=32).digest()
+
+
+def layout_fingerprints(config: EncoreConfig, arch: Any, dtypes: Iterable[torch.dtype],
+                        block_shape: tuple[int, ...], rank: int = 0,
+                        ranks: int = 1) -> frozenset[bytes]:
+    """The fingerprints of this model and shard in each of its layouts: every KV dtype of
+    ``dtypes`` under every tier codec (a server's own is one of them; the others' files are
+    misses to it, not bad files)."""
+    return frozenset(kv_fingerprint(config, arch, dtype, block_shape, rank, ranks, codec)
+                     for dtype in dtypes for codec in TIER_CODECS)
 
 
 def _remote_store(config: EncoreConfig, fingerprint: bytes, mac_key: bytes,

@@ -3,7 +3,9 @@
     <root>/kv/<key[:2] hex>/<key hex>.kv      a header with a keyed MAC, then the block
 
 Files are written under a temp name and renamed, so a reader sees a whole file or none. A
-short, corrupt, forged or foreign file is a miss: it is deleted and counted. The index of
+short, corrupt, forged or foreign file is a miss: it is deleted and counted. A file of this
+model in another of its layouts (``retired``: another KV dtype or ``tier_kv_codec``) is a
+plain miss: deleted at start-up, not counted as bad. The index of
 valid files is rebuilt from the directory at start-up (oldest first), so the cache survives
 restarts; what the scan cannot read (a stray directory, a file without permission) is skipped
 and left alone, and a directory that cannot be written (a read-only mount) still serves
@@ -20,7 +22,7 @@ import stat
 import threading
 from pathlib import Path
 
-from encore.worker.tiers.frames import HEADER, KEY_BYTES, CorruptFrame, Frames
+from encore.worker.tiers.frames import HEADER, KEY_BYTES, MAGIC, VERSION, CorruptFrame, Frames
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +33,13 @@ class CorruptFile(CorruptFrame):
 
 class DiskStore:
     """Reads, writes, deletes and scans block files under ``root``; thread-safe per key.
-    ``mac_key``: the secret (from the deployment secret) that authenticates every file."""
+    ``mac_key``: the secret (from the deployment secret) that authenticates every file;
+    ``retired``: fingerprints whose files the scan removes without counting them bad."""
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: bytes, payload_bytes: int,
-                 mac_key: bytes) -> None:
+                 mac_key: bytes, retired: frozenset[bytes] = frozenset()) -> None:
         self.frames = Frames(fingerprint, payload_bytes, mac_key)
+        self.retired = retired
         self.dir = Path(root) / "kv"
         self.payload_bytes = payload_bytes
         self.file_bytes = self.frames.frame_bytes
@@ -112,10 +116,11 @@ class DiskStore:
     # ------------------------------------------------------------------ start-up
     def scan(self, capacity: int) -> tuple[list[bytes], int]:
         """Valid keys on disk, oldest first (at most ``capacity``; older extras deleted),
-        and how many bad files were found and deleted. Leftover temp files are removed;
-        anything that is not a regular file, or cannot be read, is skipped."""
+        and how many bad files were found and deleted. Leftover temp files and files of a
+        retired layout are removed; anything that is not a regular file, or cannot be read,
+        is skipped."""
         found: list[tuple[float, bytes]] = []
-        bad = 0
+        dropped = {"bad": 0, "retired": 0}
         for path in self.dir.glob("*/*"):
             try:
                 st = path.lstat()
@@ -129,20 +134,24 @@ class DiskStore:
             verdict = self._valid_key(path, st.st_size)
             if verdict is None:
                 continue  # unreadable: skipped, left alone
-            if verdict is False:
+            if isinstance(verdict, str):
                 self._remove(path)
-                bad += 1
+                dropped[verdict] += 1
                 continue
             found.append((st.st_mtime, verdict))
+        if dropped["retired"]:
+            logger.info("disk KV tier: removed %d files of another KV dtype or tier codec",
+                        dropped["retired"])
         found.sort()
         keys = [k for _, k in found]
         for key in keys[: max(0, len(keys) - capacity)]:
             self.delete(key)
-        return keys[max(0, len(keys) - capacity):], bad
+        return keys[max(0, len(keys) - capacity):], dropped["bad"]
 
-    def _valid_key(self, path: Path, size: int) -> bytes | bool | None:
+    def _valid_key(self, path: Path, size: int) -> bytes | str | None:
         """The key of a file whose name and header check out (payload checked on read);
-        False for a bad file, None for one that cannot be read."""
+        "retired" for a file of a retired layout, "bad" for a bad file, None for one that
+        cannot be read."""
         try:
             key = bytes.fromhex(path.name[:-3]) if path.name.endswith(".kv") else b""
         except ValueError:
@@ -153,6 +162,16 @@ class DiskStore:
         except OSError as e:
             logger.warning("disk KV tier: skipped %s (%s)", path, e.strerror or e)
             return None
-        if len(key) != KEY_BYTES or self.frames.check_header(header, key, size) is not None:
-            return False
+        if len(key) != KEY_BYTES:
+            return "bad"
+        if self.frames.check_header(header, key, size) is not None:
+            return "retired" if self._layout(header) in self.retired else "bad"
         return key
+
+    @staticmethod
+    def _layout(header: bytes) -> bytes | None:
+        """The fingerprint a well-formed header names (None: not one of ours)."""
+        if len(header) < HEADER.size:
+            return None
+        magic, version, fingerprint, *_ = HEADER.unpack(header)
+        return fingerprint if (magic, version) == (MAGIC, VERSION) else None

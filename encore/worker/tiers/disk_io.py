@@ -2,9 +2,11 @@
 
 Writes and reads have their own thread pools (a load never queues behind a backlog of
 writes) and complete in a later step. A store from the device is gathered and copied to the
-CPU behind an event; a store from host is read by the I/O thread straight from the pinned
-host slot (the slot is pinned in P1's host index until the op completes). A finished read is
-copied into its device block on the side stream, then reported.
+CPU behind an event (``DeviceBlocks.stage_out``); a store from host is read by the I/O thread
+straight from the pinned host slot, whose bytes are the payload already (the slot is pinned
+in P1's host index until the op completes). A finished read is copied into its device block
+on the side stream, then reported. Blocks are encoded (``DeviceBlocks.codec``) on the GPU,
+or on the CPU by the I/O thread, whose measured time includes it.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ class DiskIO:
     """The disk tier's transfers; ``store`` is None when the tier is off (every op fails)."""
 
     def __init__(self, blocks: DeviceBlocks, host: HostPool | None, root: str | None,
-                 gib: float, fingerprint: bytes, mac_key: bytes) -> None:
+                 gib: float, fingerprint: bytes, mac_key: bytes,
+                 retired: frozenset[bytes] = frozenset()) -> None:
         self.blocks = blocks
         self.host = host
         self.store: DiskStore | None = None
-        self.num_blocks, self.keys, self.corrupt = 0, [], 0
+        self.num_blocks, self.corrupt = 0, 0
+        self.keys: list[bytes] = []
         if root:
-            self._open(root, gib, fingerprint, mac_key)
+            self._open(root, gib, fingerprint, mac_key, retired)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
         self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
         self.pending: list[_Pending] = []
@@ -55,12 +59,15 @@ class DiskIO:
     def writable(self) -> bool:
         return self.store is not None and self.store.writable
 
-    def _open(self, root: str, gib: float, fingerprint: bytes, mac_key: bytes) -> None:
-        capacity = int(gib * GIB // self.blocks.block_bytes)
+    def _open(self, root: str, gib: float, fingerprint: bytes, mac_key: bytes,
+              retired: frozenset[bytes]) -> None:
+        """``retired``: fingerprints of this model's other layouts (another KV dtype or tier
+        codec): their files are removed at start-up as misses, not counted as bad."""
+        capacity = int(gib * GIB // self.blocks.tier_block_bytes)
         if capacity <= 0:
             return
         try:
-            store = DiskStore(root, fingerprint, self.blocks.block_bytes, mac_key)
+            store = DiskStore(root, fingerprint, self.blocks.tier_block_bytes, mac_key, retired)
             self.keys, self.corrupt = store.scan(capacity)
         except OSError as e:
             logger.warning("the disk KV tier is off: %s", e)
@@ -73,27 +80,27 @@ class DiskIO:
         if self.store is not None:
             self.store.delete(key)
 
-    def write(self, op: KVTransfer, data: torch.Tensor | None, done: list[KVDone]) -> None:
-        """Write one block in the I/O pool: ``data`` (a gathered device block, copied to the
-        CPU behind an event) or, for None, the host slot ``op.src_slot``."""
+    def write(self, op: KVTransfer, data: torch.Tensor | None, event: Any,
+              done: list[KVDone]) -> None:
+        """Write one block in the I/O pool: ``data`` (a device block from
+        ``DeviceBlocks.stage_out``, ready once ``event`` fires) or, for None, the host slot
+        ``op.src_slot``."""
         if self.store is None:
             done.append(KVDone(op.op_id, False, "the disk tier is off"))
             return
-        event = None
-        if data is not None:
-            data = data.to("cpu", copy=True, non_blocking=self.blocks.stream is not None)
-            event = self.blocks.record()
         self.pending.append(_Pending(op, self.io.submit(self._write, op, data, event)))
 
     def _write(self, op: KVTransfer, data: torch.Tensor | None, event: Any) -> float:
         if event is not None:
             event.synchronize()
-        if data is None:
-            assert self.host is not None
-            data = self.host.block(op.src_slot)
         assert self.store is not None
         start = time.perf_counter()
-        self.store.write(op.key, self.blocks.to_bytes(data))
+        if data is None:
+            assert self.host is not None
+            payload = self.blocks.as_bytes(self.host.block(op.src_slot))
+        else:
+            payload = self.blocks.payload(data)
+        self.store.write(op.key, payload)
         return time.perf_counter() - start
 
     def read(self, op: KVTransfer, done: list[KVDone]) -> None:
@@ -106,7 +113,7 @@ class DiskIO:
     def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
         assert self.store is not None
         start = time.perf_counter()
-        data = self.blocks.from_bytes(self.store.read(key))
+        data = self.blocks.from_payload(self.store.read(key))
         return data, time.perf_counter() - start
 
     def running(self) -> list[Future]:

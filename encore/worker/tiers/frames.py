@@ -1,15 +1,18 @@
 """One block as bytes, framed and authenticated: what the disk tier's files and the remote
 tier's values hold.
 
-    ┌──────────────── header (120 bytes, little-endian) ────────────────┐┌── payload ──┐
+    ┌──────────────── header (116 bytes, little-endian) ────────────────┐┌── payload ──┐
     │ magic "ENCOREKV" │ version u32 │ fingerprint 32B │ key 32B │       ││ one block's  │
     │ payload length u64 │ MAC 32B                                       ││ K/V, all     │
-    └────────────────────────────────────────────────────────────────────┘│ layers       │
+    └────────────────────────────────────────────────────────────────────┘│ layers, as   │
+                                                                          │ the tier     │
+                                                                          │ codec wrote  │
 
-The fingerprint names the model and the KV layout (shape, dtype, block size): a block of
-another model is never loaded. The MAC is a keyed BLAKE2b of the header fields before it and
-the payload, keyed from the deployment secret: a frame forged or damaged anywhere (a valid
-header over other bytes, say) is refused, never served to a user. Pure stdlib.
+The fingerprint names the model and the KV layout (shape, dtype, block size, tier codec and
+its parameters): a block of another model, or written with another codec, is never loaded.
+The MAC is a keyed BLAKE2b of the header fields before it and the payload, keyed from the
+deployment secret: a frame forged or damaged anywhere (a valid header over other bytes, say)
+is refused, never served to a user. Pure stdlib.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Device <-> host copies of whole blocks, issued a layer group ahead of the forward pass.
 
-On CUDA every copy runs on the side stream of ``DeviceBlocks``; a batch of copies completes
-through one event (hundreds of blocks move in a step), timed by events around the copies
-only. On the CPU the copies are memcpys, done when issued.
+The host pool holds blocks encoded (``DeviceBlocks.codec``): a group's gathered layers are
+encoded on the device before their copy to host, a load's layers decoded on the device after
+their copy from host. On CUDA every copy and the codec around it run on the side stream of
+``DeviceBlocks``; a batch of copies completes through one event (hundreds of blocks move in a
+step), timed by events around the copies (and a load's decode) only. On the CPU the copies
+are memcpys, done when issued.
 """
 
 from __future__ import annotations
@@ -94,18 +97,20 @@ class HostCopies:
 
         def stage(g: int) -> Any:
             if store_ids is not None:
-                gathered.append(self.blocks.gather(store_ids, host.bounds[g]))
+                group = self.blocks.gather(store_ids, host.bounds[g])
+                gathered.append(self.blocks.codec.encode(group))
             return load(g) if load is not None else self.blocks.record()
 
-        groups = [functools.partial(stage, g) for g in range(len(host.parts))]
-        after = [lambda: self._copy_to_host(to_host, gathered, done)] if to_host else []
+        groups: list[Stage] = [functools.partial(stage, g) for g in range(len(host.parts))]
+        after: list[Stage] = [lambda: self._copy_to_host(to_host, gathered, done)] if to_host \
+            else []
         return groups, after
 
     def _loads(self, loads: list[KVTransfer], done: list[KVDone]
                ) -> Callable[[int], Any] | None:
         """Host -> device of layer group g, for g = 0, 1, ... in order: the group's runs of
-        consecutive host slots are copied into a staging tensor and scattered into the
-        device blocks; the last group marks the batch's completion. Returns the group's
+        consecutive host slots are copied into a staging tensor, decoded and scattered into
+        the device blocks; the last group marks the batch's completion. Returns the group's
         event (CUDA)."""
         if not loads:
             return None
@@ -117,11 +122,11 @@ class HostCopies:
 
         def copy(g: int) -> None:
             part = host.parts[g]
-            staged = torch.empty((len(loads), *part.shape[1:]), dtype=blocks.dtype,
+            staged = torch.empty((len(loads), *part.shape[1:]), dtype=torch.uint8,
                                  device=blocks.device)
             for row, slot, n in runs:
                 staged[row:row + n].copy_(part[slot:slot + n], non_blocking=True)
-            blocks.scatter(ids, staged, host.bounds[g])
+            blocks.scatter(ids, blocks.codec.decode(staged), host.bounds[g])
 
         def group(g: int) -> Any:
             blocks.timed(spans, functools.partial(copy, g))

@@ -1,12 +1,14 @@
 """Device <-> remote store transfers of whole blocks, on I/O threads: the fleet's shared tier.
 
 The store speaks the Redis protocol (Valkey or Redis). A block is one value, the same framed
-bytes as a disk file (``frames``: fingerprint, key, keyed MAC), under
+(and, with a ``tier_kv_codec``, encoded) bytes as a disk file (``frames``: fingerprint, key,
+keyed MAC), under
 
     <namespace>:<block key hex>      namespace = "encore:kv:" + model fingerprint + secret id
 
-so replicas of one model and one deployment secret share entries, and replicas with another
-secret never read (nor overwrite) them. Values are written with the tier's TTL.
+so replicas of one model, KV layout and codec and one deployment secret share entries;
+replicas with another secret or codec never read (nor overwrite) them: to them every key is
+a plain miss. Values are written with the tier's TTL.
 
 Failure is a miss, never an error: an op against a store that is unreachable, too slow,
 full (OOM) or flushed fails with an ``error_kind`` (``REMOTE_ERRORS``) and the engine
@@ -161,13 +163,12 @@ class RemoteIO:
     def up(self) -> bool | None:
         return None if self.store is None else self.store.up
 
-    def write(self, op: KVTransfer, data: torch.Tensor, done: list[KVDone]) -> None:
-        """Store one gathered device block (copied to the CPU behind an event)."""
+    def write(self, op: KVTransfer, data: torch.Tensor, event: Any, done: list[KVDone]) -> None:
+        """Store one device block from ``DeviceBlocks.stage_out`` (ready once ``event``
+        fires)."""
         if self.store is None:
             done.append(KVDone(op.op_id, False, "no remote tier", error_kind="other"))
             return
-        data = data.to("cpu", copy=True, non_blocking=self.blocks.stream is not None)
-        event = self.blocks.record()
         self.pending.append(_Pending(op, self.io.submit(self._write, op, data, event)))
 
     def _write(self, op: KVTransfer, data: torch.Tensor, event: Any) -> float:
@@ -175,7 +176,7 @@ class RemoteIO:
             event.synchronize()
         assert self.store is not None
         start = time.perf_counter()
-        self.store.put(op.key, self.blocks.to_bytes(data))
+        self.store.put(op.key, self.blocks.payload(data))
         return time.perf_counter() - start
 
     def read(self, op: KVTransfer, done: list[KVDone]) -> None:
@@ -187,7 +188,7 @@ class RemoteIO:
     def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
         assert self.store is not None
         start = time.perf_counter()
-        data = self.blocks.from_bytes(self.store.get(key))
+        data = self.blocks.from_payload(self.store.get(key))
         return data, time.perf_counter() - start
 
     def probe(self, probe: KVProbe) -> None:
