@@ -17,6 +17,9 @@ seed, and the question. Modes, all greedy:
     tier       with ``--tier-kv-codec int8|int4``: the plain prompt with its prefix loaded
                from a host tier holding it at that codec (a third engine: the prompt runs
                once, a filler prompt pushes it out of the device pool into host, it runs again)
+    kv8        with ``--kv-cache-dtype fp8_e4m3|fp8_e5m2``: the plain prompt, prefilled in
+               full, on an engine whose device KV is fp8 (a fourth engine)
+``--modes full,tier`` runs only those (full always runs: it is the reference).
 
 Scores: answer F1 against the gold answers (SQuAD-style token F1, best over answers);
 agreement with the full-prefill answer (normalized exact match) and F1 against it; and, for
@@ -116,8 +119,8 @@ def answer(cores: dict[str, EngineCore], tok, prompt: ChatPrompt, mode: str, rid
     """The answer of one mode: its first line, time to the first token, first-token logprobs."""
     if mode == "tier":
         return tier_answer(cores["tier"], tok, prompt, rid, max_tokens)
-    core = cores["naive" if mode == "naive" else "main"]
-    fraction = MODES[mode]
+    core = cores[mode if mode in ("naive", "kv8") else "main"]
+    fraction = MODES.get(mode)
     chunks = [] if fraction is None else prompt.chunks
     recompute = fraction if isinstance(fraction, float) else None
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
@@ -174,8 +177,14 @@ def run(args) -> dict:
                                  chunk_recompute_fraction=0.15,
                                  chunk_check_layer=args.check_layer)
     prompts = [build_prompt(tok, item, args.seed + i) for i, item in enumerate(data)]
-    engines: list[tuple[str, dict]] = [("main", {}), ("naive", {"chunk_check_layer": -1})]
-    modes = list(MODES)
+    wanted = set(MODES) if args.modes in (None, "all") else set(args.modes.split(","))
+    modes = ["full", *(m for m in MODES if m != "full" and m in wanted)]
+    engines: list[tuple[str, dict]] = [("main", {})]
+    if "naive" in modes:
+        engines.append(("naive", {"chunk_check_layer": -1}))
+    if args.kv_cache_dtype:
+        engines.append(("kv8", {"kv_cache_dtype": args.kv_cache_dtype}))
+        modes.append("kv8")
     if args.tier_kv_codec:
         engines.append(("tier", tier_overrides(args, prompts)))
         modes.append("tier")
@@ -236,6 +245,10 @@ def main() -> None:
                    help="add the tier mode: the prefix loaded from a host tier at this codec")
     p.add_argument("--tier-host-gib", type=float, default=2.0,
                    help="the tier mode's host tier (GiB)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["fp8_e4m3", "fp8_e5m2"],
+                   help="add the kv8 mode: full prefill on an fp8 device KV pool")
+    p.add_argument("--modes", default=None, help="comma-separated modes of " + ",".join(MODES)
+                   + " to run (default: all); full always runs")
     add_engine_args(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
