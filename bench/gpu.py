@@ -84,7 +84,7 @@ def part_engine(args) -> dict:
     t0 = time.perf_counter()
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
-    runner = core.executor.runner
+    runner = core.executor.worker.runner
     out = {"startup_s": time.perf_counter() - t0, "kv_blocks": info.num_device_blocks,
            "graph_sizes": len(runner.graphs.sizes) if runner.graphs else 0,
            **model_numbers(runner.arch)}
@@ -124,7 +124,7 @@ def part_engine(args) -> dict:
 def record_steps(core) -> list[tuple[bool, float, float]]:
     """Wrap core.step and the runner's execute: (decode-only, step s, execute s) per step."""
     steps: list[tuple[bool, float, float]] = []
-    runner, step = core.executor.runner, core.step
+    runner, step = core.executor.worker.runner, core.step
     execute, last = runner.execute, {}
 
     def timed_execute(sched_out):
