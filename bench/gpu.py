@@ -127,9 +127,9 @@ def record_steps(core) -> list[tuple[bool, float, float]]:
     runner, step = core.executor.worker.runner, core.step
     execute, last = runner.execute, {}
 
-    def timed_execute(sched_out):
+    def timed_execute(sched_out, *args, **kwargs):
         t = time.perf_counter()
-        res = execute(sched_out)
+        res = execute(sched_out, *args, **kwargs)
         last["exec"] = time.perf_counter() - t
         last["decode"] = all(len(s.token_ids) == 1 for s in sched_out.seqs)
         return res
