@@ -30,6 +30,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
+@gpu
 @writes_fp8
 @pytest.mark.parametrize("fp8", FP8)
 def test_kv_write_stores_scaled_saturated_values(fp8):
@@ -93,6 +94,7 @@ def test_scales_ignored_for_a_float_cache():
     assert torch.equal(plain, scaled)
 
 
+@gpu
 @writes_fp8
 @pytest.mark.parametrize("fp8", FP8)
 def test_rerotate_copy_fp8(fp8):
