@@ -125,15 +125,16 @@ def rerotate_copy(kv_caches: list[torch.Tensor], src_slots: torch.Tensor,
     moved by ``deltas``."""
     for kv_cache in kv_caches:
         # as bytes: the CPU's index ops do not take fp8 (a rotation needs no fp8 scale)
-        flat = _as_raw(kv_cache).view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+        flat = as_raw(kv_cache).view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
         keys = flat[0].index_select(0, src_slots).view(kv_cache.dtype)
         keys = to_kv(_rotate(keys.float(), deltas, inv_freq), kv_cache.dtype)
-        flat[0].index_copy_(0, dst_slots, _as_raw(keys))
+        flat[0].index_copy_(0, dst_slots, as_raw(keys))
         flat[1].index_copy_(0, dst_slots, flat[1].index_select(0, src_slots))
 
 
-def _as_raw(t: torch.Tensor) -> torch.Tensor:
-    """An fp8 tensor as uint8 (same shape), for index ops; others as they are."""
+def as_raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same shape), for index ops (the CPU's take no fp8) and byte
+    copies; others as they are."""
     return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
 

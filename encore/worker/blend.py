@@ -200,8 +200,7 @@ def select_tokens(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: 
     read before this layer overwrites it). Also each chunk's mean relative deviation. Under
     tensor parallelism the sums run over every rank's heads, so all ranks keep the same rows.
     An fp8 cache is compared at its values times ``kv_scales``."""
-    raw = cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache  # CPU: no fp8 index
-    flat = raw.view(2, -1, cache.shape[-2], cache.shape[-1])
+    flat = reference.as_raw(cache).view(2, -1, cache.shape[-2], cache.shape[-1])
     ck, cv = (reference.from_kv(flat[i].index_select(0, slots).view(cache.dtype), kv_scales[i])
               for i in (0, 1))
     kf, vf = k.float(), v.float()

@@ -19,6 +19,7 @@ import msgspec
 import torch
 
 from encore.configs import EncoreConfig
+from encore.kernels.reference import as_raw
 from encore.protocol.messages import (
     GrammarBitmask,
     ModelRunnerOutput,
@@ -46,8 +47,7 @@ class Worker:
         fingerprint = kv_fingerprint(config, arch, kv[0].dtype, shape, tp.rank, tp.size)
         layouts = layout_fingerprints(config, arch, KV_LAYOUT_DTYPES, shape, tp.rank, tp.size)
         # fp8 pools move as bytes (torch's index ops take no fp8 on the CPU)
-        raw = [c.view(torch.uint8) if c.dtype.itemsize == 1 else c for c in kv]
-        self.tiers = TierDataPlane(config, raw, fingerprint, tp.rank, tp.size,
+        self.tiers = TierDataPlane(config, [as_raw(c) for c in kv], fingerprint, tp.rank, tp.size,
                                    layouts - {fingerprint})
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from encore.kernels.reference import to_kv
+from encore.kernels.reference import as_raw, to_kv
 from encore.worker.attention.base import AttentionBackend, AttentionMetadata
 
 
@@ -18,11 +18,9 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Store new K/V ([T, Hk, D]) at their flat slots of ``kv_cache`` ([2, N, bs, Hk, D]);
     an fp8 cache (written as bytes: the CPU's index_copy_ takes no fp8) holds K / k_scale and
     V / v_scale."""
-    raw = kv_cache.view(torch.uint8) if kv_cache.dtype.itemsize == 1 else kv_cache
-    flat = raw.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat = as_raw(kv_cache).view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     for i, (x, scale) in enumerate(((k, k_scale), (v, v_scale))):
-        x = to_kv(x, kv_cache.dtype, scale)
-        flat[i].index_copy_(0, slot_mapping, x.view(raw.dtype) if x.dtype != raw.dtype else x)
+        flat[i].index_copy_(0, slot_mapping, as_raw(to_kv(x, kv_cache.dtype, scale)))
 
 
 def widen(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
