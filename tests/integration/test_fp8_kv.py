@@ -24,11 +24,9 @@ from tests.integration.test_blend import complete, model_dir, tokens  # noqa: F4
 from tests.integration.test_blend import engine as blend_engine
 from tests.integration.test_kv_tiers_engine import (  # noqa: F401 (fixture)
     BLOCK_GIB,
-    engine,
-    fill_then_repeat,
-    generate,
+    life_after_restart,
+    life_to_disk,
     long_prompts,
-    settle_and_check,
     tokenizer,
 )
 
@@ -64,35 +62,16 @@ def test_fp8_blocks_round_trip_host_and_disk_and_miss_for_another_dtype(
         tokenizer, tmp_path):  # noqa: F811 (fixture)
     ps = long_prompts(tokenizer, 6)
     fp8 = {"kv_cache_dtype": "fp8_e4m3", "host_cache_gib": 16 * BLOCK_GIB}
-
-    async def first_life():
-        client = engine(tmp_path, **fp8)
-        await client.start()
-        cold, warm, cached = await fill_then_repeat(client, ps)
-        for i, p in enumerate(ps[1:]):  # push ps[0] out again: to disk (default write-back)
-            await generate(client, p, f"refill{i}")
-        await settle_and_check(client)
-        stats = client.stats()
-        await client.shutdown()
-        return cold, warm, cached, stats
-
-    async def later_life(**overrides):
-        client = engine(tmp_path, **overrides)
-        await client.start()
-        out, cached = await generate(client, ps[0], "after-restart")
-        await settle_and_check(client)
-        stats = client.stats()
-        await client.shutdown()
-        return out, cached, stats
-
-    cold, warm, cached, stats = asyncio.run(first_life())
+    # ps[0] pushed out again, to disk (default write-back), before the restart
+    (cold, warm, cached), stats = asyncio.run(life_to_disk(tmp_path, ps, **fp8))
     assert warm == cold and cached >= 10 * 16
     assert stats["kv_tier_transfer_bytes"]["device>host"] > 0
-    out, cached, stats = asyncio.run(later_life(**fp8))
+    out, cached, stats = asyncio.run(life_after_restart(tmp_path, ps[0], **fp8))
     assert out == cold and cached >= 10 * 16 and stats["kv_tier_hit_tokens"]["disk"] >= cached
     # a server of the model's dtype: fp8 files are another layout of the model, a miss (the
     # scan drops them as retired), not a bad file
-    out, cached, stats = asyncio.run(later_life(host_cache_gib=4 * BLOCK_GIB))
+    out, cached, stats = asyncio.run(life_after_restart(tmp_path, ps[0],
+                                                       host_cache_gib=4 * BLOCK_GIB))
     assert cached == 0 and stats["kv_disk_corrupt_files"] == 0
 
 

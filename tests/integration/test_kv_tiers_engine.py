@@ -90,6 +90,31 @@ async def fill_then_repeat(client, ps: list[list[int]]) -> tuple[list[int], list
     return cold, warm, cached
 
 
+async def life_to_disk(tmp: Path, ps: list[list[int]], **overrides):
+    """A server's life: ``fill_then_repeat``, then ps[1:] again to push ps[0] out to disk
+    before the restart; returns (cold, warm, cached) and the stats."""
+    client = engine(tmp, **overrides)
+    await client.start()
+    result = await fill_then_repeat(client, ps)
+    for i, p in enumerate(ps[1:]):
+        await generate(client, p, f"refill{i}")
+    await settle_and_check(client)
+    stats = client.stats()
+    await client.shutdown()
+    return result, stats
+
+
+async def life_after_restart(tmp: Path, prompt: list[int], **overrides):
+    """A later life over the same disk tier: ``prompt`` once; (tokens, cached, stats)."""
+    client = engine(tmp, **overrides)
+    await client.start()
+    tokens, cached = await generate(client, prompt, "after-restart")
+    await settle_and_check(client)
+    stats = client.stats()
+    await client.shutdown()
+    return tokens, cached, stats
+
+
 def test_host_tier_brings_back_evicted_prefix(tokenizer):
     ps = long_prompts(tokenizer, 5)
 
@@ -111,32 +136,13 @@ def test_host_tier_brings_back_evicted_prefix(tokenizer):
 
 def test_disk_tier_behind_a_tiny_host_survives_a_restart(tokenizer, tmp_path):
     ps = long_prompts(tokenizer, 6)
-
-    async def first_life():
-        client = engine(tmp_path, host_cache_gib=4 * BLOCK_GIB)
-        await client.start()
-        result = await fill_then_repeat(client, ps)
-        for i, p in enumerate(ps[1:]):  # push ps[0] out to disk again before the restart
-            await generate(client, p, f"refill{i}")
-        await settle_and_check(client)
-        stats = client.stats()
-        await client.shutdown()
-        return result, stats
-
-    async def second_life():
-        client = engine(tmp_path, host_cache_gib=4 * BLOCK_GIB)
-        await client.start()
-        tokens, cached = await generate(client, ps[0], "after-restart")
-        await settle_and_check(client)
-        stats = client.stats()
-        await client.shutdown()
-        return tokens, cached, stats
-
-    (cold, warm, cached), stats = asyncio.run(first_life())
+    tiny_host = 4 * BLOCK_GIB
+    (cold, warm, cached), stats = asyncio.run(life_to_disk(tmp_path, ps, host_cache_gib=tiny_host))
     assert warm == cold and cached >= 10 * 16
     assert stats["kv_tier_hit_tokens"].get("disk", 0) > 0
     assert stats["kv_tier_transfer_bytes"]["host>disk"] > 0
-    tokens, cached, stats = asyncio.run(second_life())
+    tokens, cached, stats = asyncio.run(life_after_restart(tmp_path, ps[0],
+                                                           host_cache_gib=tiny_host))
     assert tokens == cold
     assert cached >= 10 * 16 and stats["kv_tier_hit_tokens"]["disk"] >= cached
 
