@@ -80,7 +80,8 @@ def part_engine(args) -> dict:
     config = build_config(overrides={
         "model": args.model, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
         "max_num_seqs": args.max_num_seqs or args.num_requests,
-        "max_num_batched_tokens": args.max_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype})
+        "max_num_batched_tokens": args.max_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype,
+        "async_scheduling": args.async_scheduling == "on"})
     t0 = time.perf_counter()
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
@@ -122,14 +123,16 @@ def part_engine(args) -> dict:
 
 
 def record_steps(core) -> list[tuple[bool, float, float]]:
-    """Wrap core.step and the runner's execute: (decode-only, step s, execute s) per step."""
+    """Wrap core.step and the runner's launch: (decode-only, step s, launch s) per step
+    (launch: the host's time to queue the step, and with a synchronous step before it the
+    wait for that one)."""
     steps: list[tuple[bool, float, float]] = []
     runner, step = core.executor.worker.runner, core.step
-    execute, last = runner.execute, {}
+    launch, last = runner.launch, {}
 
-    def timed_execute(sched_out, *args, **kwargs):
+    def timed_launch(sched_out, *args, **kwargs):
         t = time.perf_counter()
-        res = execute(sched_out, *args, **kwargs)
+        res = launch(sched_out, *args, **kwargs)
         last["exec"] = time.perf_counter() - t
         last["decode"] = all(len(s.token_ids) == 1 for s in sched_out.seqs)
         return res
@@ -142,7 +145,7 @@ def record_steps(core) -> list[tuple[bool, float, float]]:
             steps.append((last["decode"], time.perf_counter() - t, last["exec"]))
         return res
 
-    runner.execute, core.step = timed_execute, timed_step
+    runner.launch, core.step = timed_launch, timed_step
     return steps
 
 
@@ -325,6 +328,7 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=0, help="0: --num-requests")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8_e4m3 or fp8_e5m2")
+    ap.add_argument("--async-scheduling", default="on", choices=["on", "off"])
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-timeout", type=float, default=300)
     ap.add_argument("--parts", default="roofline,engine,hf")

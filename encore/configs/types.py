@@ -167,6 +167,9 @@ class SchedulerConfig:
                                           "program_fcfs (a program's later turns keep the "
                                           "place of its first request; programs are named by "
                                           "prompt_cache_key)")
+    async_scheduling: bool = opt(True, "plan step N+1 while the worker runs step N (its "
+                                       "sampled tokens stay on the device and fill the next "
+                                       "step's inputs); outputs are the same as with false")
 
     def __post_init__(self) -> None:
         check_range("scheduler", "max_num_seqs", self.max_num_seqs, lo=1)

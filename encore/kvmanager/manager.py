@@ -365,11 +365,20 @@ class KVCacheManager:
         self._keys[seq.seq_id] = keys
         return keys
 
+    def register_known(self, seq: KVSeq) -> None:
+        """Register the full blocks of ``seq``'s computed tokens whose ids have just become
+        known (asynchronous scheduling computes a position before its sampled token comes
+        back; a block is keyed by its tokens)."""
+        if seq.seq_id in self._blocks:
+            self._register_full_blocks(seq, seq.num_computed_tokens)
+
     def _register_full_blocks(self, seq: KVSeq, num_tokens: int) -> None:
+        """Cache the blocks full by ``num_tokens`` whose tokens are all known."""
         if not self.enable_prefix_caching:
             return
         done = self._num_registered.get(seq.seq_id, 0)
-        full = min(num_tokens // self.block_size, self._cache_limit.get(seq.seq_id, 1 << 62))
+        known = min(num_tokens, len(seq.all_token_ids))
+        full = min(known // self.block_size, self._cache_limit.get(seq.seq_id, 1 << 62))
         if full <= done:
             return
         keys = self._seq_keys(seq, full)

@@ -23,6 +23,7 @@ import zmq
 
 from encore.configs import EncoreConfig
 from encore.protocol.messages import (
+    Drain,
     EngineDead,
     GrammarBitmask,
     GrammarMasks,
@@ -53,11 +54,22 @@ class Executor(abc.ABC):
         """Load the model (blocking); raise WorkerDiedError if the worker cannot start."""
 
     @abc.abstractmethod
-    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
-                ) -> ModelRunnerOutput:
-        """Run one step; raise WorkerDiedError if the worker is gone. ``masks`` (with
+    def submit(self, step: SchedulerOutput, masks: MaskSource | None = None) -> None:
+        """Hand one step to the worker; raise WorkerDiedError if it is gone. ``masks`` (with
         ``step.grammar_follows``): builds the step's token masks; called once the step is on
         its way, so that they are built while the forward pass runs."""
+
+    @abc.abstractmethod
+    def collect(self, drain: bool = False) -> ModelRunnerOutput:
+        """The output of the oldest submitted step not yet collected, in submission order.
+        A step with ``defer_output`` is answered once the next step is launched; ``drain``
+        asks for it now (no next step follows)."""
+
+    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step and wait for its output."""
+        self.submit(step, masks)
+        return self.collect(drain=step.defer_output)
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -116,16 +128,23 @@ class MPExecutor(Executor):
             raise
         return self.merge.ready(msgs)
 
-    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
-                ) -> ModelRunnerOutput:
-        if not self.children:
-            raise WorkerDiedError("worker is not running")
-        frame = encode(step)
-        for rank in range(len(self.children)):
-            self._send(rank, frame)
+    def submit(self, step: SchedulerOutput, masks: MaskSource | None = None) -> None:
+        self._send_all(encode(step))
         if step.grammar_follows:  # only rank 0 samples
             grammar = masks() if masks is not None else None
             self._send(0, encode(GrammarMasks(step.step_id, grammar)))
+
+    def _send_all(self, frame: bytes) -> None:
+        if not self.children:
+            raise WorkerDiedError("worker is not running")
+        for rank in range(len(self.children)):
+            self._send(rank, frame)
+
+    def collect(self, drain: bool = False) -> ModelRunnerOutput:
+        if drain:
+            self._send_all(encode(Drain()))
+        if not self.children:
+            raise WorkerDiedError("worker is not running")
         msgs = self._recv_all(timeout_s=None)
         errors = []
         for rank, msg in enumerate(msgs):

@@ -211,7 +211,9 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
 
     ``token_ids`` are the tokens at positions ``[start_pos, start_pos + len(token_ids))``;
     their K/V go into ``block_table`` slots; attention covers positions ``[0, start_pos +
-    len)``. ``sample`` is true when the last of them is the sequence's last known token.
+    len)``. ``sample`` is true when the last of them is the sequence's last token.
+    Under asynchronous scheduling a token may be ``PLACEHOLDER``: the one this sequence
+    sampled in the previous step, which the engine has not seen yet (the worker has it).
     ``prompt_token_ids`` and ``sampling`` are sent the first time the worker sees ``seq_id``.
     """
 
@@ -229,6 +231,10 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     blend: BlendPlan | None = None
     # A chunk computed standalone for the chunk store: KV only, no sampling state, no output.
     store_only: bool = False
+
+
+# A token id the worker fills in: this sequence's token sampled by the step just before.
+PLACEHOLDER = -1
 
 
 class KVTransfer(msgspec.Struct, array_like=True):
@@ -307,6 +313,9 @@ class SchedulerOutput(msgspec.Struct, tag=True, omit_defaults=True):
     # The masks come in a ``GrammarMasks`` message right after this one (to rank 0): the
     # engine builds them while the worker runs the forward pass, which does not need them.
     grammar_follows: bool = False
+    # Asynchronous scheduling: the worker answers this step once it has launched the next
+    # one (or on ``Drain``), so that the next step's host work overlaps this one's kernels.
+    defer_output: bool = False
 
     @property
     def has_kv_ops(self) -> bool:
@@ -356,13 +365,18 @@ class GrammarMasks(msgspec.Struct, tag=True):
     grammar: GrammarBitmask | None = None
 
 
+class Drain(msgspec.Struct, tag=True):
+    """P1 → P2: answer the step held back by ``defer_output`` now (no next step follows)."""
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Ask a process to exit cleanly."""
 
 
 Message = (
     EngineRequest | AbortRequest | ToolCalled | GrammarVocab | EngineOutputs | EngineReady
-    | EngineDead | SchedulerOutput | ModelRunnerOutput | WorkerReady | GrammarMasks | Shutdown
+    | EngineDead | SchedulerOutput | ModelRunnerOutput | WorkerReady | GrammarMasks | Drain
+    | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()

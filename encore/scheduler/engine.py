@@ -4,6 +4,9 @@
         ──► EngineLoop ──► emit(EngineOutputs)
                  │
     EngineCore.step(): schedule → execute → update
+    asynchronous (``scheduler.async_scheduling``, the default):
+        schedule N+1 → submit N+1 → collect N → update N     (N+1 runs while N+1's
+        successor is planned; the worker answers N once N+1 is launched)
 
 The loop only pops Python objects from a queue and hands results to ``emit``; sockets and
 (de)serialization live in I/O threads (``scheduler.engine_main``) or in the asyncio side of an
@@ -29,6 +32,7 @@ from encore.protocol.messages import (
     EngineRequest,
     GrammarVocab,
     RequestOutput,
+    SchedulerOutput,
     Shutdown,
     ToolCalled,
     WorkerReady,
@@ -56,6 +60,10 @@ class EngineCore:
         self._scheduler: Scheduler | None = None
         self.worker: WorkerReady | None = None
         self.worker_dead = False
+        self.async_scheduling = config.scheduler.async_scheduling
+        # the submitted step whose output has not been collected, and when it was submitted
+        self._inflight: tuple[SchedulerOutput, float] | None = None
+        self._last_done = 0.0
 
     def start(self) -> EngineReady:
         self.worker = self.executor.start()
@@ -110,29 +118,57 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def has_runnable(self) -> bool:
-        """Unfinished requests that do not just wait for a grammar compile."""
-        return self.scheduler.has_runnable()
+        """Unfinished requests that do not just wait for a grammar compile, or a step in
+        flight to collect."""
+        return self._inflight is not None or self.scheduler.has_runnable()
 
     def has_work(self) -> bool:
-        """Unfinished requests, or finished ids the worker has not been told about yet."""
-        return self.scheduler.has_work()
+        """Unfinished requests, finished ids the worker has not been told about yet, or a
+        step whose output is still to collect."""
+        return self._inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Schedule one batch, run it, and return the new outputs."""
-        failed = self.scheduler.poll_grammars()
-        sched_out = self.scheduler.schedule(defer_grammar=True)
-        tiers = self.scheduler.kv.tiers
-        if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
-                or (tiers is not None and tiers.num_inflight)):
-            return failed
-        start = time.perf_counter()
+        """Schedule one batch and submit it; return the outputs that came back (the step's
+        own, or under asynchronous scheduling the previous step's)."""
+        outputs = self.scheduler.poll_grammars()
         try:
+            if self._inflight is not None and self.scheduler.needs_outputs():
+                outputs += self._collect_inflight()  # a grammar needs the token in flight
+            sched_out = self.scheduler.schedule(defer_grammar=True)
+            tiers = self.scheduler.kv.tiers
+            if not (sched_out.seqs or sched_out.finished or sched_out.has_kv_ops
+                    or (tiers is not None and tiers.num_inflight)):
+                if self._inflight is not None:
+                    outputs += self._collect_inflight()
+                return outputs
             masks = self.scheduler.take_bitmask if sched_out.grammar_follows else None
-            result = self.executor.execute(sched_out, masks)
+            sched_out.defer_output = self.async_scheduling
+            self.executor.submit(sched_out, masks)
+            previous, self._inflight = self._inflight, (sched_out, time.perf_counter())
+            if previous is not None:  # answered now that its successor is launched
+                outputs += self._complete(previous, drain=False)
+            if not self.async_scheduling:
+                outputs += self._collect_inflight()
         except WorkerDiedError as e:
-            return failed + self._recover(str(e))
-        self.scheduler.observe_step(sched_out, time.perf_counter() - start)
-        return failed + self.scheduler.update_from_output(sched_out, result)
+            self._inflight = None
+            return outputs + self._recover(str(e))
+        return outputs
+
+    def _collect_inflight(self) -> list[RequestOutput]:
+        """Wait for the step in flight (asking for it when it was deferred) and apply it."""
+        assert self._inflight is not None
+        entry, self._inflight = self._inflight, None
+        return self._complete(entry, drain=entry[0].defer_output)
+
+    def _complete(self, entry: tuple[SchedulerOutput, float], drain: bool
+                  ) -> list[RequestOutput]:
+        sched_out, submitted = entry
+        result = self.executor.collect(drain)
+        now = time.perf_counter()
+        # the step's own time: from its submission or the previous step's end, if later
+        self.scheduler.observe_step(sched_out, now - max(submitted, self._last_done))
+        self._last_done = now
+        return self.scheduler.update_from_output(sched_out, result)
 
     def _recover(self, reason: str) -> list[RequestOutput]:
         """Fail every in-flight request; ``restart_worker`` brings a fresh worker up after."""
@@ -177,7 +213,7 @@ class EngineCore:
         scheduler.abort(list(scheduler.requests))
         tiers.begin_final_flush()
         deadline = time.monotonic() + timeout_s
-        while (tiers.num_inflight or tiers.needs_flush() or scheduler.has_work()) \
+        while (tiers.num_inflight or tiers.needs_flush() or self.has_work()) \
                 and time.monotonic() < deadline and not self.worker_dead:
             self.step()
         if tiers.needs_flush() or tiers.num_inflight:

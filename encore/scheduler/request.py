@@ -1,8 +1,12 @@
 """Per-sequence state in the engine. A request with ``n > 1`` is n sequences sharing a prompt.
 
-positions  0 ........ num_prompt_tokens ........ num_tokens
-           | prompt              | output (sampled) |
+positions  0 ........ num_prompt_tokens ........ num_tokens ... + num_pending
+           | prompt              | output (sampled) | sampled, not yet seen |
            <--- num_computed_tokens --->|  still to compute (>= 1 while running)
+
+``num_pending`` counts tokens sampled by steps still in flight (asynchronous scheduling: the
+next step is planned before the last one's tokens come back); their positions can be computed
+already, the worker fills their ids in.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class Seq:
         self.num_prompt_tokens = len(req.prompt_token_ids)
         self._tokens: list[int] = list(req.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.status = SeqStatus.WAITING
         self.num_cached_tokens: int | None = None
         self.sent_to_worker = False

@@ -22,8 +22,15 @@ for a TTL (released when allocation would otherwise fail, claimed by the next tu
 the start of a later ``schedule``); all times come from the injectable ``clock``.
 
 ``schedule()`` advances ``num_computed_tokens`` at once; ``update_from_output()`` appends the
-sampled tokens. The two must alternate: every scheduled step runs before the next is planned
-(the KV manager's same-step block sharing and abort-time freeing rely on it).
+sampled tokens. Synchronously the two alternate. Under asynchronous scheduling the engine plans
+step N+1 before step N's tokens are back (at most one step in flight): a sequence sampled by
+step N counts that token in ``num_pending`` and decodes on in N+1 with a ``PLACEHOLDER`` the
+worker fills in, unless the token may end it by length (``_runs_ahead``) or its grammar needs
+the token for the next mask (``needs_outputs``: the engine collects step N first). A token that
+turns out to end its sequence (EOS, stop id) wastes that sequence's row of step N+1; abort,
+preemption and finishing free blocks step N may still write, which is safe because the
+worker runs steps, and their KV writes, in order on one stream before any later step reads
+or reallocates them.
 
 Worker contract (``ScheduledSeq``):
 - ``token_ids`` are positions ``[start_pos, start_pos + len)``; ``block_table`` is the whole
@@ -52,6 +59,7 @@ from encore.kvmanager.hashing import DEV_SECRET
 from encore.kvmanager.tiered import StepOps, TierSetup, Transfer
 from encore.kvmanager.wiring import KVParts, build_kv
 from encore.protocol.messages import (
+    PLACEHOLDER,
     BlendPlan,
     EngineRequest,
     EngineStats,
@@ -281,9 +289,10 @@ class Scheduler:
         self._schedule_running(plan)
         if not self._step_preempted:  # under pressure, admitting more would thrash
             self._schedule_waiting(plan)
-        seqs = [*plan.extra, *(self._to_wire(seq, n) for seq, n in plan.planned)]
+        wired = [self._to_wire(seq, n) for seq, n in plan.planned]
+        seqs = [*plan.extra, *wired]
         finished, self._finished_ids = self._finished_ids, []
-        rows = self._grammar_rows(plan)
+        rows = self._grammar_rows(plan, wired)
         self._deferred = rows if defer_grammar else []
         out = SchedulerOutput(step_id=self._step_id, seqs=seqs, finished=finished,
                               grammar=None if defer_grammar else self._bitmask(rows),
@@ -292,13 +301,14 @@ class Scheduler:
             _attach_ops(out, self.kv.tiers.take_ops())
         return out
 
-    def _grammar_rows(self, plan: _StepPlan) -> list[tuple[str, Any]]:
-        """The constrained sequences that sample this step (after ``_to_wire``: a sequence
-        samples when its planned tokens reach its last one), with their matchers."""
+    def _grammar_rows(self, plan: _StepPlan, wired: list[ScheduledSeq]
+                      ) -> list[tuple[str, Any]]:
+        """The constrained sequences that sample this step, with their matchers."""
         if self.grammars is None:
             return []
-        return [(seq.seq_id, seq.matcher) for seq, _ in plan.planned
-                if seq.matcher is not None and seq.num_computed_tokens == seq.num_tokens]
+        return [(seq.seq_id, seq.matcher) for (seq, _), ss in zip(plan.planned, wired,
+                                                                 strict=True)
+                if seq.matcher is not None and ss.sample]
 
     def _bitmask(self, rows: list[tuple[str, Any]]) -> GrammarBitmask | None:
         return self.grammars.bitmask(rows) if self.grammars is not None and rows else None
@@ -340,11 +350,26 @@ class Scheduler:
         i = 0
         while i < len(self.running) and plan.tokens > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, plan.tokens)
+            if seq.num_pending and not self._runs_ahead(seq):
+                i += 1  # its token in flight may end it: wait for it
+                continue
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, plan.tokens)
             if not self._preempt_until_fits(seq, n):
                 break  # seq preempted itself: it was the last running one
             plan.add(seq, n)
             i += 1
+
+    def _runs_ahead(self, seq: Seq) -> bool:
+        """Whether ``seq``, with tokens in flight, decodes on before they are seen: not when
+        they end it by length, nor when it is constrained (its next mask needs them)."""
+        return (seq.matcher is None
+                and seq.num_output_tokens + seq.num_pending < seq.sampling.max_tokens
+                and seq.num_tokens + seq.num_pending < self.max_seq_len)
+
+    def needs_outputs(self) -> bool:
+        """Whether the step in flight must come back before the next is planned: a
+        constrained sequence waits on its sampled token for its next token mask."""
+        return any(s.num_pending and s.matcher is not None for s in self.running)
 
     def _preempt_until_fits(self, seq: Seq, num_new_tokens: int) -> bool:
         """Allocate for ``seq``, preempting from the running tail; False if seq itself went."""
@@ -498,12 +523,16 @@ class Scheduler:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         first = not seq.sent_to_worker
         resume_outputs = seq.output_token_ids if seq.resumed and seq.num_output_tokens else None
+        token_ids = seq.all_token_ids[start:end]
+        if len(token_ids) < n:  # sampled by the step in flight: the worker fills it in
+            token_ids += [PLACEHOLDER] * (n - len(token_ids))
+        sample = end == seq.num_tokens + seq.num_pending
         out = ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=seq.all_token_ids[start:end],
+            token_ids=token_ids,
             start_pos=start,
             block_table=list(self.kv.block_table(seq.seq_id)),
-            sample=end == seq.num_tokens,
+            sample=sample,
             sampling=seq.sampling if first else None,
             prompt_token_ids=seq.prompt_token_ids if first else None,
             output_token_ids=resume_outputs,
@@ -517,6 +546,7 @@ class Scheduler:
         seq.sent_to_worker, seq.resumed = True, False
         self._counts["prompt_tokens"] += max(0, min(end, seq.num_prompt_tokens) - start)
         seq.num_computed_tokens = end
+        seq.num_pending += sample
         return out
 
     # ------------------------------------------------------------------ results
@@ -544,8 +574,11 @@ class Scheduler:
         outputs = []
         for ss in sched_out.seqs:
             seq = self._seqs.get(ss.seq_id)
-            if not ss.sample or seq is None or seq.status is not SeqStatus.RUNNING:
-                continue  # mid-prefill chunk, or aborted since it was scheduled
+            if not ss.sample or seq is None:
+                continue  # mid-prefill chunk, or finished since it was scheduled
+            seq.num_pending -= 1
+            if seq.status not in (SeqStatus.RUNNING, SeqStatus.PREEMPTED):
+                continue
             i = row.get(ss.seq_id)
             if i is None:
                 self._finish(seq, SeqStatus.FINISHED_ERROR, error="the worker sampled no token")
@@ -556,7 +589,10 @@ class Scheduler:
         return outputs
 
     def _append(self, seq: Seq, token_id: int, logprob: TokenLogprobs | None) -> RequestOutput:
+        """``seq``'s next token (preempted while it was in flight: still its token)."""
         seq.append_token(token_id)
+        if seq.status is SeqStatus.RUNNING:
+            self.kv.register_known(seq)  # blocks computed ahead of their tokens, now known
         self._counts["generation_tokens"] += 1
         status = seq.check_stop(token_id, self.max_seq_len)
         if seq.matcher is not None:
@@ -665,7 +701,8 @@ class Scheduler:
             blocks = len(self.kv.block_table(s.seq_id))
             _require(s.status is SeqStatus.RUNNING, f"{s} in running")
             # 0 only for a sequence promoted from WAITING_FOR_KV whose loads all failed
-            _require(0 <= s.num_computed_tokens <= s.num_tokens, f"{s} progress out of range")
+            _require(0 <= s.num_computed_tokens <= s.num_tokens + s.num_pending,
+                     f"{s} progress out of range")
             _require(blocks * self.block_size >= s.num_computed_tokens, f"{s} lacks blocks")
         for s in self.waiting:
             _require(s.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED), f"{s} in waiting")

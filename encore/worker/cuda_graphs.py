@@ -4,7 +4,9 @@ captured at start-up.
 A decode-only step (every sequence brings exactly one token) has the same kernels in the same
 order for a given batch size; only the inputs change. So the runner keeps static device
 buffers, captures ``model(...)`` once per (size, bucket), and per step copies the real rows into
-the buffers (one pinned staging buffer, a few async copies) and replays:
+the buffers (pinned staging, a few async copies) and replays. The staging alternates between
+two buffers: under asynchronous scheduling a step is prepared while the last one's copies may
+still be queued (the one before it has been waited for).
 
     rows  [0, n)        real sequences: token, position, slot, seq_len, block table
     rows  [n, padded)   padding: token 0, position 0, slot -1 (KV write skips it),
@@ -35,6 +37,8 @@ on the host). All graphs share one memory pool.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -87,11 +91,11 @@ class DecodeGraphs:
         self.sizes = padded_sizes(max_num_seqs)
         dev = kv_caches[0].device
         size, width = self.sizes[-1], (max_model_len + block_size - 1) // block_size
-        # One int64 staging row per scalar field: ids, positions, slots, seq_lens.
-        self.host_scalars = torch.zeros(4, size, dtype=torch.int64, pin_memory=True)
-        self.host_tables = torch.zeros(size, width, dtype=torch.int32, pin_memory=True)
-        self.np_scalars = self.host_scalars.numpy()
-        self.np_tables = self.host_tables.numpy()
+        # One int64 staging row per scalar field: ids, positions, slots, seq_lens; two sets.
+        self.staging = [(torch.zeros(4, size, dtype=torch.int64, pin_memory=True),
+                         torch.zeros(size, width, dtype=torch.int32, pin_memory=True))
+                        for _ in range(2)]
+        self.turn = 0
         self.scalars = torch.zeros(4, size, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(size, width, dtype=torch.int32, device=dev)
@@ -167,16 +171,20 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], fill: Callable[[torch.Tensor], None] | None = None
+            ) -> torch.Tensor:
         """Hidden states [n, d] of one decode step (n = len(ids) <= the largest size).
 
         Mutates the KV caches at ``slots``. The returned tensor is the graph's static output,
         as are ``logits[:n]`` and ``argmax[:n]``: read them before the next ``run``.
+        ``fill``: writes placeholder ids into the device's ids [n] before the replay.
         """
         n = len(ids)
         size = self.padded(n)
         key = (size, self.bucket(size, max(positions) + 1))
-        sc, tb = self.np_scalars, self.np_tables
+        host_scalars, host_tables = self.staging[self.turn]
+        self.turn ^= 1
+        sc, tb = host_scalars.numpy(), host_tables.numpy()
         sc[0, :n], sc[1, :n], sc[2, :n] = ids, positions, slots
         sc[3, :n] = sc[1, :n] + 1
         sc[:, n:size] = 0
@@ -184,7 +192,9 @@ class DecodeGraphs:
         sc[3, n:size] = 1
         for i, t in enumerate(tables):  # entries past a row's length are stale, never read
             tb[i, :len(t)] = t
-        self.scalars.copy_(self.host_scalars, non_blocking=True)  # 4 x max rows: tiny
-        self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.scalars.copy_(host_scalars, non_blocking=True)  # 4 x max rows: tiny
+        self.tables[:size].copy_(host_tables[:size], non_blocking=True)
+        if fill is not None:
+            fill(self.scalars[0, :n])
         self.graphs[key].replay()
         return self.outputs[key][:n]

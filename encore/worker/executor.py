@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from encore.configs import EncoreConfig
@@ -16,6 +17,7 @@ class InprocExecutor(Executor):
     def __init__(self, config: EncoreConfig) -> None:
         self.config = config
         self.worker: Worker | None = None
+        self.outputs: deque[ModelRunnerOutput] = deque()  # answered, not yet collected
 
     def start(self) -> WorkerReady:
         from encore.worker.worker import Worker
@@ -30,17 +32,30 @@ class InprocExecutor(Executor):
                 raise WorkerDiedError(f"{type(e).__name__}: {e}") from e
         return self.worker.ready_message()
 
-    def execute(self, step: SchedulerOutput, masks: MaskSource | None = None
-                ) -> ModelRunnerOutput:
+    def submit(self, step: SchedulerOutput, masks: MaskSource | None = None) -> None:
         if self.worker is None:
             raise WorkerDiedError("worker is not running")
         try:
-            return self.worker.execute(step, masks if step.grammar_follows else None)
+            self.worker.submit(step, masks if step.grammar_follows else None,
+                               self.outputs.append)
         except Exception as e:
             raise WorkerDiedError(f"worker failed a step: {type(e).__name__}: {e}") from e
+
+    def collect(self, drain: bool = False) -> ModelRunnerOutput:
+        if self.worker is None:
+            raise WorkerDiedError("worker is not running")
+        if drain:
+            try:
+                self.worker.drain(self.outputs.append)
+            except Exception as e:
+                raise WorkerDiedError(f"worker failed a step: {type(e).__name__}: {e}") from e
+        if not self.outputs:
+            raise WorkerDiedError("no step output to collect")
+        return self.outputs.popleft()
 
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.close()
         self.worker: Worker | None = None
+        self.outputs.clear()
 

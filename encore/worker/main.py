@@ -1,7 +1,8 @@
 """P2 entry point: ``python -m encore.worker.main --in ADDR --out ADDR`` (config on stdin).
 
 Loads the model, sends ``WorkerReady`` (or ``EngineDead`` with the reason if loading fails),
-then answers each ``SchedulerOutput`` with a ``ModelRunnerOutput`` until ``Shutdown``.
+then answers each ``SchedulerOutput`` with a ``ModelRunnerOutput`` until ``Shutdown`` (one with
+``defer_output`` once the next step is launched, or on ``Drain``).
 Under tensor parallelism the executor starts one per rank (``--rank R --tp-size N
 --dist-init file://...``); each joins the torch.distributed group before loading its shard.
 """
@@ -12,12 +13,14 @@ import argparse
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq
 
 from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import (
+    Drain,
     EngineDead,
     GrammarBitmask,
     GrammarMasks,
@@ -42,17 +45,30 @@ def serve(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
             return
         if isinstance(msg, GrammarMasks):
             continue  # of a step that failed before it sampled
+        if isinstance(msg, Drain):
+            _answer(worker.drain, outbox, None)
+            continue
         if not isinstance(msg, SchedulerOutput):
             logger.error("worker got unexpected %s", type(msg).__name__)
             continue
         masks = functools.partial(_masks_of, inbox, msg.step_id) if msg.grammar_follows \
             else None
-        try:
-            out = worker.execute(msg, masks)
-        except Exception as e:  # a failed step must reach the engine, not hang it
-            logger.exception("step %d failed", msg.step_id)
-            out = ModelRunnerOutput(step_id=msg.step_id, error=f"{type(e).__name__}: {e}")
+        _answer(functools.partial(worker.submit, msg, masks), outbox, msg.step_id)
+
+
+def _answer(run: Callable[[Callable[[ModelRunnerOutput], None]], None], outbox: zmq.Socket,
+            step_id: int | None) -> None:
+    """``run(emit)``, sending what it emits; a failure must reach the engine, not hang it
+    (as the answer of ``step_id``, or of the step being drained)."""
+    def emit(out: ModelRunnerOutput) -> None:
         outbox.send(encode(out), copy=False)
+
+    try:
+        run(emit)
+    except Exception as e:
+        logger.exception("step %s failed", step_id if step_id is not None else "(drain)")
+        outbox.send(encode(ModelRunnerOutput(step_id=-1 if step_id is None else step_id,
+                                             error=f"{type(e).__name__}: {e}")), copy=False)
 
 
 def _masks_of(inbox: zmq.Socket, step_id: int) -> GrammarBitmask | None:

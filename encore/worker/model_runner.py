@@ -4,6 +4,11 @@
 batch, runs the model through the attention backend, samples the sequences whose last known
 token was computed, and returns their token ids. Per-sequence sampling state (penalties,
 seeded generators) lives here until the scheduler lists the sequence as finished.
+
+``launch`` is the same without waiting: the sampled ids stay on the device (``Launched``
+answers once their copy to the host lands). The next step's ``PLACEHOLDER`` tokens (asynchronous
+scheduling: tokens the engine has not seen yet) are filled in on the device from the previous
+launch's picks; under tensor parallelism rank 0 broadcasts its picks for that.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from encore.configs import EncoreConfig
 from encore.protocol.messages import (
+    PLACEHOLDER,
     GrammarBitmask,
     ModelRunnerOutput,
     ScheduledSeq,
@@ -33,7 +39,7 @@ from encore.worker.cuda_graphs import DecodeGraphs
 from encore.worker.devices import resolve_device, resolve_dtype
 from encore.worker.memory_profile import kv_budget_after_profiling
 from encore.worker.parallel import SINGLE, TPGroup
-from encore.worker.sampler import Sampler, SeqSamplingState, make_state, token_logprobs
+from encore.worker.sampler import Drawn, Sampler, SeqSamplingState, make_state, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,30 @@ class StepBatch(StepRows):
     positions: torch.Tensor  # [T] int64, on the CPU
     slots: torch.Tensor  # [T] int64, on the CPU (meta.slot_mapping is its device copy)
     meta: AttentionMetadata
+
+
+@dataclass
+class Launched:
+    """A step whose kernels are queued: its answer but the sampled ids (``drawn``)."""
+
+    out: ModelRunnerOutput
+    drawn: Drawn | None = None
+
+    def output(self) -> ModelRunnerOutput:
+        """The answer, once the picks are on the host (waits for this step only)."""
+        if self.drawn is not None:
+            self.out.sampled_token_ids, self.out.logprobs = self.drawn.result()
+            self.drawn = None
+        return self.out
+
+
+@dataclass
+class Picks:
+    """The last launched step's sampled ids on the device, by sequence: what the next step's
+    placeholders read."""
+
+    ids: torch.Tensor  # [N] int64
+    rows: dict[str, int]
 
 
 # ``cache.kv_cache_dtype`` other than auto (the model's dtype)
@@ -100,6 +130,7 @@ class ModelRunner:
                           for _ in range(self.arch.num_layers)]
         self.sampler = Sampler(config.model.seed, self.device)
         self.states: dict[str, SeqSamplingState] = {}
+        self.picks: Picks | None = None  # the last launch's, for the next one's placeholders
         self.graphs = self._capture_graphs(backend)
         self.blend_runtime = None  # blending's CUDA state, built on the first blend
         logger.info("worker ready: %s on %s (%s, KV %s), %d KV blocks of %d tokens, cuda graphs "
@@ -150,46 +181,61 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    @torch.inference_mode()
     def execute(self, step: SchedulerOutput, ready: LayerWaits | None = None,
                 masks: Callable[[], GrammarBitmask | None] | None = None) -> ModelRunnerOutput:
-        """Run ``step``'s sequences and sample. ``ready``: the step's tier copies, which the
-        forward pass waits for layer group by layer group (None: nothing to wait for)."""
+        """Run ``step``'s sequences, sample, and wait for the picks (``launch``)."""
+        return self.launch(step, ready, masks).output()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, ready: LayerWaits | None = None,
+               masks: Callable[[], GrammarBitmask | None] | None = None,
+               settle: Callable[[], None] | None = None) -> Launched:
+        """Run ``step``'s sequences and sample, leaving the picks on the device. ``ready``:
+        the step's tier copies, which the forward pass waits for layer group by layer group
+        (None: nothing to wait for). ``settle``: called once the forward pass is queued and
+        before sampling (the previous step's answer, which updates the sampler's state)."""
         for seq_id in step.finished:
             self.states.pop(seq_id, None)
+        picks, self.picks = self.picks, None
+        out = ModelRunnerOutput(step_id=step.step_id)
         if not step.seqs:  # loads for a sequence that runs next step: order them first
             _wait_all(ready)
-            return ModelRunnerOutput(step_id=step.step_id)
+            return Launched(out)
         for seq in step.seqs:
             if not seq.store_only:
                 self._register(seq)
         # The ordinary batch first (it computes the chunks that blends this step read).
         main = [s for s in step.seqs if s.blend is None]
-        logits = argmax = prompt_lps = None
+        logits = argmax = None
         sampled: list[ScheduledSeq] = []
         if main:
-            hidden, batch = self._forward(main, ready)
-            prompt_lps = self._prompt_logprobs(main, batch.row_starts, hidden)
+            hidden, batch = self._forward(main, ready, picks)
+            out.prompt_logprobs = self._prompt_logprobs(main, batch.row_starts, hidden)
             if batch.sample_rows:
                 logits, argmax = self._sample_logits(hidden, batch)
                 sampled = batch.sample_seqs
-        deviations: dict[str, list[float]] = {}
         blends = [s for s in step.seqs if s.blend is not None]
         if blends:
             _wait_all(ready)
-            logits, argmax = self._blend(blends, logits, argmax, deviations)
+            logits, argmax = self._blend(blends, logits, argmax, out.chunk_deviation)
             sampled = [*sampled, *blends]
+        if settle is not None:
+            settle()
         if logits is None:
-            return ModelRunnerOutput(step_id=step.step_id, prompt_logprobs=prompt_lps)
+            return Launched(out)
+        rows = {s.seq_id: i for i, s in enumerate(sampled)}
         if self.tp.rank != 0:  # the other ranks computed the same logits; rank 0 samples
-            return ModelRunnerOutput(step_id=step.step_id)
+            if step.defer_output:  # rank 0's picks, for the next step's placeholders
+                ids = torch.empty(len(sampled), dtype=torch.int64, device=self.device)
+                self.picks = Picks(self.tp.broadcast(ids), rows)
+            return Launched(out)
         states = [self.states[s.seq_id] for s in sampled]
         grammar = step.grammar if masks is None else masks()  # built during the forward pass
-        token_ids, logprobs = self.sampler(logits, states, argmax, grammar,
-                                           [s.seq_id for s in sampled])
-        return ModelRunnerOutput(step_id=step.step_id, seq_ids=[s.seq_id for s in sampled],
-                                 sampled_token_ids=token_ids, logprobs=logprobs,
-                                 prompt_logprobs=prompt_lps, chunk_deviation=deviations)
+        drawn = self.sampler.draw(logits, states, argmax, grammar, list(rows))
+        if step.defer_output:
+            self.picks = Picks(self.tp.broadcast(drawn.chosen), rows)
+        out.seq_ids = list(rows)
+        return Launched(out, drawn)
 
     def _blend(self, seqs: list[ScheduledSeq], logits: torch.Tensor | None,
                argmax: torch.Tensor | None, deviations: dict[str, list[float]]
@@ -274,34 +320,67 @@ class ModelRunner:
                                              seq.output_token_ids, seq.eos_token_ids or [],
                                              seq.seed_index, self.device)
 
-    def _forward(self, seqs: list[ScheduledSeq], ready: LayerWaits | None = None
-                 ) -> tuple[torch.Tensor, StepRows]:
+    def _forward(self, seqs: list[ScheduledSeq], ready: LayerWaits | None = None,
+                 picks: Picks | None = None) -> tuple[torch.Tensor, StepRows]:
         """Hidden states of every scheduled token: a graph replay for a decode-only batch
         that fits a captured size, else one eager forward of the flat batch. ``ready``: the
         step's host copies; an eager Llama waits layer group by layer group, any other path
-        for all of them first."""
+        for all of them first. ``picks``: the previous step's, for the placeholders."""
         graphs = self.graphs
+        fill = self._placeholders(seqs, picks)
         if graphs is not None and all(len(s.token_ids) == 1 for s in seqs) \
                 and graphs.padded(len(seqs)) is not None:
             _wait_all(ready)
-            return self._graph_forward(graphs, seqs)
+            return self._graph_forward(graphs, seqs, fill)
         batch = self._prepare(seqs)
         if getattr(self.model, "waits_per_layer", False):
             batch.meta.layer_ready = ready
         else:
             _wait_all(ready)
-        hidden = self.model(batch.input_ids.to(self.device), batch.positions.to(self.device),
-                            self.kv_caches, batch.meta)
+        input_ids = batch.input_ids.to(self.device)
+        if fill is not None:
+            fill(input_ids)
+        hidden = self.model(input_ids, batch.positions.to(self.device), self.kv_caches,
+                            batch.meta)
         return hidden, batch
 
-    def _graph_forward(self, graphs: DecodeGraphs, seqs: list[ScheduledSeq]
+    def _placeholders(self, seqs: list[ScheduledSeq], picks: Picks | None
+                      ) -> Callable[[torch.Tensor], None] | None:
+        """Writes the previous step's picks into the flat input ids at this step's
+        placeholders (on the device: the picks are never waited for); None without any."""
+        flat, rows, offset = [], [], 0
+        for s in seqs:
+            for j, token in enumerate(s.token_ids):
+                if token == PLACEHOLDER:
+                    if picks is None or s.seq_id not in picks.rows:
+                        raise ValueError(f"{s.seq_id}: a placeholder token, but the previous "
+                                         "step sampled no token for it")
+                    flat.append(offset + j)
+                    rows.append(picks.rows[s.seq_id])
+            offset += len(s.token_ids)
+        if not flat:
+            return None
+        assert picks is not None
+        src, n = picks.ids, len(flat)
+
+        def fill(ids: torch.Tensor) -> None:
+            if flat == rows == list(range(n)):  # a decode batch in the last step's order
+                ids[:n].copy_(src[:n])
+                return
+            dev = ids.device
+            ids[torch.tensor(flat, device=dev)] = src[torch.tensor(rows, device=dev)]
+
+        return fill
+
+    def _graph_forward(self, graphs: DecodeGraphs, seqs: list[ScheduledSeq],
+                       fill: Callable[[torch.Tensor], None] | None = None
                        ) -> tuple[torch.Tensor, StepRows]:
         bs = self.block_size
         positions = [s.start_pos for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
                                                                      strict=True)]
         hidden = graphs.run([s.token_ids[0] for s in seqs], positions, slots,
-                            [s.block_table for s in seqs])
+                            [s.block_table for s in seqs], fill)
         sampled = [i for i, s in enumerate(seqs) if s.sample]
         n = len(seqs)
         return hidden, StepRows(sampled, [seqs[i] for i in sampled], list(range(n)),

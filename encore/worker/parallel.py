@@ -101,6 +101,14 @@ class TPGroup:
             dist.all_gather(list(out.unbind(0)), x, group=self.group)
         return out.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank, in place; returns ``x``."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over the ranks (the KV pool is sized by the tightest rank)."""
         if self.size == 1:

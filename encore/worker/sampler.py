@@ -178,6 +178,47 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list
     return [TokenLogprobs(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
 
 
+@dataclass
+class Drawn:
+    """One step's picks, still on the device: ``chosen`` [N] (the next step's placeholders
+    read it there) and its copy to the host in flight; ``result`` waits for that copy only."""
+
+    chosen: torch.Tensor
+    states: list[SeqSamplingState]
+    host_ids: torch.Tensor  # [N] int64 on the host (pinned on CUDA), valid once ``ready``
+    ready: torch.cuda.Event | None = None
+    chosen_lp: torch.Tensor | None = None  # [N] logprob of each chosen token, on the host
+    top_vals: torch.Tensor | None = None  # [N, k] on the host
+    top_ids: torch.Tensor | None = None
+
+    def result(self) -> tuple[list[int], list[TokenLogprobs] | None]:
+        """The token ids and logprobs as lists; the rows' states learn their new token."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        ids = self.host_ids.tolist()
+        lps = None
+        if self.chosen_lp is not None:
+            chosen = self.chosen_lp.tolist()
+            tops: list[list[Logprob]] = [[] for _ in ids]
+            if self.top_ids is not None and self.top_vals is not None:
+                tops = [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
+                        for ti, vi in zip(self.top_ids.tolist(), self.top_vals.tolist(),
+                                          strict=True)]
+            lps = [TokenLogprobs(t, lp, top[:st.params.logprobs or 0])
+                   for t, lp, top, st in zip(ids, chosen, tops, self.states, strict=True)]
+        for st, tok in zip(self.states, ids, strict=True):
+            st.output_token_ids.append(tok)
+        return ids, lps
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the host: a pinned copy in flight on CUDA (``Drawn.ready`` says when)."""
+    if x.device.type == "cpu":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
+
+
 class Sampler:
     """Picks one token per row. ``default_generator`` serves unseeded random rows."""
 
@@ -189,19 +230,27 @@ class Sampler:
                  argmax: torch.Tensor | None = None, grammar: GrammarBitmask | None = None,
                  seq_ids: list[str] | None = None
                  ) -> tuple[list[int], list[TokenLogprobs] | None]:
-        """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs.
+        """``logits`` [N, V] float32 (mutated). Returns token ids and, if asked, logprobs
+        (``draw`` then ``Drawn.result``)."""
+        return self.draw(logits, states, argmax, grammar, seq_ids).result()
+
+    def draw(self, logits: torch.Tensor, states: list[SeqSamplingState],
+             argmax: torch.Tensor | None = None, grammar: GrammarBitmask | None = None,
+             seq_ids: list[str] | None = None) -> Drawn:
+        """Pick every row's token on the device, without waiting for it.
 
         ``argmax`` [N] int64: the argmax of ``logits`` as given, already computed (inside a
-        decode CUDA graph); used, and mutated, unless a penalty or a mask applies.
-        ``grammar``: the step's token bitmasks (``SchedulerOutput.grammar``), whose rows are
-        matched to the batch by ``seq_ids`` (row i samples ``seq_ids[i]``).
+        decode CUDA graph); used (copied: the graph's buffer is reused) unless a penalty or a
+        mask applies. ``grammar``: the step's token bitmasks (``SchedulerOutput.grammar``),
+        whose rows are matched to the batch by ``seq_ids`` (row i samples ``seq_ids[i]``).
         """
         changed = _apply_penalties(logits, states)
         changed = _mask_min_tokens(logits, states) or changed
         changed = _mask_grammar(logits, grammar, seq_ids) or changed
         want_lp = any(st.params.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-        chosen = argmax if argmax is not None and not changed else torch.argmax(logits, dim=-1)
+        chosen = argmax.clone() if argmax is not None and not changed \
+            else torch.argmax(logits, dim=-1)
         for i, st in enumerate(states):
             if is_greedy(st.params):
                 continue
@@ -209,13 +258,14 @@ class Sampler:
             gen = st.generator or self.default_generator
             q = torch.empty_like(probs).exponential_(generator=gen)
             chosen[i] = torch.argmax(probs / q)
-        ids = chosen.tolist()  # the one host sync of the step
-        lps = None
+        drawn = Drawn(chosen, states, _to_host(chosen))
         if logprobs is not None:
+            drawn.chosen_lp = _to_host(logprobs.gather(1, chosen[:, None]).squeeze(1))
             k = max(st.params.logprobs or 0 for st in states)
-            lps = token_logprobs(logprobs, ids, k)
-            for lp, st in zip(lps, states, strict=True):
-                del lp.top[st.params.logprobs or 0:]
-        for st, tok in zip(states, ids, strict=True):
-            st.output_token_ids.append(tok)
-        return ids, lps
+            if k > 0:
+                vals, ids = torch.topk(logprobs, k, dim=-1)
+                drawn.top_vals, drawn.top_ids = _to_host(vals), _to_host(ids)
+        if chosen.device.type == "cuda":
+            drawn.ready = torch.cuda.Event()
+            drawn.ready.record()
+        return drawn

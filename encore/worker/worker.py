@@ -1,11 +1,16 @@
 """The worker's front door: one ``Worker`` per device, one explicit pipeline per step.
 
     SchedulerOutput ──► 1. tier ops in   (deletes, stores, loads: ``TierDataPlane.before_step``)
-                        2. model step    (``ModelRunner.execute``; its layers wait for the
+                        2. model step    (``ModelRunner.launch``; its layers wait for the
                                           host copies they read, layer group by layer group)
                         3. tier ops out  (copies the forward pass did not reach, finished
                                           transfers: ``TierDataPlane.after_step``)
                     ◄── ModelRunnerOutput (sampled ids + ``kv_done``)
+
+A step with ``defer_output`` (asynchronous scheduling) is answered later: while the next step
+runs, between its forward pass being launched and its sampling (which needs the sampler state
+the answer updates), or on ``Drain``. Its sampled ids wait on the device meanwhile; the answer
+waits only for that step's own copy of them to the host, never for the whole device.
 
 Both executors drive this class: ``python -m encore.worker.main`` (the worker process) and
 ``encore.worker.executor.InprocExecutor`` (tests, offline).
@@ -26,7 +31,7 @@ from encore.protocol.messages import (
     SchedulerOutput,
     WorkerReady,
 )
-from encore.worker.model_runner import KV_DTYPES, ModelRunner
+from encore.worker.model_runner import KV_DTYPES, Launched, ModelRunner
 from encore.worker.parallel import SINGLE, TPGroup
 from encore.worker.tiers.data_plane import TierDataPlane, kv_fingerprint, layout_fingerprints
 
@@ -49,6 +54,7 @@ class Worker:
         # fp8 pools move as bytes (torch's index ops take no fp8 on the CPU)
         self.tiers = TierDataPlane(config, [as_raw(c) for c in kv], fingerprint, tp.rank, tp.size,
                                    layouts - {fingerprint})
+        self.pending: Launched | None = None  # a deferred step, not yet answered
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
@@ -68,20 +74,48 @@ class Worker:
 
     def execute(self, step: SchedulerOutput, masks: Callable[[], GrammarBitmask | None] | None
                 = None) -> ModelRunnerOutput:
-        """``masks``: the step's token masks, fetched when the sampler needs them (after the
-        forward pass is launched), for a step with ``grammar_follows``."""
-        done, copies = self.tiers.before_step(step)
+        """Run ``step`` and answer it (a ``defer_output`` step too)."""
+        outputs: list[ModelRunnerOutput] = []
+        self.submit(step, masks, outputs.append)
+        self.drain(outputs.append)
+        return outputs[-1]
+
+    def submit(self, step: SchedulerOutput, masks: Callable[[], GrammarBitmask | None] | None,
+               emit: Callable[[ModelRunnerOutput], None]) -> None:
+        """Run ``step``; hand answers to ``emit`` in step order: the deferred previous step's
+        as soon as this one's forward pass is launched, then this one's unless it is
+        deferred too. ``masks``: the step's token masks, fetched when the sampler needs them
+        (after the forward pass is launched), for a step with ``grammar_follows``."""
+        def settle() -> None:  # the previous step's answer, before this step samples
+            self.drain(emit)
+
         try:
-            out = self.runner.execute(step, copies, masks)
-        finally:
-            if copies is not None:
-                copies.finish()  # what the forward pass did not reach
-        finished, probed = self.tiers.after_step(idle=not step.seqs)
+            done, copies = self.tiers.before_step(step)
+            try:
+                launched = self.runner.launch(step, copies, masks, settle)
+            finally:
+                if copies is not None:
+                    copies.finish()  # what the forward pass did not reach
+            settle()
+            finished, probed = self.tiers.after_step(idle=not step.seqs)
+        except BaseException:
+            self.pending = None  # the engine fails the steps in flight
+            raise
+        out = launched.out
         out.kv_done = [*done, *finished]
         out.kv_probed = probed
         out.kv_disk_corrupt_files = self.tiers.disk.take_corrupt()
         out.remote_up = self.tiers.remote.up
-        return out
+        if step.defer_output:
+            self.pending = launched
+        else:
+            emit(launched.output())
+
+    def drain(self, emit: Callable[[ModelRunnerOutput], None]) -> None:
+        """Answer the deferred step, if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            emit(pending.output())
 
     def close(self) -> None:
         """Let the disk writes in flight finish."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from encore.protocol.messages import (
+    PLACEHOLDER,
     EngineRequest,
     KVDone,
     KVProbe,
@@ -82,6 +83,7 @@ class FakeWorker:
         self.remote: dict[bytes, list[tuple[int, int] | None]] | None = None
         self.remote_down = False
         self.remote_corrupt: set[bytes] = set()  # remote keys whose value fails its check
+        self.placeholders = 0  # placeholder tokens filled in
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for seq_id in out.finished:
@@ -198,6 +200,10 @@ class FakeWorker:
         st = self.state[ss.seq_id]
         for j, token in enumerate(ss.token_ids):
             pos = ss.start_pos + j
+            if token == PLACEHOLDER:  # sampled by the step before (asynchronous scheduling)
+                assert pos == len(st.tokens) - 1, f"{ss.seq_id}: placeholder at {pos}"
+                self.placeholders += 1
+                token = st.tokens[pos]
             assert st.tokens[pos] == token, f"{ss.seq_id}: token at {pos} is not the known one"
             b, off = self._slot(ss, pos)
             self.slots[b][off] = (token, pos)
@@ -242,10 +248,57 @@ def step(sched, worker: FakeWorker, run: Run | None = None) -> list[RequestOutpu
     return outputs
 
 
-def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 10_000) -> Run:
-    """Step until no sequence is unfinished; then flush ``finished`` to the worker."""
+class Pipeline:
+    """Asynchronous scheduling as ``EngineCore`` drives it: step N+1 is planned before step
+    N's output is applied. The fake worker runs each step when it is submitted, which is the
+    order a real worker's stream runs them in; only the scheduler's knowledge lags."""
+
+    def __init__(self, sched, worker: FakeWorker, run: Run | None = None) -> None:
+        self.sched, self.worker = sched, worker
+        self.run = Run() if run is None else run
+        self.inflight: tuple[SchedulerOutput, ModelRunnerOutput] | None = None
+
+    def _apply(self) -> list[RequestOutput]:
+        assert self.inflight is not None
+        (out, result), self.inflight = self.inflight, None
+        outputs = self.sched.update_from_output(out, result)
+        self.sched.check_integrity()
+        self.run.collect(outputs)
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        if self.inflight is not None and self.sched.needs_outputs():
+            outputs += self._apply()
+        out = self.sched.schedule()
+        self.sched.check_integrity()
+        self.run.steps.append(out)
+        result = self.worker.execute(out)
+        if self.inflight is not None:
+            outputs += self._apply()
+        self.inflight = (out, result)
+        return outputs
+
+    def busy(self) -> bool:
+        tiers = self.sched.kv.tiers
+        return (bool(self.inflight and self.inflight[0].seqs) or self.sched.has_unfinished()
+                or bool(tiers and (tiers.num_inflight or tiers.needs_flush())))
+
+
+def run_all(sched, worker: FakeWorker, run: Run | None = None, max_steps: int = 10_000,
+            pipeline: Pipeline | None = None) -> Run:
+    """Step until no sequence is unfinished; then flush ``finished`` to the worker.
+    ``pipeline``: step it (asynchronous scheduling) instead."""
     run = Run() if run is None else run
     tiers = sched.kv.tiers
+    if pipeline is not None:
+        while pipeline.busy():
+            assert len(pipeline.run.steps) < max_steps, "no progress"
+            pipeline.step()
+        if pipeline.inflight is not None:
+            pipeline.step()  # apply the last (empty) step
+        worker.execute(sched.schedule())
+        return pipeline.run
     while sched.has_unfinished() or (tiers and (tiers.num_inflight or tiers.needs_flush())):
         assert len(run.steps) < max_steps, "no progress"
         step(sched, worker, run)

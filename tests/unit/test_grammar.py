@@ -18,7 +18,7 @@ from encore.server.schemas import ChatCompletionRequest
 from encore.server.structured import chat_grammar
 from encore.worker.sampler import Sampler, apply_token_bitmask, make_state, unpack_bitmask
 from tests.helpers.tiny_models import EOS_ID, build_tokenizer
-from tests.unit.fake_worker import VOCAB, FakeWorker, make_request, run_all, step
+from tests.unit.fake_worker import VOCAB, FakeWorker, Pipeline, make_request, run_all, step
 from tests.unit.test_scheduler import assert_no_leaks
 
 BS = 4
@@ -96,7 +96,11 @@ def test_grammar_cache_compiles_a_schema_once_and_wakes_the_loop(tokenizer) -> N
     grammars.shutdown()
 
 
-def test_constrained_requests_match_their_grammar_and_stop_when_it_completes(tokenizer) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_constrained_requests_match_their_grammar_and_stop_when_it_completes(
+        tokenizer, pipelined: bool) -> None:
+    """Asynchronously scheduled too: the unconstrained sequences run ahead of their tokens,
+    the constrained ones wait for theirs (their next mask needs them)."""
     sched, worker = make_sched(tokenizer)
     spec = GrammarSpec("json_schema", json.dumps(OK_SCHEMA))
     constrained = make_request("a", [5, 6, 7, 8, 9], max_tokens=40, n=2, eos_token_ids=[EOS_ID])
@@ -107,7 +111,7 @@ def test_constrained_requests_match_their_grammar_and_stop_when_it_completes(tok
     assert {s.seq_id for s in out.seqs} == {"b#0", "b#1"} and out.grammar is None
     sched.update_from_output(out, worker.execute(out))
     assert wait_compiled(sched) == []
-    run = run_all(sched, worker)
+    run = run_all(sched, worker, pipeline=Pipeline(sched, worker) if pipelined else None)
     for i in range(2):
         text = tokenizer.decode(run.tokens[("a", i)])
         assert json.loads(text) in ({"ok": True}, {"ok": False})
@@ -115,6 +119,10 @@ def test_constrained_requests_match_their_grammar_and_stop_when_it_completes(tok
         assert run.finals[("b", i)].finish_reason == "length"  # unconstrained: no eos here
     assert worker.masked == sum(len(run.tokens[("a", i)]) for i in range(2))
     assert_no_leaks(sched)
+    if pipelined:
+        assert worker.placeholders > 0
+        assert not any(s.seq_id.startswith("a") and -1 in s.token_ids
+                       for out in run.steps for s in out.seqs)
 
 
 def _with(req, spec):

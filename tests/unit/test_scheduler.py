@@ -12,7 +12,9 @@ from encore.scheduler.scheduler import Scheduler
 from tests.unit.fake_worker import (
     VOCAB,
     FakeWorker,
+    Pipeline,
     Run,
+    default_next_token,
     make_request,
     reference_tokens,
     run_all,
@@ -137,12 +139,13 @@ def test_max_num_seqs_caps_the_running_set() -> None:
     assert_no_leaks(sched)
 
 
-def test_preemption_recomputes_and_tokens_match_an_unpressured_run() -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_preemption_recomputes_and_tokens_match_an_unpressured_run(pipelined: bool) -> None:
     sched, worker = make(num_blocks=7)  # 6 usable blocks; each request grows to 5
     prompts = {"a": list(range(10, 18)), "b": list(range(20, 28))}
     for rid, prompt in prompts.items():
         sched.add_request(make_request(rid, prompt, max_tokens=10))
-    run = run_all(sched, worker)
+    run = run_all(sched, worker, pipeline=Pipeline(sched, worker) if pipelined else None)
     for rid, prompt in prompts.items():
         assert run.tokens[(rid, 0)] == reference_tokens(prompt, 10)
         assert run.finals[(rid, 0)].finish_reason == "length"
@@ -240,10 +243,12 @@ def count_up(context: list[int], seed_index: int) -> int:
         ({"stop_token_ids": [11], "min_tokens": 1}, [11], "stop", 11),
     ],
 )
-def test_stop_conditions(kw: dict, tokens: list[int], reason: str, stop_id: int | None) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_stop_conditions(kw: dict, tokens: list[int], reason: str, stop_id: int | None,
+                         pipelined: bool) -> None:
     sched, worker = make(next_token=count_up)
     sched.add_request(make_request("r", [10], max_tokens=6, **kw))
-    run = run_all(sched, worker)
+    run = run_all(sched, worker, pipeline=Pipeline(sched, worker) if pipelined else None)
     final = run.finals[("r", 0)]
     assert (run.tokens[("r", 0)], final.finish_reason, final.stop_token_id) == (
         tokens,
@@ -346,26 +351,34 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache() -> None:
     assert_no_leaks(sched)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_load_with_pressure_and_aborts(seed: int) -> None:
-    """Shared prefixes, n=2, a tiny pool (preemption + eviction), aborts; KV read back."""
+def test_random_load_with_pressure_and_aborts(seed: int, pipelined: bool) -> None:
+    """Shared prefixes, n=2, a tiny pool (preemption + eviction), aborts; KV read back.
+    Pipelined: step N+1 planned before step N's tokens are applied (asynchronous
+    scheduling), with placeholders the worker fills in."""
     rng = random.Random(seed)
     policy = rng.choice(["fcfs", "priority"])
     sched, worker = make(num_blocks=12, max_num_seqs=4, budget=16, policy=policy, caching=seed != 5)
     stems = [[rng.randrange(VOCAB) for _ in range(rng.randrange(4, 13))] for _ in range(3)]
     expected, aborted, run = {}, set(), Run()
+    pipeline = Pipeline(sched, worker, run) if pipelined else None
     for i in range(25):
         prompt = rng.choice(stems) + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 9))]
         n, max_tokens, rid = rng.choice([1, 1, 2]), rng.randrange(1, 20), f"r{i}"
         sched.add_request(make_request(rid, prompt, max_tokens, n=n, priority=rng.randrange(3)))
         expected.update({(rid, j): reference_tokens(prompt, max_tokens, j) for j in range(n)})
         for _ in range(rng.randrange(0, 4)):
-            if sched.has_unfinished():
+            if pipeline is not None:
+                pipeline.step()
+            elif sched.has_unfinished():
                 step(sched, worker, run)
         if rng.random() < 0.15:
             aborted.add(rid)
             run.collect(sched.abort([rid]))
-    run_all(sched, worker, run)
+    run_all(sched, worker, run, pipeline=pipeline)
+    if pipelined:
+        assert worker.placeholders > 0
     for key, tokens in expected.items():
         if key[0] not in aborted:
             assert tokens == run.tokens[key], key
@@ -395,4 +408,42 @@ def test_program_fcfs_serves_a_returning_turn_before_newer_programs(policy, expe
                                            prompt_cache_key="job-x"))
             returned = True
     assert finished == expected
+    assert_no_leaks(sched)
+
+
+def eos_at_third(context: list[int], seed_index: int) -> int:
+    """A 'model' whose third output is the EOS 999 (prompts here are 5 tokens long)."""
+    return 999 if len(context) == 7 else default_next_token(context, seed_index)
+
+
+def test_async_eos_wastes_one_row_and_frees_everything() -> None:
+    """A token in flight that turns out to be EOS: the speculative next row is computed and
+    dropped; the outputs equal the synchronous run's, nothing leaks."""
+    runs = []
+    for pipelined in (False, True):
+        sched, worker = make(next_token=eos_at_third)
+        for i in range(3):
+            sched.add_request(make_request(f"r{i}", [i + 1] * 5, max_tokens=8,
+                                           eos_token_ids=[999]))
+        pipeline = Pipeline(sched, worker) if pipelined else None
+        run = run_all(sched, worker, pipeline=pipeline)
+        assert all(f.finish_reason == "stop" for f in run.finals.values())
+        assert_no_leaks(sched)
+        runs.append((run, worker))
+    (sync, _), (pipe, worker) = runs
+    assert pipe.tokens == sync.tokens
+    assert all(tokens[-1] == 999 and len(tokens) == 3 for tokens in pipe.tokens.values())
+    # each sequence's EOS was in flight while its next position was computed
+    wasted = [s for out in pipe.steps for s in out.seqs if s.start_pos == 7]
+    assert len(wasted) == 3 and worker.placeholders > 0
+
+
+def test_async_does_not_run_past_max_tokens() -> None:
+    """The last token by max_tokens is known to end the sequence: nothing is computed for
+    the position after it."""
+    sched, worker = make()
+    sched.add_request(make_request("r", [1, 2, 3], max_tokens=4))
+    run = run_all(sched, worker, pipeline=Pipeline(sched, worker))
+    assert run.tokens[("r", 0)] == reference_tokens([1, 2, 3], 4)
+    assert max(s.start_pos + len(s.token_ids) for out in run.steps for s in out.seqs) == 3 + 3
     assert_no_leaks(sched)
