@@ -75,7 +75,8 @@ def measure(name: str, cmd: list[str], port: int, args, log: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-python", default="/tmp/llamavenv/bin/python")
-    ap.add_argument("--modes", default="none,int8,int4")
+    ap.add_argument("--modes", default="none,int8,int4",
+                    help="quantization modes; MODE:sync turns asynchronous scheduling off")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--logs", default="/tmp/cpu_peer")
     ap.add_argument("--json", default="")
@@ -88,12 +89,14 @@ def main() -> None:
                                       gguf(), "--n_threads", "2", "--n_ctx", "4096",
                                       "--interrupt_requests", "False", "--port", str(port)],
                         port, args, logs / "llama.log"))
-    for mode in args.modes.split(","):
+    for mode in args.modes.split(","):  # "int4" or "int4:sync" (async scheduling off)
         port = free_port()
+        quant, _, sync = mode.partition(":")
         runs.append(measure(f"encore {mode}", [sys.executable, "-m", "encore.server.cli",
                                                "serve", "--port", str(port),
-                                               "--quantization", mode],
-                            port, args, logs / f"encore-{mode}.log"))
+                                               "--quantization", quant,
+                                               *(["--no-async-scheduling"] if sync else [])],
+                            port, args, logs / f"encore-{mode.replace(':', '-')}.log"))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"),
                                                "runs": runs}, indent=2))

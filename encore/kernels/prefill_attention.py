@@ -91,8 +91,11 @@ def _prefill_kernel(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     HAS_POS: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr = False,  # launch the last (longest causal) row tiles first
 ):
     tile = tl.program_id(0)
+    if HEAVY_FIRST:
+        tile = tl.num_programs(0) - 1 - tile
     b = tl.program_id(1)
     kvh = tl.program_id(2)
     q_lo = tl.load(qsl_ptr + b)
@@ -188,9 +191,15 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(head_dim)), UPCAST=dot_upcast(q.device),
         PREC=dot_precision(q.dtype), HAS_POS=q_positions is not None,
-        num_warps=warps, num_stages=stages,
+        HEAVY_FIRST=HEAVY_FIRST, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+# Row tiles in reverse order: a causal tile's work grows with its rows' positions, and the
+# longest ones started first leave short ones for the tail of the grid (``bench/prefill_tune.py``
+# measures both orders).
+HEAVY_FIRST = False
 
 
 def tiles(head_dim: int, scattered: bool, device: torch.device) -> tuple[int, int, int, int]:

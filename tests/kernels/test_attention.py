@@ -71,6 +71,15 @@ def test_prefill_ragged_with_prefix(group):
     _prefill([9, 21, 5, 1], [0, 13, 32, 40], group, 2, 32, 16, torch.float32)
 
 
+def test_prefill_heavy_first_order_gives_the_same_rows(monkeypatch):
+    """Row tiles launched in reverse (``HEAVY_FIRST``): ragged lengths, so some reversed
+    tile ids fall past a short sequence's rows."""
+    import encore.kernels.prefill_attention as P
+
+    monkeypatch.setattr(P, "HEAVY_FIRST", not P.HEAVY_FIRST)
+    _prefill([9, 21, 5, 1], [0, 13, 32, 40], 3, 2, 32, 16, torch.float32)
+
+
 @pytest.mark.parametrize("bs,d,dtype", [(32, 64, torch.bfloat16), (64, 16, torch.float16)])
 def test_prefill_block_and_head_sizes(bs, d, dtype):
     _prefill([40, 3], [0, 37], 2, 1, d, bs, dtype)
