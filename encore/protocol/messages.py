@@ -212,8 +212,9 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     ``token_ids`` are the tokens at positions ``[start_pos, start_pos + len(token_ids))``;
     their K/V go into ``block_table`` slots; attention covers positions ``[0, start_pos +
     len)``. ``sample`` is true when the last of them is the sequence's last token.
-    Under asynchronous scheduling a token may be ``PLACEHOLDER``: the one this sequence
-    sampled in the previous step, which the engine has not seen yet (the worker has it).
+    Under asynchronous scheduling the last token may be ``PLACEHOLDER``: the one this
+    sequence sampled in the previous step, which the engine has not seen yet (the worker has
+    it).
     ``prompt_token_ids`` and ``sampling`` are sent the first time the worker sees ``seq_id``.
     """
 

@@ -525,7 +525,8 @@ class Scheduler:
         resume_outputs = seq.output_token_ids if seq.resumed and seq.num_output_tokens else None
         token_ids = seq.all_token_ids[start:end]
         if len(token_ids) < n:  # sampled by the step in flight: the worker fills it in
-            token_ids += [PLACEHOLDER] * (n - len(token_ids))
+            assert len(token_ids) == n - 1, f"{seq}: one step in flight at most"
+            token_ids.append(PLACEHOLDER)
         sample = end == seq.num_tokens + seq.num_pending
         out = ScheduledSeq(
             seq_id=seq.seq_id,

@@ -350,14 +350,14 @@ class ModelRunner:
         placeholders (on the device: the picks are never waited for); None without any."""
         flat, rows, offset = [], [], 0
         for s in seqs:
-            for j, token in enumerate(s.token_ids):
-                if token == PLACEHOLDER:
-                    if picks is None or s.seq_id not in picks.rows:
-                        raise ValueError(f"{s.seq_id}: a placeholder token, but the previous "
-                                         "step sampled no token for it")
-                    flat.append(offset + j)
-                    rows.append(picks.rows[s.seq_id])
             offset += len(s.token_ids)
+            if s.token_ids[-1] != PLACEHOLDER:  # a placeholder is a sequence's last token
+                continue
+            if picks is None or s.seq_id not in picks.rows:
+                raise ValueError(f"{s.seq_id}: a placeholder token, but the previous step "
+                                 "sampled no token for it")
+            flat.append(offset - 1)
+            rows.append(picks.rows[s.seq_id])
         if not flat:
             return None
         assert picks is not None
