@@ -9,9 +9,10 @@
 
 A step with ``defer_output`` (asynchronous scheduling) is answered later: while the next step
 runs, between its forward pass being launched and its sampling (which needs the sampler state
-the answer updates), or on ``Drain``. On the CPU, where launching is computing, the answer
-goes out before the next step computes (the engine still plans that step meanwhile). Its sampled ids wait on the device meanwhile; the answer
-waits only for that step's own copy of them to the host, never for the whole device.
+the answer updates), or on ``Drain``. Its sampled ids wait on the device meanwhile; the
+answer waits only for that step's own copy of them to the host, never for the whole device.
+On the CPU, where launching is computing, the answer goes out before the next step computes
+(the engine still plans that step meanwhile).
 
 Both executors drive this class: ``python -m encore.worker.main`` (the worker process) and
 ``encore.worker.executor.InprocExecutor`` (tests, offline).
