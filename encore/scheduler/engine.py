@@ -73,6 +73,7 @@ class EngineCore:
             max_model_len=self.worker.max_model_len,
             secret=block_key_secret(self.config.cache),
             tiers=self._tier_setup(self.worker))
+        self._scheduler.vocab_size = self.worker.vocab_size
         self._scheduler.grammars = Grammars(self.worker.vocab_size)
         if self.worker.kv_disk_corrupt_files and self._scheduler.kv.tiers is not None:
             self._scheduler.kv.tiers.corrupt_files += self.worker.kv_disk_corrupt_files

@@ -133,6 +133,9 @@ class Scheduler:
         self._blends: dict[str, tuple[BlendPlan, int]] = {}  # this step's plans, by seq id
         self._counts = dict.fromkeys(("preemptions", "prompt_tokens", "generation_tokens"), 0)
         self._increments = Increments()
+        # the model's vocabulary (set by the engine once the worker is up): ids past it are
+        # refused here, not left to fail the worker's step for every request in it
+        self.vocab_size: int | None = None
         # constrained decoding (set by the engine once it knows the vocabulary size)
         self.grammars: Grammars | None = None
         self.compiling: dict[str, tuple[list[Seq], Future[CompiledGrammar]]] = {}
@@ -211,8 +214,9 @@ class Scheduler:
             return "the prompt is empty"
         if req.grammar is not None and self.grammars is None:
             return "structured outputs are not available: this engine has no grammar compiler"
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= 2**32:
-            return "prompt token ids must be in [0, 2**32)"
+        limit = self.vocab_size or 2**32
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= limit:
+            return f"prompt token ids must be in [0, {limit})"
         if num_prompt >= self.max_seq_len:
             return (
                 f"the prompt has {num_prompt} tokens, but this engine holds at most "

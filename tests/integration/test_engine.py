@@ -212,3 +212,24 @@ def test_seeded_sampling_ignores_batch_neighbours_and_n_is_reproducible(tokenize
     alone, mixed, first, second = asyncio.run(main())
     assert mixed[2][0] == alone
     assert first == second and len({tuple(c) for c in first}) > 1
+
+
+def test_prompt_ids_past_the_vocabulary_are_refused_and_others_still_run(tokenizer):
+    """The engine knows the model's vocabulary: an id past it is the request's error, not a
+    failed worker step that would take every request in flight with it."""
+
+    async def main():
+        client = engine()
+        await client.start()
+        vocab = client.core.worker.vocab_size
+        good = asyncio.create_task(generate(client, prompts(tokenizer, 1)[0], "good",
+                                            max_tokens=8))
+        bad = EngineRequest(request_id="bad", prompt_token_ids=[1, vocab, 2],
+                            sampling=SamplingParams(max_tokens=4), arrival_time=time.time())
+        with pytest.raises(EngineError, match=rf"prompt token ids must be in \[0, {vocab}\)"):
+            await run_request(client, bad)
+        tokens, _ = await good
+        await client.shutdown()
+        return tokens
+
+    assert len(asyncio.run(main())) == 8

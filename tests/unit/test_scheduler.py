@@ -284,6 +284,17 @@ def test_unservable_request_is_an_error_not_a_crash(
     assert_no_leaks(sched)
 
 
+def test_token_ids_past_the_vocabulary_are_an_error_not_a_worker_crash() -> None:
+    sched, worker = make()
+    sched.vocab_size = 100  # as the engine sets it from the worker
+    outs = sched.add_request(make_request("r", [5, 100, 7]))
+    assert [o.finish_reason for o in outs] == ["error"]
+    assert "[0, 100)" in (outs[0].error or "")
+    assert not sched.add_request(make_request("ok", [5, 99, 7]))
+    run_all(sched, worker)
+    assert_no_leaks(sched)
+
+
 def test_duplicate_request_id_is_refused() -> None:
     sched, worker = make()
     sched.add_request(make_request("r", [1, 2], max_tokens=3))
