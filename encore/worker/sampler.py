@@ -173,9 +173,14 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list
     tops: list[list[Logprob]] = [[] for _ in token_ids]
     if k > 0:
         vals, ids = torch.topk(logprobs, k, dim=-1)
-        tops = [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
-                for ti, vi in zip(ids.tolist(), vals.tolist(), strict=True)]
+        tops = _top_lists(ids, vals)
     return [TokenLogprobs(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
+
+
+def _top_lists(ids: torch.Tensor, vals: torch.Tensor) -> list[list[Logprob]]:
+    """Rows of top-k ``ids`` and their ``vals`` ([N, k] each) as ``Logprob`` lists."""
+    return [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
+            for ti, vi in zip(ids.tolist(), vals.tolist(), strict=True)]
 
 
 @dataclass
@@ -201,9 +206,7 @@ class Drawn:
             chosen = self.chosen_lp.tolist()
             tops: list[list[Logprob]] = [[] for _ in ids]
             if self.top_ids is not None and self.top_vals is not None:
-                tops = [[Logprob(t, v) for t, v in zip(ti, vi, strict=True)]
-                        for ti, vi in zip(self.top_ids.tolist(), self.top_vals.tolist(),
-                                          strict=True)]
+                tops = _top_lists(self.top_ids, self.top_vals)
             lps = [TokenLogprobs(t, lp, top[:st.params.logprobs or 0])
                    for t, lp, top, st in zip(ids, chosen, tops, self.states, strict=True)]
         for st, tok in zip(self.states, ids, strict=True):

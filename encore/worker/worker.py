@@ -74,14 +74,6 @@ class Worker:
             remote=tiers.remote.store is not None,
             kv_disk_corrupt_files=tiers.disk.take_corrupt())
 
-    def execute(self, step: SchedulerOutput, masks: Callable[[], GrammarBitmask | None] | None
-                = None) -> ModelRunnerOutput:
-        """Run ``step`` and answer it (a ``defer_output`` step too)."""
-        outputs: list[ModelRunnerOutput] = []
-        self.submit(step, masks, outputs.append)
-        self.drain(outputs.append)
-        return outputs[-1]
-
     def submit(self, step: SchedulerOutput, masks: Callable[[], GrammarBitmask | None] | None,
                emit: Callable[[ModelRunnerOutput], None]) -> None:
         """Run ``step``; hand answers to ``emit`` in step order: the deferred previous step's
