@@ -35,11 +35,13 @@ pytestmark = pytest.mark.slow
 
 def test_fp8_kv_stays_close_to_the_model_dtype():
     res = compare({"auto": {}, "fp8_e4m3": {"kv_cache_dtype": "fp8_e4m3"},
-                   "fp8_e5m2": {"kv_cache_dtype": "fp8_e5m2"}}, n=24, num_prompts=8)
+                   "fp8_e5m2": {"kv_cache_dtype": "fp8_e5m2"}}, n=24)
     print(res)
-    for name, (top1, mean, worst) in {"fp8_e4m3": (0.85, 0.2, 0.5),
+    for name, (top1, mean, worst) in {"fp8_e4m3": (0.75, 0.2, 0.5),
                                       "fp8_e5m2": (0.75, 0.3, 0.8)}.items():
         r = res[name]
+        # every clear top-1 kept; the others lead by one bf16 step or less (ties)
+        assert r["top1_clear_prompts"] >= 5 and r["top1_agreement_clear"] == 1.0, (name, r)
         assert r["top1_agreement"] >= top1, (name, r)
         assert r["next_token_abs_logprob_err_mean"] < mean, (name, r)
         assert r["next_token_abs_logprob_err_max"] < worst, (name, r)

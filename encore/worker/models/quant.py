@@ -40,7 +40,8 @@ class PackedLinear:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "int8":
             return torch.ops.aten._weight_int8pack_mm(x, self.data, self.scales)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.data, INT4_GROUP, self.scales)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, INT4_GROUP,
+                                                          self.scales)
 
     @property
     def nbytes(self) -> int:
