@@ -163,7 +163,10 @@ REPLAY_CONTEXT = 600  # a realistic context for the replay timings
 
 
 def _padding_inputs(graphs, context: int) -> None:
-    """Every row: slot -1 (no KV written), ``context`` keys (stale block tables: reads only)."""
+    """Every row: token 0 (the staging's rows past a step's size may hold a placeholder, -1,
+    from asynchronous scheduling), slot -1 (no KV written), ``context`` keys (stale block
+    tables: reads only)."""
+    graphs.scalars[0].fill_(0)
     graphs.scalars[2].fill_(-1)
     graphs.scalars[3].fill_(context)  # the graph copies it into its int32 seq_lens
 
