@@ -96,8 +96,12 @@ def part_engine(args) -> dict:
     if not args.batch1_only:
         r = run_requests(core, prompts_for(args), args.output_len)
         out.update(throughput_tok_s=r["tokens_per_s"], throughput_wall_s=r["wall_s"],
-                   output_tokens=r["output_tokens"], throughput_steps=summarize(steps))
+                   output_tokens=r["output_tokens"], throughput_steps=summarize(steps),
+                   preemptions=core.scheduler.snapshot()["preemptions"])
         steps.clear()
+        if args.throughput_only:
+            core.shutdown()
+            return out
     decode = [run_requests(core, [random_prompt(rng, 16, 128256)], args.output_len)
               for _ in range(3)]
     out["batch1_ms_per_token_runs"] = [1e3 / d["decode_tokens_per_s"][0] for d in decode]
@@ -122,11 +126,11 @@ def part_engine(args) -> dict:
     return out
 
 
-def record_steps(core) -> list[tuple[bool, float, float]]:
-    """Wrap core.step and the runner's launch: (decode-only, step s, launch s) per step
+def record_steps(core) -> list[tuple[bool, float, float, int]]:
+    """Wrap core.step and the runner's launch: (decode-only, step s, launch s, rows) per step
     (launch: the host's time to queue the step, and with a synchronous step before it the
     wait for that one)."""
-    steps: list[tuple[bool, float, float]] = []
+    steps: list[tuple[bool, float, float, int]] = []
     runner, step = core.executor.worker.runner, core.step
     launch, last = runner.launch, {}
 
@@ -135,6 +139,7 @@ def record_steps(core) -> list[tuple[bool, float, float]]:
         res = launch(sched_out, *args, **kwargs)
         last["exec"] = time.perf_counter() - t
         last["decode"] = all(len(s.token_ids) == 1 for s in sched_out.seqs)
+        last["rows"] = len(sched_out.seqs)
         return res
 
     def timed_step():
@@ -142,18 +147,20 @@ def record_steps(core) -> list[tuple[bool, float, float]]:
         last.clear()
         res = step()
         if last:
-            steps.append((last["decode"], time.perf_counter() - t, last["exec"]))
+            steps.append((last["decode"], time.perf_counter() - t, last["exec"], last["rows"]))
         return res
 
     runner.launch, core.step = timed_launch, timed_step
     return steps
 
 
-def summarize(steps: list[tuple[bool, float, float]]) -> dict:
+def summarize(steps: list[tuple[bool, float, float, int]]) -> dict:
     dec = [s for s in steps if s[0]]
     other = [s for s in steps if not s[0]]
     ms = lambda xs: 1e3 * sum(xs) / max(len(xs), 1)  # noqa: E731
     return {"decode_steps": len(dec), "decode_step_ms": ms([s[1] for s in dec]),
+            "decode_rows_max": max((s[3] for s in dec), default=0),
+            "decode_rows_mean": sum(s[3] for s in dec) / max(len(dec), 1),
             "decode_execute_ms": ms([s[2] for s in dec]),
             "other_steps": len(other), "other_total_s": sum(s[1] for s in other),
             "other_execute_s": sum(s[2] for s in other)}
@@ -339,6 +346,9 @@ def main() -> None:
     ap.add_argument("--batch1-only", action="store_true",
                     help="engine part: batch-1 decode and replay times only (no offline "
                          "throughput, no TTFT)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="engine part: offline throughput only (no batch-1, replay or TTFT "
+                         "timings): the fp8 KV comparison at a KV-bound shape")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -9,8 +9,14 @@ Measures (median of triton.testing.do_bench, which flushes L2 between repetition
     (32 query heads, 8 KV heads, head_dim 128, block 16, bf16);
   * prefill attention TFLOP/s (causal: 4 * H * D * visible (q, k) pairs), with and
     without a cached prefix, next to torch SDPA on dense tensors of the same shape;
-  * KV write, RoPE, block gather, RMSNorm achieved GB/s.
+  * KV write, RoPE, block gather, RMSNorm achieved GB/s;
+  * fp8 decode attention (``--only fp8``): bf16 vs fp8 e4m3 pages, 64 and 128 tokens a tile;
+  * the tier codec (``--only codec``): a layer group of a host load (blocks x 4 layers of
+    llama-3-8b) decoded into the pool by the torch codec + index_copy, by the fused kernel,
+    and the uncompressed scatter; likewise the stores' gather + encode.
 Prints one table last. Needs CUDA; not part of pytest.
+
+    python bench/kernel_bench.py --only fp8,codec
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import triton
 
 from encore.kernels.block_copy import gather_blocks
 from encore.kernels.decode_attention import decode_attention
+from encore.kernels.kv_codec import decode_scatter, gather_encode
 from encore.kernels.kv_write import kv_write
 from encore.kernels.prefill_attention import prefill_attention
 from encore.kernels.reference import rope_inv_freq
 from encore.kernels.rmsnorm import rmsnorm
-from encore.kernels.rope import rope_qk
+from encore.kernels.rope import layer_pointers, rope_qk
 
 H, HK, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -99,6 +106,57 @@ def prefill_case(batch: int, qlen: int, prefix: int) -> None:
         flops / ms / 1e9, extra)
 
 
+def decode_fp8_case(b: int, ctx: int) -> None:
+    """bf16 pages vs fp8 pages (half the bytes) at 64 and 128 tokens a tile; GB/s of the
+    bytes each actually reads."""
+    kv, tables = paged([ctx] * b)
+    kv8 = kv.to(torch.float8_e4m3fn)
+    q = torch.randn(b, H, D, device="cuda", dtype=DT)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    pages = 2 * b * ctx * HK * D  # elements of K and V read
+    times = {"bf16 n=64": bench_ms(lambda: decode_attention(q, kv, tables, lens, D**-0.5, ctx))}
+    for n in (64, 128):
+        times[f"fp8 n={n}"] = bench_ms(lambda n=n: decode_attention(
+            q, kv8, tables, lens, D**-0.5, ctx, block_n=n))
+    for name, ms in times.items():
+        size = 2 if name.startswith("bf16") else 1
+        row(f"decode {name}", f"B={b} ctx={ctx}", "us", ms * 1e3,
+            f"{pages * size / ms / 1e6:.0f} GB/s")
+
+
+def codec_case(blocks: int, codec: str) -> None:
+    """One layer group (4 layers) of ``blocks`` llama-3-8b blocks: decode into the pool
+    (torch codec + index_copy, fused kernel), encode out of it (gather + torch codec, fused);
+    the uncompressed scatter for reference."""
+    from encore.worker.tiers.codec import KVCodec
+
+    caches = [torch.randn(2, 4096, BS, HK, D, device="cuda", dtype=DT) for _ in range(4)]
+    ptrs = layer_pointers(caches)
+    ids = torch.randperm(4096, device="cuda")[:blocks]
+    bits = {"int8": 8, "int4": 4}[codec]
+    twin = KVCodec(codec, (2, BS, HK, D), DT)
+
+    def gather() -> torch.Tensor:
+        return torch.stack([c.index_select(1, ids).transpose(0, 1) for c in caches], dim=1)
+
+    def scatter(data: torch.Tensor) -> None:
+        for i, c in enumerate(caches):
+            c.index_copy_(1, ids, data[:, i].transpose(0, 1))
+
+    raw = gather()
+    payload = twin.encode(raw)
+    rows = {
+        "scatter bf16 (none)": lambda: scatter(raw),
+        f"decode {codec} torch": lambda: scatter(twin.decode(payload)),
+        f"decode {codec} fused": lambda: decode_scatter(payload, caches, ptrs, ids, bits),
+        "gather bf16 (none)": gather,
+        f"encode {codec} torch": lambda: twin.encode(gather()),
+        f"encode {codec} fused": lambda: gather_encode(caches, ptrs, ids, bits),
+    }
+    for name, fn in rows.items():
+        row(f"tier {name}", f"{blocks} blocks x 4 layers", "us", bench_ms(fn) * 1e3)
+
+
 def run_safely(fn, *args) -> None:
     """One failing case (out of memory, compile error) is reported, not fatal."""
     try:
@@ -137,21 +195,36 @@ def small_kernels() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
-    quick = ap.parse_args().quick
+    ap.add_argument("--only", default="ceilings,decode,prefill,small",
+                    help="comma-separated: ceilings, decode, prefill, small, fp8, codec")
+    args = ap.parse_args()
+    quick, only = args.quick, set(args.only.split(","))
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_bench.py needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
-    ceilings()
-    for b in [1, 8, 64] if quick else [1, 8, 32, 128]:
-        for ctx in [1024, 8192] if quick else [512, 2048, 8192, 32768]:
-            run_safely(decode_case, b, ctx)
-    prefill_cases = ([(1, 2048, 0), (4, 512, 3000)] if quick else
-                     [(1, 512, 0), (1, 4096, 0), (4, 2048, 0), (8, 256, 4000), (1, 1024, 15000)])
-    for case in prefill_cases:
-        run_safely(prefill_case, *case)
-    run_safely(small_kernels)
+    if "ceilings" in only:
+        ceilings()
+    if "decode" in only:
+        for b in [1, 8, 64] if quick else [1, 8, 32, 128]:
+            for ctx in [1024, 8192] if quick else [512, 2048, 8192, 32768]:
+                run_safely(decode_case, b, ctx)
+    if "fp8" in only:
+        for b, ctx in [(1, 4096), (64, 1024), (256, 1024), (256, 2048)]:
+            run_safely(decode_fp8_case, b, ctx)
+    if "prefill" in only:
+        prefill_cases = ([(1, 2048, 0), (4, 512, 3000)] if quick else
+                         [(1, 512, 0), (1, 4096, 0), (4, 2048, 0), (8, 256, 4000),
+                          (1, 1024, 15000)])
+        for case in prefill_cases:
+            run_safely(prefill_case, *case)
+    if "small" in only:
+        run_safely(small_kernels)
+    if "codec" in only:
+        for blocks in (32, 256):
+            for codec in ("int8", "int4"):
+                run_safely(codec_case, blocks, codec)
     print(f"\n# {torch.cuda.get_device_name()}")
     print(f"{'kernel':<22} {'shape':<34} {'metric':<10} value")
     for r in ROWS:

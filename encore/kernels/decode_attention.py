@@ -158,10 +158,17 @@ def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -
     return max(1, min(by_occupancy, by_length, 64))
 
 
+def tile_tokens(kv_dtype: torch.dtype) -> int:
+    """Tokens a tile (any size works: each token finds its own page): 64 for 16-bit pages;
+    fp8 pages take 128, the same bytes in flight per step."""
+    return 128 if fp8_max(kv_dtype) else 64
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
-                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                     k_scale: float = 1.0, v_scale: float = 1.0,
+                     block_n: int | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [B, H, D]; kv_cache [2, N, bs, Hk, D] (q's dtype, or fp8 holding K / k_scale and
@@ -169,7 +176,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     int32; seq_lens [B] int32, each >= 1 (context including the new token, whose K/V must
     already be in the cache); max_seq_len >= max(seq_lens) (a host int: no device sync).
     Returns ``out`` (a new [B, H, D] tensor in q's dtype unless given; a static buffer suits
-    CUDA graphs). ``num_splits`` overrides the split-K choice.
+    CUDA graphs). ``num_splits`` overrides the split-K choice, ``block_n`` the tokens a tile
+    (``tile_tokens``).
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
     if not fp8_max(kv_cache.dtype):
@@ -180,7 +188,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     out = check_out(out, q)
     if batch == 0:
         return out
-    block_n = 64  # any size works: each token finds its own page (pages need not align)
+    block_n = block_n or tile_tokens(kv_cache.dtype)
     splits = num_splits or _num_splits(batch, num_kv_heads, max_seq_len, block_n)
     group = num_heads // num_kv_heads
     common = dict(BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=max(16, next_pow2(group)),

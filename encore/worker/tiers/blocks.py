@@ -4,9 +4,11 @@ KV per layer: ``[2, blocks, bs, heads, dim]``; a gathered block is
 ``[layers, 2, bs, heads, dim]``; the lower tiers hold it encoded by ``codec`` as
 ``[layers, layer_bytes]`` uint8 (``tier_block_bytes`` in all). On CUDA every tier copy, and
 the codec around it, runs on one side ``stream``: encoded before a copy to the CPU, decoded
-after a copy to the device (fewer bytes cross PCIe). On the CPU ``stream`` is None, copies
-are done when issued, events are None, and blocks to or from disk and remote are encoded and
-decoded by the I/O threads (off the step's path).
+after a copy to the device (fewer bytes cross PCIe), by the fused kernels of
+``kernels/kv_codec.py`` (one launch per layer group and direction; the torch codec's
+passes, with their fp32 temporaries, competed with the forward pass for the SMs). On the CPU
+``stream`` is None, copies are done when issued, events are None, and blocks to or from disk
+and remote are encoded and decoded by the I/O threads (off the step's path).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class DeviceBlocks:
         self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
         self.codec = KVCodec(codec, self.block_shape[1:], self.dtype)
         self.tier_block_bytes = self.codec.layer_bytes * len(kv_caches)
+        self._ptrs: torch.Tensor | None = None  # the layers' addresses (fused codec, CUDA)
         # one side stream for every copy: the stores' copies to host queue behind the step's
         # loads, which the forward pass waits for (on a stream of their own they competed
         # with the loads for PCIe and slowed the step down)
@@ -56,14 +59,45 @@ class DeviceBlocks:
         for i in range(*layers):
             self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
 
-    def stage_out(self, gathered: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        """Gathered blocks ``[n, layers, 2, ...]`` on their way to disk or remote, one CPU
-        tensor per block for the I/O threads (``payload``), and the event after which they
-        hold their bytes: on CUDA encoded here and copied to the CPU; on the CPU as they are
-        (None: ready)."""
+    def _fused(self) -> torch.Tensor | None:
+        """The layers' addresses when the fused codec kernels run (CUDA, int8/int4)."""
+        if self.stream is None or not self.codec.bits:
+            return None
+        if self._ptrs is None:
+            from encore.kernels.rope import layer_pointers  # not at import: TRITON_INTERPRET
+            self._ptrs = layer_pointers(self.kv)
+        return self._ptrs
+
+    def encode(self, ids: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
+        """Device blocks ``ids`` of ``layers`` encoded: ``[n, layers, layer_bytes]`` uint8 on
+        the device."""
+        ptrs = self._fused()
+        if ptrs is None:
+            return self.codec.encode(self.gather(ids, layers))
+        from encore.kernels.kv_codec import gather_encode
+        a, b = layers
+        return gather_encode(self.kv[a:b], ptrs[a:b], ids, self.codec.bits)
+
+    def decode(self, ids: torch.Tensor, payload: torch.Tensor, layers: tuple[int, int]) -> None:
+        """Encoded ``payload`` ``[n, layers, layer_bytes]`` (on the device) into device blocks
+        ``ids``."""
+        ptrs = self._fused()
+        if ptrs is None:
+            self.scatter(ids, self.codec.decode(payload), layers)
+            return
+        from encore.kernels.kv_codec import decode_scatter
+        a, b = layers
+        decode_scatter(payload.contiguous(), self.kv[a:b], ptrs[a:b], ids, self.codec.bits)
+
+    def stage_out(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        """Device blocks ``ids`` on their way to disk or remote, one CPU tensor per block for
+        the I/O threads (``payload``), and the event after which they hold their bytes: on
+        CUDA encoded here and copied to the CPU; on the CPU gathered as they are (None:
+        ready)."""
+        every = (0, self.num_layers)
         if self.stream is None:
-            return list(gathered), None
-        staged = self.codec.encode(gathered).to("cpu", non_blocking=True)
+            return list(self.gather(ids, every)), None
+        staged = self.encode(ids, every).to("cpu", non_blocking=True)
         return list(staged), self.record()
 
     def payload(self, block: torch.Tensor) -> memoryview:
@@ -92,9 +126,11 @@ class DeviceBlocks:
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
             staged = data.to(self.device, non_blocking=True)[None]
+            every = (0, self.num_layers)
             if self.stream is not None:
-                staged = self.codec.decode(staged)
-            self.scatter(self.ids([block]), staged, (0, self.num_layers))
+                self.decode(self.ids([block]), staged, every)
+            else:
+                self.scatter(self.ids([block]), staged, every)
         return self.record()
 
     def record(self, timing: bool = False) -> Any:

@@ -153,8 +153,7 @@ class TierDataPlane:
         to_io = [op for op in from_device if op.dst != "host"]
         if to_io:
             ids = self.blocks.ids([op.src_slot for op in to_io])
-            staged, event = self.blocks.stage_out(
-                self.blocks.gather(ids, (0, self.blocks.num_layers)))
+            staged, event = self.blocks.stage_out(ids)
             for op, data in zip(to_io, staged, strict=True):
                 (self.remote if op.dst == "remote" else self.disk).write(op, data, event, done)
         for op in step.kv_loads:

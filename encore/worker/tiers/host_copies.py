@@ -97,8 +97,7 @@ class HostCopies:
 
         def stage(g: int) -> Any:
             if store_ids is not None:
-                group = self.blocks.gather(store_ids, host.bounds[g])
-                gathered.append(self.blocks.codec.encode(group))
+                gathered.append(self.blocks.encode(store_ids, host.bounds[g]))
             return load(g) if load is not None else self.blocks.record()
 
         groups: list[Stage] = [functools.partial(stage, g) for g in range(len(host.parts))]
@@ -126,7 +125,7 @@ class HostCopies:
                                  device=blocks.device)
             for row, slot, n in runs:
                 staged[row:row + n].copy_(part[slot:slot + n], non_blocking=True)
-            blocks.scatter(ids, blocks.codec.decode(staged), host.bounds[g])
+            blocks.decode(ids, staged, host.bounds[g])
 
         def group(g: int) -> Any:
             blocks.timed(spans, functools.partial(copy, g))
