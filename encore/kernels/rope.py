@@ -4,7 +4,10 @@ For a head vector x = [x1 | x2] (halves of D/2) at position p, with angle a_i = 
 
     rope(x, p) = [x1 * cos a - x2 * sin a | x2 * cos a + x1 * sin a]
 
-``rope_qk`` rotates the new tokens' q and k in place. ``rope_rerotate_blocks`` moves cached
+``rope_qk`` rotates the new tokens' q and k in place; ``rope_kv_write`` rotates q in place
+and writes the rotated k (not written back) and v into the paged cache, one launch instead of
+``rope_qk`` + ``kv_write`` (the same values: k rounded to its dtype before the cache's cast,
+as the two kernels do). ``rope_rerotate_blocks`` moves cached
 keys by a position delta: rotations in the same planes compose by adding angles, so
 rope(rope(x, p), delta) == rope(x, p + delta) and a chunk's K computed at p is re-homed at
 p + delta without its pre-RoPE keys (V has no position). ``rerotate_copy`` does the same
@@ -75,6 +78,59 @@ def _rope_qk_kernel(
     else:
         _rotate_tile(k_ptr + t * stride_kt, stride_kh, num_kv_heads, cos, sin, half,
                      BLOCK_HK, BLOCK_HALF)
+
+
+@triton.jit
+def _rope_kv_write_kernel(
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [T, Hk, D]
+    v_ptr,  # [T, Hk, D]
+    pos_ptr,  # [T] int64
+    inv_freq_ptr,  # [D/2] fp32
+    cache_ptr,  # [2, N, bs, Hk, D]
+    slot_ptr,  # [T] int64 (-1: padding, nothing written)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_c2, stride_cb, stride_cs, stride_ch,
+    num_heads, num_kv_heads, half,
+    inv_k_scale, inv_v_scale,
+    FP8_MAX: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _angles(tl.load(pos_ptr + t), inv_freq_ptr, half, BLOCK_HALF)
+    if tl.program_id(1) == 0:
+        _rotate_tile(q_ptr + t * stride_qt, stride_qh, num_heads, cos, sin, half,
+                     BLOCK_H, BLOCK_HALF)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            h = tl.arange(0, BLOCK_HK)
+            i = tl.arange(0, BLOCK_HALF)
+            mask = (h[:, None] < num_kv_heads) & (i[None, :] < half)
+            pk = k_ptr + t * stride_kt + h[:, None] * stride_kh + i[None, :]
+            pv = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
+            x1 = tl.load(pk, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(pk + half, mask=mask, other=0.0).to(tl.float32)
+            ty = k_ptr.dtype.element_ty
+            k1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(ty)
+            k2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(ty)
+            v1 = tl.load(pv, mask=mask, other=0.0)
+            v2 = tl.load(pv + half, mask=mask, other=0.0)
+            dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                   + h[:, None] * stride_ch + i[None, :])
+            out = cache_ptr.dtype.element_ty
+            if FP8_MAX > 0:
+                k1 = tl.clamp(k1.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+                k2 = tl.clamp(k2.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+                v1 = tl.clamp(v1.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
+                v2 = tl.clamp(v2.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
+            tl.store(dst, k1.to(out), mask=mask)
+            tl.store(dst + half, k2.to(out), mask=mask)
+            tl.store(dst + stride_c2, v1.to(out), mask=mask)
+            tl.store(dst + stride_c2 + half, v2.to(out), mask=mask)
 
 
 @triton.jit
@@ -164,6 +220,45 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q.shape[1], k.shape[1], half,
         BLOCK_H=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),
+        BLOCK_HALF=next_pow2(half),
+    )
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """``rope_qk`` then ``kv_write`` in one launch: q [T, H, D] rotated in place; k [T, Hk, D]
+    rotated into the cache (k itself is left as it was), v [T, Hk, D] copied, at
+    ``slot_mapping`` ([T] int64, -1 = skip) of ``kv_cache`` [2, N, bs, Hk, D]. An fp8 cache
+    holds k / k_scale and v / v_scale (saturated)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check(t.dim() == 3, f"{name} must be [T, heads, D], got {tuple(t.shape)}")
+        check_float(name, t)
+        check_last_contiguous(name, t)
+    check_kv_cache(kv_cache)
+    _, _, block_size, hk, d = kv_cache.shape
+    check(k.shape[1:] == (hk, d) and v.shape[1:] == (hk, d) and q.shape[2] == d,
+          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match kv_cache "
+          f"[2, N, bs, {hk}, {d}]")
+    check(q.shape[0] == k.shape[0] == v.shape[0] == positions.shape[0]
+          == slot_mapping.shape[0],
+          f"q, k, v, positions and slot_mapping disagree on T: {q.shape[0]}, {k.shape[0]}, "
+          f"{v.shape[0]}, {tuple(positions.shape)}, {tuple(slot_mapping.shape)}")
+    check_int("positions", positions, (torch.int64, torch.int32))
+    check_int("slot_mapping", slot_mapping, (torch.int64, torch.int32))
+    check(positions.is_contiguous(), "positions must be contiguous")
+    _check_inv_freq(inv_freq, d)
+    check_same_device(q=q, k=k, v=v, positions=positions, inv_freq=inv_freq, kv_cache=kv_cache,
+                      slot_mapping=slot_mapping)
+    if q.shape[0] == 0:
+        return
+    half = d // 2
+    _rope_kv_write_kernel[(q.shape[0], 2)](
+        q, k, v, positions, inv_freq, kv_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        q.shape[1], hk, half, 1.0 / k_scale, 1.0 / v_scale, FP8_MAX=fp8_max(kv_cache.dtype),
+        BLOCK_SIZE=block_size, BLOCK_H=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk),
         BLOCK_HALF=next_pow2(half),
     )
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from encore.kernels import reference as R
-from encore.kernels.rope import rerotate_copy, rope_qk, rope_rerotate_blocks
+from encore.kernels.kv_write import kv_write
+from encore.kernels.rope import rerotate_copy, rope_kv_write, rope_qk, rope_rerotate_blocks
 from tests.kernels.conftest import DEVICE, TOL, rel_err
 
 
@@ -30,6 +31,43 @@ def test_rope_qk_matches_twin_on_fused_qkv_views(h, hk, d, dtype):
     rope_qk(q, k, pos, inv)
     assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]
     assert torch.equal(qkv[:, (h + hk) * d:], v_before), "rope_qk touched V"
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float8_e4m3fn)], ids=str)
+def test_rope_kv_write_equals_rope_qk_then_kv_write(dtype, cache_dtype):
+    """The fused kernel: q rotated in place, rotated k and v in the cache (scaled for fp8),
+    padding rows (slot -1) not written, k itself untouched; bit for bit the two kernels."""
+    t, h, hk, d = 6, 6, 2, 64
+    qkv = torch.randn(t, (h + 2 * hk) * d, device=DEVICE).to(dtype)
+    q = qkv[:, :h * d].view(t, h, d)
+    k = qkv[:, h * d:(h + hk) * d].view(t, hk, d)
+    v = qkv[:, (h + hk) * d:].view(t, hk, d)
+    pos = torch.randint(0, 9000, (t,), device=DEVICE)
+    slots = torch.tensor([5, 17, -1, 40, 2, -1], device=DEVICE)
+    inv = _llama3_inv_freq(d).to(DEVICE)
+    cache = torch.randn(2, 4, 16, hk, d, device=DEVICE).to(cache_dtype)
+    ref_qkv, ref_cache = qkv.clone(), cache.clone()
+    rq, rk = ref_qkv[:, :h * d].view(t, h, d), ref_qkv[:, h * d:(h + hk) * d].view(t, hk, d)
+    rope_qk(rq, rk, pos, inv)
+    kv_write(ref_cache, rk, ref_qkv[:, (h + hk) * d:].view(t, hk, d), slots, 0.5, 2.0)
+    k_before = k.clone()
+    rope_kv_write(q, k, v, pos, inv, cache, slots, 0.5, 2.0)
+    assert torch.equal(q, rq)
+    assert torch.equal(k, k_before), "k must be left as projected"
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+
+
+def test_rope_kv_write_rejects_mismatched_shapes():
+    q, k = torch.zeros(3, 4, 32, device=DEVICE), torch.zeros(3, 2, 32, device=DEVICE)
+    cache = torch.zeros(2, 4, 16, 2, 32, device=DEVICE)
+    inv = R.rope_inv_freq(32).to(DEVICE)
+    pos = torch.arange(3, device=DEVICE)
+    with pytest.raises(ValueError, match="disagree"):
+        rope_kv_write(q, k, k, pos, inv, cache, torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="do not match"):
+        rope_kv_write(q, q, k, pos, inv, cache, pos)
 
 
 @pytest.mark.parametrize("bs,hk,d", [(16, 2, 32), (32, 3, 64)])

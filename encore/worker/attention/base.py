@@ -78,3 +78,15 @@ class AttentionBackend(abc.ABC):
         v_scale: float = 1.0,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Attention output for every new token; mutates ``kv_cache`` at ``meta.slot_mapping``."""
+
+    @abc.abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        kv_cache: torch.Tensor,  # the new tokens' K/V already written at meta.slot_mapping
+        meta: AttentionMetadata,
+        scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """``forward`` without the write (a caller that wrote the K/V itself)."""

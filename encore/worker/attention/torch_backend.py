@@ -82,10 +82,14 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+        return self.attend(q, kv_cache, meta, scale, k_scale, v_scale)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         if meta.is_decode_only:
             return decode_attention(q, kv_cache, meta, scale, k_scale, v_scale)
         out = torch.empty_like(q)
-        num_heads, num_kv_heads = q.shape[1], k.shape[1]
+        num_heads, num_kv_heads = q.shape[1], kv_cache.shape[3]
         tables = meta.block_tables
         q_start = 0
         for i, (qlen, start) in enumerate(zip(meta.query_lens, meta.start_pos, strict=True)):

@@ -25,6 +25,12 @@ class TritonAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         kv_write(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+        return self.attend(q, kv_cache, meta, scale, k_scale, v_scale)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """``forward`` once the new K/V are in the cache (the fused model path writes them
+        with RoPE: ``kernels.rope.rope_kv_write``)."""
         if meta.is_decode_only:
             return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                     max_seq_len=meta.max_seq_len, k_scale=k_scale,

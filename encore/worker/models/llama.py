@@ -7,10 +7,12 @@ backend's job. Read top to bottom:
     DecoderLayer:  x += o_proj(attn(rope(qkv(norm(x)))))  ;  x += down(silu(gate) * up)(norm(x))
 
 On CUDA (triton attention) the layers take a fused path instead (``worker/models/ops.py``):
-the residual stream is carried between layers so each add rides in a Triton RMSNorm, RoPE
-rotates q and k in place inside the qkv output, and SiLU x up is one kernel:
+the residual stream is carried between layers so each add rides in a Triton RMSNorm, one
+kernel rotates q in place inside the qkv output and writes the rotated k and v into the
+cache, and SiLU x up is one kernel:
 
-    h, r = add_norm(x, r) -> qkv -> rope_qk (in place) -> attn -> o_proj = x
+    h, r = add_norm(x, r) -> qkv -> rope_kv_write (q in place; k, v to cache) -> attend
+         -> o_proj = x
     h, r = add_norm(x, r) -> gate_up -> silu_mul -> down = x        ... final: add_norm(x, r)
 
 Speed on a 2-core CPU comes from a few choices: q/k/v is one matmul and gate/up is one
@@ -256,8 +258,10 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         ops: TritonOps,
     ) -> torch.Tensor:
-        q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops)
-        out = self.attn.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops, rotate=False)
+        ops.rope_kv_write(q, k, v, positions, inv_freq, kv_cache, meta.slot_mapping,
+                          self.k_scale, self.v_scale)
+        out = self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.project_out_fused(out, ops)
 
     def project_out_fused(self, attn_out: torch.Tensor, ops: TritonOps) -> torch.Tensor:
@@ -266,9 +270,11 @@ class DecoderLayer(nn.Module):
         return self.tp.all_reduce(out)
 
     def project_qkv_fused(
-        self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ops: TritonOps
+        self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ops: TritonOps,
+        rotate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``project_qkv`` on the fused kernels: RoPE in place, angles in fp32."""
+        """``project_qkv`` on the fused kernels: RoPE in place, angles in fp32 (``rotate``
+        False: q and k as projected, for ``rope_kv_write``)."""
         t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = ops.linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
@@ -281,7 +287,8 @@ class DecoderLayer(nn.Module):
                 dim=1,
             )
         q, k = qk[:, :nh], qk[:, nh:]
-        ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
+        if rotate:
+            ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
         return q, k, v
 
     def mlp_fused(self, h: torch.Tensor, ops: TritonOps) -> torch.Tensor:

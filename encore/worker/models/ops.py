@@ -1,5 +1,5 @@
-"""The model's fusable ops on CUDA: residual-add + RMSNorm, in-place RoPE, SiLU x up, and
-the one-row (batch-1 decode) linear layers.
+"""The model's fusable ops on CUDA: residual-add + RMSNorm, RoPE (in place, or fused with the
+KV write), SiLU x up, and the one-row (batch-1 decode) linear layers.
 
 ``select_ops`` decides once, at model construction, which path the decoder takes:
 
@@ -38,9 +38,10 @@ class TritonOps:
         from encore.kernels.activation import silu_mul
         from encore.kernels.gemv import gemv
         from encore.kernels.rmsnorm import rmsnorm
-        from encore.kernels.rope import rerotate_copy, rope_qk
+        from encore.kernels.rope import rerotate_copy, rope_kv_write, rope_qk
 
         self._silu_mul, self._rmsnorm, self._rope_qk = silu_mul, rmsnorm, rope_qk
+        self.rope_kv_write = rope_kv_write  # q rotated in place, k rotated into the cache
         self.rerotate_copy = rerotate_copy  # blending: chunk K/V to new slots and positions
         self._gemv = gemv
         self.gemv_choice: dict[tuple, bool] = {}  # (N, K, dtype, bias) -> Triton GEMV wins
