@@ -11,6 +11,9 @@ Measures (median of triton.testing.do_bench, which flushes L2 between repetition
     without a cached prefix, next to torch SDPA on dense tensors of the same shape;
   * KV write, RoPE, block gather, RMSNorm achieved GB/s;
   * fp8 decode attention (``--only fp8``): bf16 vs fp8 e4m3 pages, 64 and 128 tokens a tile;
+  * the add + RMSNorm folded into the following batch-1 GEMV (``--only fold``), a prototype
+    kept here to measure whether the fold pays: every program recomputes the row's norm (it
+    needs all of it) and one writes the new residual (out of place), against rmsnorm + GEMV;
   * the tier codec (``--only codec``): a layer group of a host load (blocks x 4 layers of
     llama-3-8b) decoded into the pool by the torch codec + index_copy, by the fused kernel,
     and the uncompressed scatter; likewise the stores' gather + encode.
@@ -26,6 +29,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 from encore.kernels.block_copy import gather_blocks
 from encore.kernels.decode_attention import decode_attention
@@ -157,6 +161,66 @@ def codec_case(blocks: int, codec: str) -> None:
         row(f"tier {name}", f"{blocks} blocks x 4 layers", "us", bench_ms(fn) * 1e3)
 
 
+@triton.jit
+def _gemv_norm_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, out_ptr, N, K, eps,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = W @ (rmsnorm(x + res) * nw); program 0 also stores x + res (rounded) to res_out."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + cols
+        r = (tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+             + tl.load(res_ptr + c, mask=c < K, other=0.0).to(tl.float32))
+        r = r.to(res_ptr.dtype.element_ty).to(tl.float32)
+        sq += r * r
+    rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + cols
+        cmask = c < K
+        r = (tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+             + tl.load(res_ptr + c, mask=cmask, other=0.0).to(tl.float32))
+        r_ty = r.to(res_ptr.dtype.element_ty)
+        if tl.program_id(0) == 0:
+            tl.store(res_out_ptr + c, r_ty, mask=cmask)
+        h = (r_ty.to(tl.float32) * rstd * tl.load(nw_ptr + c, mask=cmask, other=0.0)
+             .to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_rows + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * h[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def fold_case(n: int, k: int) -> None:
+    """rmsnorm (with residual) + the GEMV against the GEMV with the norm in its prologue, at
+    a few tiles; us per pair (L2 flushed by do_bench between repetitions)."""
+    from encore.kernels.gemv import gemv
+
+    x = torch.randn(1, k, device="cuda", dtype=DT)
+    res = torch.randn(1, k, device="cuda", dtype=DT)
+    nw = torch.randn(k, device="cuda", dtype=DT)
+    w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
+    out = torch.empty(1, n, device="cuda", dtype=DT)
+    res_out = torch.empty_like(res)
+    gemv(rmsnorm(x, nw, 1e-5, res.clone())[0], w)  # autotune outside the timing
+
+    def unfused() -> None:
+        h, _ = rmsnorm(x, nw, 1e-5, res)
+        gemv(h, w, out=out)
+
+    row("fold: rmsnorm+gemv", f"N={n} K={k}", "us", bench_ms(unfused) * 1e3)
+    row("fold: gemv alone", f"N={n} K={k}", "us",
+        bench_ms(lambda: gemv(x, w, out=out)) * 1e3)
+    for bn, bk, warps in [(4, 1024, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8)]:
+        def fused(bn=bn, bk=bk, warps=warps) -> None:
+            _gemv_norm_kernel[(triton.cdiv(n, bn),)](x, res, res_out, nw, w, out, n, k, 1e-5,
+                                                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        row("fold: gemv with norm", f"N={n} K={k} {bn}x{bk} w{warps}", "us",
+            bench_ms(fused) * 1e3)
+
+
 def run_safely(fn, *args) -> None:
     """One failing case (out of memory, compile error) is reported, not fatal."""
     try:
@@ -196,7 +260,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--only", default="ceilings,decode,prefill,small",
-                    help="comma-separated: ceilings, decode, prefill, small, fp8, codec")
+                    help="comma-separated: ceilings, decode, prefill, small, fp8, fold, codec")
     args = ap.parse_args()
     quick, only = args.quick, set(args.only.split(","))
     if not torch.cuda.is_available():
@@ -221,6 +285,9 @@ def main() -> None:
             run_safely(prefill_case, *case)
     if "small" in only:
         run_safely(small_kernels)
+    if "fold" in only:
+        for n, k in [(6144, 4096), (28672, 4096)]:  # llama-3-8b qkv, gate_up
+            run_safely(fold_case, n, k)
     if "codec" in only:
         for blocks in (32, 256):
             for codec in ("int8", "int4"):
