@@ -116,15 +116,20 @@ def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_pat
     complete(a, prompt(20))  # the store answers again: written on the next checkpoint
     settle(a)
     text, cached = complete(b, prompt(20))
-    deadline = time.monotonic() + 40
+    deadline, n = time.monotonic() + 40, 21
     while cached == 0 and time.monotonic() < deadline:  # b's store backoff may still run
         time.sleep(2)
-        complete(a, prompt(21))
-        settle(a)
-        text, cached = complete(b, prompt(21))
+        sent = metric(a, *REMOTE_SENT)
+        complete(a, prompt(n))  # a fresh prompt each time: a hit on b comes from the store,
+        settle(a, sent)  # not from b's own cache of an earlier try
+        text, cached = complete(b, prompt(n))
+        n += 1
     assert cached > 0
-    deadline = time.monotonic() + 10  # the gauge follows the worker's reports, a step behind
+    # the gauge follows the worker's reports, which ride on step outputs: keep b stepping
+    deadline = time.monotonic() + 10
     while metric(b, "encore:kv_remote_up") != 1.0 and time.monotonic() < deadline:
+        complete(b, prompt(n))
+        n += 1
         time.sleep(0.5)
     assert metric(b, "encore:kv_remote_up") == 1.0
 
