@@ -63,6 +63,7 @@ class Result:
     cached_tokens: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)
     load_s: list[float] = field(default_factory=list)  # each request's wait for tier loads
+    transfer_s: list[float] = field(default_factory=list)  # their measured copy (+decode) time
 
 
 def make_users(args, vocab: int) -> list[User]:
@@ -177,6 +178,7 @@ def drive(core: EngineCore, users: list[User], args, result: Result) -> Result:
     result.tier_hits = dict(stats.labeled.get("kv_tier_hit_tokens", {})) or {
         "device": int(stats.values.get("prefix_hits", 0))}
     result.load_s = list(stats.observed.get("kv_tier_load_seconds", []))
+    result.transfer_s = list(stats.observed.get("kv_tier_transfer_seconds", []))
     return result
 
 
@@ -262,15 +264,16 @@ def config_names(args) -> list[str]:
 
 def print_table(results: list[Result]) -> None:
     print("| config | TTFT p50 (ms) | TTFT p99 (ms) | TTFT mean (ms) | output tok/s | "
-          "wall (s) | cached / prompt tokens | hits device/host/disk | tier load p50 (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "wall (s) | cached / prompt tokens | hits device/host/disk | tier load p50 (ms) | "
+          "transfer p50 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r.tier_hits
         print(f"| {r.name} | {pct(r.ttft, 0.5) * 1e3:.0f} | {pct(r.ttft, 0.99) * 1e3:.0f} | "
               f"{statistics.fmean(r.ttft) * 1e3:.0f} | {r.output_tokens / r.wall_s:.1f} | "
               f"{r.wall_s:.1f} | {r.cached_tokens}/{r.prompt_tokens} | "
               f"{h.get('device', '-')}/{h.get('host', '-')}/{h.get('disk', '-')} | "
-              f"{pct(r.load_s, 0.5) * 1e3:.2f} |")
+              f"{pct(r.load_s, 0.5) * 1e3:.2f} | {pct(r.transfer_s, 0.5) * 1e3:.2f} |")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class _SeqLoad:
     failed_at: int | None = None  # first block index whose load failed
     pending: set[int] = field(default_factory=set)
     inline: bool = False  # host copies the step's forward pass waits for (already promoted)
+    seconds: float = 0.0  # the workers' measured transfer time of its blocks so far
 
 
 @dataclass
@@ -138,6 +139,7 @@ class TieredCache:
         self.hit_tokens = dict.fromkeys(LOWER_TIERS, 0)
         self.transfer_bytes: dict[str, int] = {}
         self.load_seconds: list[float] = []  # drained by snapshot()
+        self.transfer_seconds: list[float] = []  # likewise
         self.corrupt_files = 0
 
     # ------------------------------------------------------------------ set-up
@@ -184,11 +186,13 @@ class TieredCache:
         """The tier metrics: usage now, counters since start, load times since the last call
         (keys of ``protocol.metrics.ENGINE_METRICS``)."""
         seconds, self.load_seconds = self.load_seconds, []
+        moved, self.transfer_seconds = self.transfer_seconds, []
         remote_up = "remote" in self.tiers and self.remote_up
         return dict(kv_tier_usage_bytes=self.usage_bytes(),
                     kv_tier_hit_tokens=dict(self.hit_tokens),
                     kv_tier_transfer_bytes=dict(self.transfer_bytes),
-                    kv_tier_load_seconds=seconds, kv_disk_corrupt_files=self.corrupt_files,
+                    kv_tier_load_seconds=seconds, kv_tier_transfer_seconds=moved,
+                    kv_disk_corrupt_files=self.corrupt_files,
                     kv_remote_errors=dict(self.remote_errors),
                     kv_remote_up=1.0 if remote_up else 0.0)
 
@@ -472,6 +476,7 @@ class TieredCache:
                 continue
             del self._seq_loads[seq_id]
             self.load_seconds.append(self.clock() - sl.started)
+            self.transfer_seconds.append(sl.seconds)
             if sl.inline:
                 continue
             good = len(sl.op_ids) if sl.failed_at is None else sl.failed_at
@@ -544,7 +549,7 @@ class TieredCache:
         if error_kind is not None:
             self.remote_errors[error_kind] = self.remote_errors.get(error_kind, 0) + 1
         if op.dst == "device":
-            self._load_done(op, ok)
+            self._load_done(op, ok, seconds)
             if ok:
                 self.policy.observe_transfer(op.src, self.tier_block_bytes, seconds)
         else:
@@ -567,12 +572,13 @@ class TieredCache:
             self.transfer_bytes[route] = self.transfer_bytes.get(route, 0) \
                 + self.tier_block_bytes
 
-    def _load_done(self, op: Transfer, ok: bool) -> None:
+    def _load_done(self, op: Transfer, ok: bool, seconds: float) -> None:
         self.tiers[op.src].complete_load(op.key, ok)
         sl = self._seq_loads.get(op.seq_id or "")
         if sl is None:
             return
         sl.pending.discard(op.op_id)
+        sl.seconds += seconds
         if not ok:
             if sl.inline:  # its tokens were already computed from this block
                 logger.error("a host KV copy failed after its step ran: %s", op.key.hex())

@@ -73,6 +73,10 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     EngineMetric("kv_tier_load_seconds", "encore:kv_tier_load_seconds", "histogram",
                  "Time a request waited for its KV to load from a lower tier (host, disk, "
                  "remote)", buckets=KV_LOAD_BUCKETS),
+    EngineMetric("kv_tier_transfer_seconds", "encore:kv_tier_transfer_seconds", "histogram",
+                 "Measured transfer time of a request's KV loaded from a lower tier: the "
+                 "worker's timed copies of its blocks (with their decode), not the wait "
+                 "around them", buckets=KV_LOAD_BUCKETS),
     EngineMetric("kv_remote_errors", "encore:kv_remote_errors", "counter",
                  "Remote tier operations that failed, by kind (down, timeout, full, miss, "
                  "corrupt, too_big, other); each is a miss, never a request error", ("kind",)),

@@ -132,6 +132,10 @@ def test_host_tier_brings_back_evicted_prefix(tokenizer):
     assert stats["kv_tier_hit_tokens"]["host"] >= cached - stats["kv_tier_hit_tokens"]["device"]
     assert stats["kv_tier_transfer_bytes"]["device>host"] > 0
     assert stats["kv_tier_transfer_bytes"]["host>device"] > 0
+    # per loading request: the copies' measured time, within its wait for them
+    moved, waited = stats["kv_tier_transfer_seconds"], stats["kv_tier_load_seconds"]
+    assert sum(moved.counts) == sum(waited.counts) > 0
+    assert 0 < moved.sum <= waited.sum
 
 
 def test_disk_tier_behind_a_tiny_host_survives_a_restart(tokenizer, tmp_path):

@@ -147,6 +147,7 @@ def test_evicted_blocks_come_back_from_host() -> None:
     assert stats["kv_tier_hit_tokens"]["host"] == 20
     assert stats["kv_tier_transfer_bytes"]["host>device"] == 5 * 1024
     assert len(stats["kv_tier_load_seconds"]) == 1
+    assert len(stats["kv_tier_transfer_seconds"]) == 1
 
 
 def test_host_hit_is_computed_in_the_step_that_loads_it() -> None:

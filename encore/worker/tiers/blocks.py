@@ -68,6 +68,21 @@ class DeviceBlocks:
             self._ptrs = layer_pointers(self.kv)
         return self._ptrs
 
+    def warm_up(self, group_sizes: list[int]) -> None:
+        """Compile the fused codec kernels now, for every layer-group size the copies use,
+        on a scratch block (compiling at the first tier hit stalled a request by ~1 s)."""
+        if self._fused() is None:
+            return
+        from encore.kernels.kv_codec import decode_scatter, gather_encode
+        from encore.kernels.rope import layer_pointers
+        with torch.cuda.stream(self.stream):
+            for n in group_sizes:
+                scratch = [torch.zeros_like(self.kv[0][:, :1]) for _ in range(n)]
+                ptrs, ids = layer_pointers(scratch), self.ids([0])
+                payload = gather_encode(scratch, ptrs, ids, self.codec.bits)
+                decode_scatter(payload, scratch, ptrs, ids, self.codec.bits)
+        torch.cuda.synchronize(self.device)
+
     def encode(self, ids: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
         """Device blocks ``ids`` of ``layers`` encoded: ``[n, layers, layer_bytes]`` uint8 on
         the device."""

@@ -82,6 +82,8 @@ class TierDataPlane:
                            fingerprint, mac_key, retired)
         self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
                                                           self.blocks.tier_block_bytes))
+        groups = {b - a for a, b in self.host.bounds} if self.host is not None else set()
+        self.blocks.warm_up(sorted(groups | {self.blocks.num_layers}))
 
     def _host_pool(self, gib: float) -> HostPool | None:
         blocks = self.blocks
