@@ -159,9 +159,12 @@ def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -
 
 
 def tile_tokens(kv_dtype: torch.dtype) -> int:
-    """Tokens a tile (any size works: each token finds its own page): 64 for 16-bit pages;
-    fp8 pages take 128, the same bytes in flight per step."""
-    return 128 if fp8_max(kv_dtype) else 64
+    """Tokens a tile (any size works: each token finds its own page): 64. fp8 pages at 128
+    (the same bytes in flight as 16-bit pages at 64) were slower where the batch is large
+    and much slower at batch 1 (H100, ``bench/kernel_bench.py --only fp8``, llama-3-8b
+    layer: B=256 at 1k/2k tokens 291/550 vs 275/526 us, B=1 at 4k 52.8 vs 28.4 us; only
+    B=64 at 1k favoured 128, 82.9 vs 97.0 us)."""
+    return 64
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
