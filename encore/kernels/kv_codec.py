@@ -58,6 +58,23 @@ def _codes(x, zero, scale, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _program_block(layers_ptr, ids_ptr, bytes_ptr, bytes16_ptr, stride_c2, stride_n,
+                   num_layers, layer_bytes, codes_bytes, DTYPE: tl.constexpr):
+    """This program's (block j, layer g, K or V) part of both directions: which half (0:
+    keys, 1: values), its elements in the cache, its codes in the payload, and the layer's
+    fp16 parameters (K zero, scale [2, H*D]; V zero, scale [2, bs*H])."""
+    j = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    half = tl.program_id(2)
+    cache = tl.load(layers_ptr + g).to(tl.pointer_type(DTYPE))
+    kv = cache + half * stride_c2 + tl.load(ids_ptr + j).to(tl.int64) * stride_n
+    base = (j * num_layers + g) * layer_bytes
+    codes = bytes_ptr + base + half * codes_bytes
+    params = bytes16_ptr + (base + 2 * codes_bytes) // 2
+    return half, kv, codes, params
+
+
+@triton.jit
 def _gather_encode_kernel(
     layers_ptr,  # [G] int64: the group's cache addresses ([2, N, bs, H, D] each)
     ids_ptr,  # [n] int64 device blocks
@@ -67,16 +84,11 @@ def _gather_encode_kernel(
     BS: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr,
     DTYPE: tl.constexpr, CH: tl.constexpr, ROWS: tl.constexpr,
 ):
-    j = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    half = tl.program_id(2)  # 0: keys, 1: values
     QMAX: tl.constexpr = (1 << BITS) - 1
     HD: tl.constexpr = HEADS * DIM
-    cache = tl.load(layers_ptr + g).to(tl.pointer_type(DTYPE))
-    src = cache + half * stride_c2 + tl.load(ids_ptr + j).to(tl.int64) * stride_n
-    base = (j * num_layers + g) * layer_bytes
-    codes = out_ptr + base + half * codes_bytes
-    params = out16_ptr + (base + 2 * codes_bytes) // 2  # K zero, scale [2, HD]; V [2, BS*H]
+    half, src, codes, params = _program_block(layers_ptr, ids_ptr, out_ptr, out16_ptr, stride_c2,
+                                              stride_n, num_layers, layer_bytes, codes_bytes,
+                                              DTYPE)
     if half == 0:  # keys: per channel (h, d) over the block's tokens
         t = tl.arange(0, BS)
         for c0 in range(0, HD, CH):
@@ -134,15 +146,10 @@ def _decode_scatter_kernel(
     BS: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr,
     DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    j = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    half = tl.program_id(2)
     HD: tl.constexpr = HEADS * DIM
-    cache = tl.load(layers_ptr + g).to(tl.pointer_type(DTYPE))
-    dst = cache + half * stride_c2 + tl.load(ids_ptr + j).to(tl.int64) * stride_n
-    base = (j * num_layers + g) * layer_bytes
-    codes = in_ptr + base + half * codes_bytes
-    params = in16_ptr + (base + 2 * codes_bytes) // 2
+    half, dst, codes, params = _program_block(layers_ptr, ids_ptr, in_ptr, in16_ptr, stride_c2,
+                                              stride_n, num_layers, layer_bytes, codes_bytes,
+                                              DTYPE)
     for e0 in range(0, BS * HD, BLOCK):
         e = e0 + tl.arange(0, BLOCK)
         if BITS == 8:
@@ -163,9 +170,16 @@ def _decode_scatter_kernel(
         tl.store(dst + e, x.to(DTYPE))
 
 
-def _check(caches: list[torch.Tensor], ptrs: torch.Tensor, ids: torch.Tensor,
-           payload: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    """Arguments of both directions; returns (bs, heads, dim, layer_bytes)."""
+def _layer_bytes(bs: int, heads: int, dim: int, bits: int) -> tuple[int, int]:
+    """(bytes of a layer's K codes, bytes of a layer's whole payload), as the torch codec."""
+    codes = bs * heads * dim * bits // 8
+    return codes, 2 * codes + 4 * heads * dim + 4 * bs * heads
+
+
+def _launch_args(caches: list[torch.Tensor], ptrs: torch.Tensor, ids: torch.Tensor,
+                 payload: torch.Tensor, bits: int) -> tuple[tuple, dict]:
+    """Both directions' arguments checked; the kernels' shared arguments (positional,
+    constexpr)."""
     check(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
     check(len(caches) > 0, "no layers")
     first = caches[0]
@@ -183,35 +197,33 @@ def _check(caches: list[torch.Tensor], ptrs: torch.Tensor, ids: torch.Tensor,
           f"ptrs must be [{len(caches)}] int64 (layer_pointers), got {tuple(ptrs.shape)}")
     check_int("ids", ids, (torch.int64,))
     check(ids.dim() == 1, f"ids must be [n], got {tuple(ids.shape)}")
-    codes = bs * heads * dim * bits // 8
-    layer_bytes = 2 * codes + 4 * heads * dim + 4 * bs * heads
+    codes, layer_bytes = _layer_bytes(bs, heads, dim, bits)
     shape = (ids.shape[0], len(caches), layer_bytes)
     check(payload.dtype == torch.uint8 and tuple(payload.shape) == shape
           and payload.is_contiguous(),
           f"payload must be contiguous uint8 {shape}, got {payload.dtype} {tuple(payload.shape)}")
     devices = {t.device for t in (first, ptrs, ids, payload)}
     check(len(devices) == 1, f"tensors on different devices: {devices}")
-    return bs, heads, dim, layer_bytes
+    args = (ptrs, ids, payload, payload.view(torch.float16), first.stride(0), first.stride(1),
+            len(caches), layer_bytes, codes)
+    meta = dict(BS=bs, HEADS=heads, DIM=dim, BITS=bits, DTYPE=_TL_DTYPES[first.dtype],
+                enable_fp_fusion=False)
+    return args, meta
 
 
 def gather_encode(caches: list[torch.Tensor], ptrs: torch.Tensor, ids: torch.Tensor,
                   bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks ``ids`` ([n] int64) of the layer caches ``caches`` (their ``layer_pointers``
     ``ptrs``) encoded as the torch codec's payload ``[n, len(caches), layer_bytes]`` uint8."""
-    first = caches[0]
-    _, _, bs, heads, dim = first.shape
-    layer_bytes = 2 * bs * heads * dim * bits // 8 + 4 * heads * dim + 4 * bs * heads
+    _, _, bs, heads, dim = caches[0].shape
     if out is None:
-        out = torch.empty((ids.shape[0], len(caches), layer_bytes), dtype=torch.uint8,
-                          device=first.device)
-    bs, heads, dim, layer_bytes = _check(caches, ptrs, ids, out, bits)
+        out = torch.empty((ids.shape[0], len(caches), _layer_bytes(bs, heads, dim, bits)[1]),
+                          dtype=torch.uint8, device=caches[0].device)
+    args, meta = _launch_args(caches, ptrs, ids, out, bits)
     if ids.shape[0]:
-        ch = min(heads * dim, 256 if bits == 8 else 512)
         _gather_encode_kernel[(ids.shape[0], len(caches), 2)](
-            ptrs, ids, out, out.view(torch.float16), first.stride(0), first.stride(1),
-            len(caches), layer_bytes, bs * heads * dim * bits // 8,
-            BS=bs, HEADS=heads, DIM=dim, BITS=bits, DTYPE=_TL_DTYPES[first.dtype],
-            CH=ch, ROWS=min(bs * heads, 32), enable_fp_fusion=False)
+            *args, CH=min(heads * dim, 256 if bits == 8 else 512), ROWS=min(bs * heads, 32),
+            **meta)
     return out
 
 
@@ -220,12 +232,8 @@ def decode_scatter(payload: torch.Tensor, caches: list[torch.Tensor], ptrs: torc
     """Payload ``[n, len(caches), layer_bytes]`` (the torch codec's) decoded into blocks
     ``ids`` ([n] int64) of the layer caches ``caches`` (``ptrs``: their ``layer_pointers``).
     An fp8 cache gets the decoded values saturated to its format."""
-    bs, heads, dim, layer_bytes = _check(caches, ptrs, ids, payload, bits)
+    args, meta = _launch_args(caches, ptrs, ids, payload, bits)
     if ids.shape[0]:
-        first = caches[0]
+        dtype = caches[0].dtype
         _decode_scatter_kernel[(ids.shape[0], len(caches), 2)](
-            ptrs, ids, payload, payload.view(torch.float16), first.stride(0), first.stride(1),
-            len(caches), layer_bytes, bs * heads * dim * bits // 8,
-            BS=bs, HEADS=heads, DIM=dim, BITS=bits, DTYPE=_TL_DTYPES[first.dtype],
-            FP8_MAX=fp8_max(first.dtype), BLOCK=min(bs * heads * dim, 2048),
-            enable_fp_fusion=False)
+            *args, FP8_MAX=fp8_max(dtype), BLOCK=min(caches[0][0, 0].numel(), 2048), **meta)
