@@ -42,6 +42,15 @@ def mma(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return out
 
 
+@triton.jit
+def fp8_scaled(x, inv_scale, FP8_MAX: tl.constexpr):
+    """``x`` as a cache stores it: an fp8 cache (FP8_MAX > 0) holds x / scale saturated to
+    +-FP8_MAX (fp32, cast at the store); any other cache x itself."""
+    if FP8_MAX > 0:
+        x = tl.clamp(x.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
+    return x
+
+
 def check(cond: bool, msg: str) -> None:
     """Raise ValueError(msg) unless cond: the wrappers' one way to reject bad arguments."""
     if not cond:

@@ -158,20 +158,19 @@ def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -
     return max(1, min(by_occupancy, by_length, 64))
 
 
-def tile_tokens(kv_dtype: torch.dtype) -> int:
-    """Tokens a tile (any size works: each token finds its own page): 64. fp8 pages at 128
-    (the same bytes in flight as 16-bit pages at 64) were slower where the batch is large
-    and much slower at batch 1 (H100, ``bench/kernel_bench.py --only fp8``, llama-3-8b
-    layer: B=256 at 1k/2k tokens 291/550 vs 275/526 us, B=1 at 4k 52.8 vs 28.4 us; only
-    B=64 at 1k favoured 128, 82.9 vs 97.0 us)."""
-    return 64
+# Tokens a tile (any size works: each token finds its own page). fp8 pages at 128 (the same
+# bytes in flight as 16-bit pages at 64) were slower where the batch is large and much slower
+# at batch 1 (H100, ``bench/kernel_bench.py --only fp8``, llama-3-8b layer: B=256 at 1k/2k
+# tokens 291/550 vs 275/526 us, B=1 at 4k 52.8 vs 28.4 us; only B=64 at 1k favoured 128,
+# 82.9 vs 97.0 us): every cache dtype takes 64.
+BLOCK_N = 64
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
                      k_scale: float = 1.0, v_scale: float = 1.0,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int = BLOCK_N) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [B, H, D]; kv_cache [2, N, bs, Hk, D] (q's dtype, or fp8 holding K / k_scale and
@@ -180,7 +179,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     already be in the cache); max_seq_len >= max(seq_lens) (a host int: no device sync).
     Returns ``out`` (a new [B, H, D] tensor in q's dtype unless given; a static buffer suits
     CUDA graphs). ``num_splits`` overrides the split-K choice, ``block_n`` the tokens a tile
-    (``tile_tokens``).
+    (``BLOCK_N``).
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
     if not fp8_max(kv_cache.dtype):
@@ -191,7 +190,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     out = check_out(out, q)
     if batch == 0:
         return out
-    block_n = block_n or tile_tokens(kv_cache.dtype)
     splits = num_splits or _num_splits(batch, num_kv_heads, max_seq_len, block_n)
     group = num_heads // num_kv_heads
     common = dict(BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=max(16, next_pow2(group)),

@@ -22,6 +22,7 @@ from encore.kernels._common import (
     check_last_contiguous,
     check_same_device,
     fp8_max,
+    fp8_scaled,
     next_pow2,
 )
 
@@ -56,11 +57,8 @@ def _kv_write_kernel(
     v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     dst = cache_ptr + block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
     ty = cache_ptr.dtype.element_ty
-    if FP8_MAX > 0:
-        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
-    tl.store(dst, k.to(ty), mask=mask)
-    tl.store(dst + stride_c2, v.to(ty), mask=mask)
+    tl.store(dst, fp8_scaled(k, inv_k_scale, FP8_MAX).to(ty), mask=mask)
+    tl.store(dst + stride_c2, fp8_scaled(v, inv_v_scale, FP8_MAX).to(ty), mask=mask)
 
 
 def kv_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

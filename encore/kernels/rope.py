@@ -32,8 +32,16 @@ from encore.kernels._common import (
     check_last_contiguous,
     check_same_device,
     fp8_max,
+    fp8_scaled,
     next_pow2,
 )
+
+
+@triton.jit
+def _rotated(x1, x2, cos, sin):
+    """The two halves [x1 | x2] (fp32 tiles [heads, D/2]) rotated by the angles' cos, sin
+    ([D/2]): the formula every kernel here applies."""
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
 
 
 @triton.jit
@@ -47,8 +55,9 @@ def _rotate_tile(ptr, stride_h, num_heads, cos, sin, half,
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + half, mask=mask, other=0.0).to(tl.float32)
     ty = ptr.dtype.element_ty
-    tl.store(p1, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
-    tl.store(p1 + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
+    y1, y2 = _rotated(x1, x2, cos, sin)
+    tl.store(p1, y1.to(ty), mask=mask)
+    tl.store(p1 + half, y2.to(ty), mask=mask)
 
 
 @triton.jit
@@ -114,23 +123,19 @@ def _rope_kv_write_kernel(
             pv = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
             x1 = tl.load(pk, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(pk + half, mask=mask, other=0.0).to(tl.float32)
-            ty = k_ptr.dtype.element_ty
-            k1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(ty)
-            k2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(ty)
+            k1, k2 = _rotated(x1, x2, cos, sin)
+            ty = k_ptr.dtype.element_ty  # k rounded to its dtype first, as rope_qk leaves it
+            k1, k2 = k1.to(ty), k2.to(ty)
             v1 = tl.load(pv, mask=mask, other=0.0)
             v2 = tl.load(pv + half, mask=mask, other=0.0)
             dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
                    + h[:, None] * stride_ch + i[None, :])
             out = cache_ptr.dtype.element_ty
-            if FP8_MAX > 0:
-                k1 = tl.clamp(k1.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
-                k2 = tl.clamp(k2.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
-                v1 = tl.clamp(v1.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
-                v2 = tl.clamp(v2.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
-            tl.store(dst, k1.to(out), mask=mask)
-            tl.store(dst + half, k2.to(out), mask=mask)
-            tl.store(dst + stride_c2, v1.to(out), mask=mask)
-            tl.store(dst + stride_c2 + half, v2.to(out), mask=mask)
+            tl.store(dst, fp8_scaled(k1, inv_k_scale, FP8_MAX).to(out), mask=mask)
+            tl.store(dst + half, fp8_scaled(k2, inv_k_scale, FP8_MAX).to(out), mask=mask)
+            tl.store(dst + stride_c2, fp8_scaled(v1, inv_v_scale, FP8_MAX).to(out), mask=mask)
+            tl.store(dst + stride_c2 + half, fp8_scaled(v2, inv_v_scale, FP8_MAX).to(out),
+                     mask=mask)
 
 
 @triton.jit
@@ -179,9 +184,7 @@ def _rerotate_copy_kernel(
     k2 = tl.load(src + offs + half, mask=mask, other=0.0)
     v1 = tl.load(src + stride_c2 + offs, mask=mask, other=0.0)
     v2 = tl.load(src + stride_c2 + offs + half, mask=mask, other=0.0)
-    x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
-    y1 = x1 * cos[None, :] - x2 * sin[None, :]
-    y2 = x2 * cos[None, :] + x1 * sin[None, :]
+    y1, y2 = _rotated(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
     if FP8_MAX > 0:
         y1 = tl.clamp(y1, -FP8_MAX, FP8_MAX)
         y2 = tl.clamp(y2, -FP8_MAX, FP8_MAX)
