@@ -10,7 +10,8 @@ Measures (median of triton.testing.do_bench, which flushes L2 between repetition
   * prefill attention TFLOP/s (causal: 4 * H * D * visible (q, k) pairs), with and
     without a cached prefix, next to torch SDPA on dense tensors of the same shape;
   * KV write, RoPE, block gather, RMSNorm achieved GB/s;
-  * fp8 decode attention (``--only fp8``): bf16 vs fp8 e4m3 pages, 64 and 128 tokens a tile;
+  * fp8 decode attention (``--only fp8``): bf16 vs fp8 e4m3 pages over tiles, stages, warps
+    and the MMA dtype (``FP8_VARIANTS``);
   * the add + RMSNorm folded into the following batch-1 GEMV (``--only fold``), a prototype
     kept here to measure whether the fold pays: every program recomputes the row's norm (it
     needs all of it) and one writes the new residual (out of place), against rmsnorm + GEMV;
@@ -110,20 +111,38 @@ def prefill_case(batch: int, qlen: int, prefix: int) -> None:
         flops / ms / 1e9, extra)
 
 
+# (name, cache, block_n, launch options) of the fp8 sweep; "bf16 mma" is the widening before
+# FP16_MMA (fp8 -> bf16 through fp32)
+FP8_VARIANTS = [
+    ("bf16 n=64", "bf16", 64, {}),
+    ("bf16 n=64 s4", "bf16", 64, {"num_stages": 4}),
+    ("fp8 n=64 bf16 mma", "fp8", 64, {"FP16_MMA": False}),
+    ("fp8 n=64", "fp8", 64, {}),
+    ("fp8 n=64 s4", "fp8", 64, {"num_stages": 4}),
+    ("fp8 n=64 s5", "fp8", 64, {"num_stages": 5}),
+    ("fp8 n=64 w8", "fp8", 64, {"num_warps": 8}),
+    ("fp8 n=128", "fp8", 128, {}),
+    ("fp8 n=128 w8", "fp8", 128, {"num_warps": 8}),
+    ("fp8 n=128 s4 w8", "fp8", 128, {"num_stages": 4, "num_warps": 8}),
+]
+
+
 def decode_fp8_case(b: int, ctx: int) -> None:
-    """bf16 pages vs fp8 pages (half the bytes) at 64 and 128 tokens a tile; GB/s of the
-    bytes each actually reads."""
+    """bf16 pages vs fp8 pages (half the bytes) over tile sizes and launch options; GB/s of
+    the bytes each actually reads."""
     kv, tables = paged([ctx] * b)
-    kv8 = kv.to(torch.float8_e4m3fn)
+    caches = {"bf16": kv, "fp8": kv.to(torch.float8_e4m3fn)}
     q = torch.randn(b, H, D, device="cuda", dtype=DT)
     lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     pages = 2 * b * ctx * HK * D  # elements of K and V read
-    times = {"bf16 n=64": bench_ms(lambda: decode_attention(q, kv, tables, lens, D**-0.5, ctx))}
-    for n in (64, 128):
-        times[f"fp8 n={n}"] = bench_ms(lambda n=n: decode_attention(
-            q, kv8, tables, lens, D**-0.5, ctx, block_n=n))
-    for name, ms in times.items():
-        size = 2 if name.startswith("bf16") else 1
+    for name, cache, n, launch in FP8_VARIANTS:
+        try:
+            ms = bench_ms(lambda c=caches[cache], n=n, launch=launch: decode_attention(
+                q, c, tables, lens, D**-0.5, ctx, block_n=n, launch=launch))
+        except Exception as e:  # a launch option the card cannot hold (shared memory)
+            print(f"decode {name} B={b} ctx={ctx}: {type(e).__name__}: {e}"[:200], flush=True)
+            continue
+        size = caches[cache].element_size()
         row(f"decode {name}", f"B={b} ctx={ctx}", "us", ms * 1e3,
             f"{pages * size / ms / 1e6:.0f} GB/s")
 
@@ -275,7 +294,7 @@ def main() -> None:
             for ctx in [1024, 8192] if quick else [512, 2048, 8192, 32768]:
                 run_safely(decode_case, b, ctx)
     if "fp8" in only:
-        for b, ctx in [(1, 4096), (64, 1024), (256, 1024), (256, 2048)]:
+        for b, ctx in [(1, 4096), (64, 1024), (256, 1024), (512, 1024), (256, 2048)]:
             run_safely(decode_fp8_case, b, ctx)
     if "prefill" in only:
         prefill_cases = ([(1, 2048, 0), (4, 512, 3000)] if quick else

@@ -57,6 +57,7 @@ class User:
 class Result:
     name: str
     ttft: list[float] = field(default_factory=list)
+    ttft_at: list[float] = field(default_factory=list)  # when each first token came (s in)
     wall_s: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int = 0
@@ -167,6 +168,7 @@ def drive(core: EngineCore, users: list[User], args, result: Result) -> Result:
             uid, t0, toks = inflight[out.request_id]
             if not toks and out.new_token_ids:
                 result.ttft.append(time.perf_counter() - t0)
+                result.ttft_at.append(time.perf_counter() - start)
             toks.extend(out.new_token_ids)
             if out.finish_reason is not None:
                 finish_turn(users[uid], toks)
@@ -174,6 +176,9 @@ def drive(core: EngineCore, users: list[User], args, result: Result) -> Result:
                 result.cached_tokens += out.num_cached_tokens
                 del inflight[out.request_id]
     result.wall_s = time.perf_counter() - start
+    slow = sorted(zip(result.ttft, result.ttft_at, strict=True), reverse=True)[:3]
+    print(f"# {result.name}: slowest TTFTs " + ", ".join(
+        f"{1e3 * t:.0f} ms (at {at:.2f} s)" for t, at in slow), flush=True)
     stats = core.scheduler.stats()
     result.tier_hits = dict(stats.labeled.get("kv_tier_hit_tokens", {})) or {
         "device": int(stats.values.get("prefix_hits", 0))}

@@ -12,8 +12,10 @@ partial output and log-sum-exp, and ``_reduce_kernel`` merges the S partials; wi
 the first kernel writes the final output directly. Accumulation is fp32 throughout.
 
 An fp8 cache (``cache.kv_cache_dtype``) holds K / k_scale and V / v_scale: tiles are widened
-to q's dtype as they are loaded (the MMAs stay bf16/fp16), k_scale is folded into the softmax
-scale and v_scale multiplies the output, so the pages cross HBM at half the bytes.
+as they are loaded (the MMAs stay 16-bit), k_scale is folded into the softmax scale and
+v_scale multiplies the output, so the pages cross HBM at half the bytes. With a bf16 q the
+MMAs run in fp16 (``FP16_MMA``): fp8 -> fp16 is one hardware conversion per two values on
+sm89+, fp8 -> bf16 goes through fp32; q (bf16) and p (in [0, 1]) lose nothing in fp16.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
+    FP16_MMA: tl.constexpr,  # widen fp8 tiles to fp16 and run the MMAs in fp16
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -76,6 +79,8 @@ def _decode_kernel(
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [G, D]
+    if FP16_MMA:
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -170,7 +175,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
                      k_scale: float = 1.0, v_scale: float = 1.0,
-                     block_n: int = BLOCK_N) -> torch.Tensor:
+                     block_n: int = BLOCK_N, launch: dict | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [B, H, D]; kv_cache [2, N, bs, Hk, D] (q's dtype, or fp8 holding K / k_scale and
@@ -179,10 +184,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     already be in the cache); max_seq_len >= max(seq_lens) (a host int: no device sync).
     Returns ``out`` (a new [B, H, D] tensor in q's dtype unless given; a static buffer suits
     CUDA graphs). ``num_splits`` overrides the split-K choice, ``block_n`` the tokens a tile
-    (``BLOCK_N``).
+    (``BLOCK_N``), ``launch`` the main kernel's launch options (num_warps, num_stages,
+    FP16_MMA: ``bench/kernel_bench.py``'s sweeps).
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
-    if not fp8_max(kv_cache.dtype):
+    fp8 = fp8_max(kv_cache.dtype) > 0
+    if not fp8:
         k_scale = v_scale = 1.0  # scales are an fp8 cache's only
     check(q.shape[0] == seq_lens.shape[0], f"q has {q.shape[0]} rows for {seq_lens.shape[0]} seqs")
     batch, num_heads, head_dim = q.shape
@@ -195,6 +202,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     common = dict(BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=max(16, next_pow2(group)),
                   BLOCK_D=max(16, next_pow2(head_dim)), UPCAST=dot_upcast(q.device),
                   PREC=dot_precision(q.dtype))
+    options = {"num_stages": 2 if head_dim > 128 else 3,
+               "FP16_MMA": fp8 and q.dtype == torch.bfloat16, **common} | (launch or {})
     part_o = part_lse = out  # placeholders when SPLIT is off (never dereferenced)
     if splits > 1:
         part_o = torch.empty(batch, num_heads, splits, head_dim, device=q.device,
@@ -206,7 +215,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E * k_scale, v_scale, head_dim, group, splits,
-        SPLIT=splits > 1, num_stages=2 if head_dim > 128 else 3, **common,
+        SPLIT=splits > 1, **options,
     )
     if splits > 1:
         _reduce_kernel[(batch, num_heads)](

@@ -50,16 +50,18 @@ def test_kv_write_stores_scaled_saturated_values(fp8):
 
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_over_fp8_cache(fp8, num_splits):
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_fp8_cache(fp8, num_splits, q_dtype):
+    """A bf16 q runs the MMAs in fp16 (FP16_MMA); an fp32 q in fp32."""
     seq_lens, group, hk, d = [1, 17, 70], 4, 2, 32
     kv, tables = paged_batch(seq_lens, 16, hk, d, fp8)
-    q = torch.randn(len(seq_lens), hk * group, d, device=DEVICE)
+    q = torch.randn(len(seq_lens), hk * group, d, device=DEVICE).to(q_dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    ref = R.decode_attention(q, kv, tables, lens, d ** -0.5, *SCALES)
+    ref = R.decode_attention(q.float(), kv, tables, lens, d ** -0.5, *SCALES)
     out = torch.full_like(q, float("nan"))
     decode_attention(q, kv, tables, lens, d ** -0.5, max(seq_lens), num_splits, out=out,
                      k_scale=SCALES[0], v_scale=SCALES[1])
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < TOL[q_dtype]
 
 
 @pytest.mark.parametrize("fp8", FP8)
