@@ -79,3 +79,23 @@ def test_embedded_model_from_an_int8_host_tier_on_cuda():
     core.shutdown()
     assert stats["kv_tier_hit_tokens"]["host"] >= 8 * 64
     compare(cold, warm, "int8", "host (CUDA)")
+
+
+def test_no_codec_kernel_compiles_at_a_tier_hit(tmp_path):
+    """The data plane compiles the codec kernels at start-up for the layer groups the copies
+    use (their exact arguments: a group starting at an odd layer once needed a variant of its
+    own, compiled at the first hit, ~0.6 s); blocks then cross both tiers without a compile."""
+    from encore.kernels import kv_codec
+
+    kernels = (kv_codec._gather_encode_kernel, kv_codec._decode_scatter_kernel)
+    plane = data_plane(tmp_path, "int8", torch.bfloat16, "cuda")
+    try:
+        device = torch.cuda.current_device()
+        compiled = lambda: sum(len(k.device_caches[device][0]) for k in kernels)  # noqa: E731
+        before = compiled()
+        assert before >= 2
+        for via in ("host", "disk"):
+            round_trip(plane, via)
+        assert compiled() == before
+    finally:
+        plane.close()

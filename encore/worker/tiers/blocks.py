@@ -35,7 +35,10 @@ class DeviceBlocks:
         self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
         self.codec = KVCodec(codec, self.block_shape[1:], self.dtype)
         self.tier_block_bytes = self.codec.layer_bytes * len(kv_caches)
-        self._ptrs: torch.Tensor | None = None  # the layers' addresses (fused codec, CUDA)
+        # the addresses of layers [a, b) (fused codec, CUDA), one tensor each: a slice of one
+        # tensor starting at an odd layer is not 16-byte aligned, and Triton compiles another
+        # kernel variant for such a pointer (at the first tier hit, ~0.6 s)
+        self._ptrs: dict[tuple[int, int], torch.Tensor] = {}
         # one side stream for every copy: the stores' copies to host queue behind the step's
         # loads, which the forward pass waits for (on a stream of their own they competed
         # with the loads for PCIe and slowed the step down)
@@ -59,50 +62,48 @@ class DeviceBlocks:
         for i in range(*layers):
             self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
 
-    def _fused(self) -> torch.Tensor | None:
-        """The layers' addresses when the fused codec kernels run (CUDA, int8/int4)."""
+    def _fused(self, layers: tuple[int, int]) -> torch.Tensor | None:
+        """The addresses of ``layers`` when the fused codec kernels run (CUDA, int8/int4)."""
         if self.stream is None or not self.codec.bits:
             return None
-        if self._ptrs is None:
+        ptrs = self._ptrs.get(layers)
+        if ptrs is None:
             from encore.kernels.rope import layer_pointers  # not at import: TRITON_INTERPRET
-            self._ptrs = layer_pointers(self.kv)
-        return self._ptrs
+            ptrs = self._ptrs[layers] = layer_pointers(self.kv[layers[0]:layers[1]])
+        return ptrs
 
-    def warm_up(self, group_sizes: list[int]) -> None:
-        """Compile the fused codec kernels now, for every layer-group size the copies use,
-        on a scratch block (compiling at the first tier hit stalled a request by ~1 s)."""
-        if self._fused() is None:
+    def warm_up(self, groups: list[tuple[int, int]]) -> None:
+        """Compile the fused codec kernels now, for every layer group the copies use, by one
+        round trip of block 0 through them (compiling at the first tier hit stalled requests
+        by ~1 s; the pool holds nothing yet, and a round trip only rounds block 0 to the
+        codec)."""
+        if self.stream is None or not self.codec.bits:
             return
-        from encore.kernels.kv_codec import decode_scatter, gather_encode
-        from encore.kernels.rope import layer_pointers
+        ids = self.ids([0])
         with torch.cuda.stream(self.stream):
-            for n in group_sizes:
-                scratch = [torch.zeros_like(self.kv[0][:, :1]) for _ in range(n)]
-                ptrs, ids = layer_pointers(scratch), self.ids([0])
-                payload = gather_encode(scratch, ptrs, ids, self.codec.bits)
-                decode_scatter(payload, scratch, ptrs, ids, self.codec.bits)
+            for layers in groups:
+                self.decode(ids, self.encode(ids, layers), layers)
         torch.cuda.synchronize(self.device)
 
     def encode(self, ids: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
         """Device blocks ``ids`` of ``layers`` encoded: ``[n, layers, layer_bytes]`` uint8 on
         the device."""
-        ptrs = self._fused()
+        ptrs = self._fused(layers)
         if ptrs is None:
             return self.codec.encode(self.gather(ids, layers))
         from encore.kernels.kv_codec import gather_encode
-        a, b = layers
-        return gather_encode(self.kv[a:b], ptrs[a:b], ids, self.codec.bits)
+        return gather_encode(self.kv[layers[0]:layers[1]], ptrs, ids, self.codec.bits)
 
     def decode(self, ids: torch.Tensor, payload: torch.Tensor, layers: tuple[int, int]) -> None:
         """Encoded ``payload`` ``[n, layers, layer_bytes]`` (on the device) into device blocks
         ``ids``."""
-        ptrs = self._fused()
+        ptrs = self._fused(layers)
         if ptrs is None:
             self.scatter(ids, self.codec.decode(payload), layers)
             return
         from encore.kernels.kv_codec import decode_scatter
-        a, b = layers
-        decode_scatter(payload.contiguous(), self.kv[a:b], ptrs[a:b], ids, self.codec.bits)
+        decode_scatter(payload.contiguous(), self.kv[layers[0]:layers[1]], ptrs, ids,
+                       self.codec.bits)
 
     def stage_out(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         """Device blocks ``ids`` on their way to disk or remote, one CPU tensor per block for

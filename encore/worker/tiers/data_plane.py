@@ -82,8 +82,9 @@ class TierDataPlane:
                            fingerprint, mac_key, retired)
         self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
                                                           self.blocks.tier_block_bytes))
-        groups = {b - a for a, b in self.host.bounds} if self.host is not None else set()
-        self.blocks.warm_up(sorted(groups | {self.blocks.num_layers}))
+        every = (0, self.blocks.num_layers)  # disk and remote copies: all layers at once
+        groups = self.host.bounds if self.host is not None else []
+        self.blocks.warm_up([*groups, every] if every not in groups else groups)
 
     def _host_pool(self, gib: float) -> HostPool | None:
         blocks = self.blocks
