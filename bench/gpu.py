@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.offline import random_prompt, run_requests  # noqa: E402
+from encore.protocol.heap import freeze_startup_heap, thaw_heap  # noqa: E402
 
 KV_TOKEN_BYTES_KEY = "kv_bytes_per_token"
 
@@ -85,6 +86,7 @@ def part_engine(args) -> dict:
     t0 = time.perf_counter()
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
+    freeze_startup_heap()  # as the server's processes do once ready
     runner = core.executor.worker.runner
     out = {"startup_s": time.perf_counter() - t0, "kv_blocks": info.num_device_blocks,
            "graph_sizes": len(runner.graphs.sizes) if runner.graphs else 0,
@@ -101,6 +103,7 @@ def part_engine(args) -> dict:
         steps.clear()
         if args.throughput_only:
             core.shutdown()
+            thaw_heap()
             return out
     decode = [run_requests(core, [random_prompt(rng, 16, 128256)], args.output_len)
               for _ in range(3)]
@@ -123,6 +126,7 @@ def part_engine(args) -> dict:
                 for _ in range(3)]
         out["ttft_ms"] = 1e3 * min(ttft)
     core.shutdown()
+    thaw_heap()
     return out
 
 

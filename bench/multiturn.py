@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from encore.configs.loading import build_config  # noqa: E402
+from encore.protocol.heap import freeze_startup_heap, thaw_heap  # noqa: E402
 from encore.protocol.messages import EngineRequest, SamplingParams  # noqa: E402
 from encore.scheduler.engine import EngineCore  # noqa: E402
 from encore.worker.executor import InprocExecutor  # noqa: E402
@@ -109,6 +110,7 @@ def device_pool_gib(args) -> float:
     assert core.worker is not None
     gib = (info.num_device_blocks - 1) * core.worker.kv_block_bytes / 1024**3
     core.shutdown()
+    thaw_heap()
     return gib
 
 
@@ -119,6 +121,7 @@ def run_config(name: str, args, capacity_gib: float, disk_dir: str,
     config = build_config(overrides=overrides_for(name, args, capacity_gib, disk_dir))
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
+    freeze_startup_heap()  # as the server's processes do once ready
     warm_up(core, args, info.vocab_size)
     core.scheduler.stats()  # drains the warm-up's load times
     if before_drive is not None:
@@ -126,6 +129,7 @@ def run_config(name: str, args, capacity_gib: float, disk_dir: str,
     users = make_users(args, info.vocab_size)
     result = drive(core, users, args, Result(name))
     core.shutdown()
+    thaw_heap()
     return result
 
 

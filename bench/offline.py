@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import add_engine_args, engine_overrides  # noqa: E402
 from encore.configs.loading import build_config  # noqa: E402
+from encore.protocol.heap import freeze_startup_heap, thaw_heap  # noqa: E402
 from encore.protocol.messages import EngineRequest, SamplingParams  # noqa: E402
 from encore.scheduler.engine import EngineCore  # noqa: E402
 from encore.worker.executor import InprocExecutor  # noqa: E402
@@ -62,6 +63,7 @@ def bench_engine(args) -> dict:
     config = build_config(overrides=engine_overrides(args))
     core = EngineCore(config, InprocExecutor(config))
     info = core.start()
+    freeze_startup_heap()  # as the server's processes do once ready
     rng = random.Random(0)
     vocab = info.vocab_size
     out: dict = {"device": info.device, "dtype": info.dtype}
@@ -80,6 +82,7 @@ def bench_engine(args) -> dict:
         r = run_requests(core, prompts, args.output_len)
         out.update(throughput_tok_s=r["tokens_per_s"], wall_s=r["wall_s"])
     core.shutdown()
+    thaw_heap()
     return out
 
 

@@ -18,6 +18,7 @@ import zmq
 
 from encore.configs import EncoreConfig
 from encore.protocol.executor import MPExecutor, WorkerDiedError
+from encore.protocol.heap import freeze_startup_heap
 from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import EngineDead, Message, Shutdown, decode, encode
 from encore.protocol.spawn import read_config
@@ -62,6 +63,7 @@ def run_engine(config: EncoreConfig, in_addr: str, out_addr: str, model_name: st
     code = 0
     try:
         outbox.put(core.start())
+        freeze_startup_heap()
         EngineLoop(core, inbox, outbox.put).run()
     except WorkerDiedError as e:
         logger.error("engine cannot continue: %s", e)

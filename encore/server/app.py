@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from encore.configs.model_source import ModelLoadError, resolve_model
 from encore.configs.types import EncoreConfig
 from encore.protocol.client import EngineClient
+from encore.protocol.heap import freeze_startup_heap
 from encore.protocol.messages import GrammarVocab
 from encore.server.errors import install_handlers
 from encore.server.metrics import ServerMetrics
@@ -105,11 +105,7 @@ async def _start(app: FastAPI, ctx: ServingContext, tokenizer_loader: TokenizerL
                       or served_model_name(ctx.config))
     ctx.info = info
     _send_grammar_vocab(ctx)
-    # the start-up heap (tokenizer, vocabulary tables, app) lives as long as the process:
-    # frozen, full collections stop walking it (a 2 s pause of the event loop was measured
-    # with a large heap while big prompts were being parsed)
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()  # the tokenizer, vocabulary tables, app
     logger.info("ready: model %s, context %d tokens, %d KV blocks of %d on %s (%s)",
                 ctx.model_name, info.max_model_len, info.num_device_blocks, info.block_size,
                 info.device, info.dtype)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from encore.protocol.heap import freeze_startup_heap
 from encore.protocol.lifeline import exit_with_parent, ignore_group_signals
 from encore.protocol.messages import (
     Drain,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         outbox.send(encode(EngineDead(reason=f"{type(e).__name__}: {e}")))
         outbox.close(linger=2000)
         return 1
+    freeze_startup_heap()  # the model, its modules and the runner's structures
     outbox.send(encode(worker.ready_message()))
     try:
         serve(worker, inbox, outbox)
