@@ -181,8 +181,8 @@ def test_kv_pool_sized_by_profiling(tiny_dir):
 @pytest.mark.parametrize("fp8", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_kv_agrees_with_bf16_kv(tiny_dir, fp8):
     """fp8 device KV (Triton kernels, CUDA graphs) against bf16 KV on the same bf16 model:
-    greedy agreement (a prefix of each continuation: see below), and batch invariance and
-    prefix hits stay exact within fp8."""
+    greedy agreement (a prefix of each continuation: see below), and a prefix hit on fp8
+    blocks reproduces the request's run alone exactly."""
     batch = prompts(8, seed=4)
     ref_core = start(tiny_dir, dtype="bfloat16")
     ref = generate(ref_core, batch)
@@ -204,4 +204,10 @@ def test_fp8_kv_agrees_with_bf16_kv(tiny_dir, fp8):
     # (2026-12-06) the common prefixes of 24 were e4m3 [1, 9, 0, 5, 22, 19, 1, 21], e5m2
     # [3, 11, 0, 3, 22, 1, 12, 0]; quality is measured on a real model (test_fp8_kv.py, CPU)
     assert sum(common) / len(common) >= (6 if fp8 == "fp8_e4m3" else 4)
-    assert alone == ours[3] == again
+    # Same graph size and context buckets, same KV bytes: exact. Not asserted: alone ==
+    # ours[3]. Decode attention splits a row's context by the batch's size and context bucket
+    # (``_num_splits``): in the batch of 8 (contexts to 177, bucket 256) prompt 3 is read in 2
+    # splits, alone (bucket 128 until 128 tokens) in one pass, and the different fp32 summation
+    # flips this tiny model's near ties (H100, 2026-12-07: e4m3 diverged at token 5 once the
+    # fp8 MMAs ran in fp16; e5m2 and bf16 KV happen not to). The same holds for bf16 KV.
+    assert alone == again
