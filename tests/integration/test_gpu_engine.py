@@ -204,10 +204,11 @@ def test_fp8_kv_agrees_with_bf16_kv(tiny_dir, fp8):
     # (2026-12-06) the common prefixes of 24 were e4m3 [1, 9, 0, 5, 22, 19, 1, 21], e5m2
     # [3, 11, 0, 3, 22, 1, 12, 0]; quality is measured on a real model (test_fp8_kv.py, CPU)
     assert sum(common) / len(common) >= (6 if fp8 == "fp8_e4m3" else 4)
-    # Same graph size and context buckets, same KV bytes: exact. Not asserted: alone ==
-    # ours[3]. Decode attention splits a row's context by the batch's size and context bucket
-    # (``_num_splits``): in the batch of 8 (contexts to 177, bucket 256) prompt 3 is read in 2
-    # splits, alone (bucket 128 until 128 tokens) in one pass, and the different fp32 summation
-    # flips this tiny model's near ties (H100, 2026-12-07: e4m3 diverged at token 5 once the
-    # fp8 MMAs ran in fp16; e5m2 and bf16 KV happen not to). The same holds for bf16 KV.
+    # alone and again are the same work (both hit prompt 3's 7 full blocks, written by the
+    # batch, and compute the rest at batch size 1): exact. Not asserted: alone == ours[3].
+    # Inside the batch of 8 (contexts to 177, bucket 256) decode attention reads prompt 3 in
+    # 2 splits, alone (bucket 128 for its first 12 steps) in one pass (``_num_splits``), so
+    # the fp32 sums round differently, and this tiny model's near ties flip (H100,
+    # 2026-12-07: e4m3 diverged at token 5 once the fp8 MMAs ran in fp16; e5m2 did not, nor
+    # did e4m3 before). bf16 KV is no different in kind.
     assert alone == again
