@@ -234,6 +234,6 @@ def decode_scatter(payload: torch.Tensor, caches: list[torch.Tensor], ptrs: torc
     An fp8 cache gets the decoded values saturated to its format."""
     args, meta = _launch_args(caches, ptrs, ids, payload, bits)
     if ids.shape[0]:
-        dtype = caches[0].dtype
         _decode_scatter_kernel[(ids.shape[0], len(caches), 2)](
-            *args, FP8_MAX=fp8_max(dtype), BLOCK=min(caches[0][0, 0].numel(), 2048), **meta)
+            *args, FP8_MAX=fp8_max(caches[0].dtype),
+            BLOCK=min(meta["BS"] * meta["HEADS"] * meta["DIM"], 2048), **meta)

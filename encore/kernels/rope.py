@@ -202,19 +202,29 @@ def _check_inv_freq(inv_freq: torch.Tensor, head_dim: int) -> None:
     check(inv_freq.is_contiguous(), "inv_freq must be contiguous")
 
 
+def _check_heads(**tensors: torch.Tensor) -> None:
+    """Each of ``tensors`` is [T, heads, D] float with its last dim contiguous."""
+    for name, t in tensors.items():
+        check(t.dim() == 3, f"{name} must be [T, heads, D], got {tuple(t.shape)}")
+        check_float(name, t)
+        check_last_contiguous(name, t)
+
+
+def _check_positions(positions: torch.Tensor, inv_freq: torch.Tensor, head_dim: int) -> None:
+    """Contiguous int positions and the fp32 inverse frequencies of ``head_dim``."""
+    check_int("positions", positions, (torch.int64, torch.int32))
+    check(positions.is_contiguous(), "positions must be contiguous")
+    _check_inv_freq(inv_freq, head_dim)
+
+
 def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             inv_freq: torch.Tensor) -> None:
     """In place: rotate q [T, H, D] and k [T, Hk, D] (views of a fused qkv are fine: only the
     last dim must be contiguous) to ``positions`` [T] int64 using ``inv_freq`` [D/2] fp32."""
-    for name, t in (("q", q), ("k", k)):
-        check(t.dim() == 3, f"{name} must be [T, heads, D], got {tuple(t.shape)}")
-        check_float(name, t)
-        check_last_contiguous(name, t)
+    _check_heads(q=q, k=k)
     check(q.shape[0] == k.shape[0] == positions.shape[0] and q.shape[2] == k.shape[2],
           f"q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} disagree")
-    check_int("positions", positions, (torch.int64, torch.int32))
-    check(positions.is_contiguous(), "positions must be contiguous")
-    _check_inv_freq(inv_freq, q.shape[2])
+    _check_positions(positions, inv_freq, q.shape[2])
     check_same_device(q=q, k=k, positions=positions, inv_freq=inv_freq)
     if q.shape[0] == 0:
         return
@@ -234,10 +244,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     rotated into the cache (k itself is left as it was), v [T, Hk, D] copied, at
     ``slot_mapping`` ([T] int64, -1 = skip) of ``kv_cache`` [2, N, bs, Hk, D]. An fp8 cache
     holds k / k_scale and v / v_scale (saturated)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check(t.dim() == 3, f"{name} must be [T, heads, D], got {tuple(t.shape)}")
-        check_float(name, t)
-        check_last_contiguous(name, t)
+    _check_heads(q=q, k=k, v=v)
     check_kv_cache(kv_cache)
     _, _, block_size, hk, d = kv_cache.shape
     check(k.shape[1:] == (hk, d) and v.shape[1:] == (hk, d) and q.shape[2] == d,
@@ -247,10 +254,8 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
           == slot_mapping.shape[0],
           f"q, k, v, positions and slot_mapping disagree on T: {q.shape[0]}, {k.shape[0]}, "
           f"{v.shape[0]}, {tuple(positions.shape)}, {tuple(slot_mapping.shape)}")
-    check_int("positions", positions, (torch.int64, torch.int32))
     check_int("slot_mapping", slot_mapping, (torch.int64, torch.int32))
-    check(positions.is_contiguous(), "positions must be contiguous")
-    _check_inv_freq(inv_freq, d)
+    _check_positions(positions, inv_freq, d)
     check_same_device(q=q, k=k, v=v, positions=positions, inv_freq=inv_freq, kv_cache=kv_cache,
                       slot_mapping=slot_mapping)
     if q.shape[0] == 0:

@@ -35,6 +35,7 @@ class DeviceBlocks:
         self.block_bytes = first[:, 0].numel() * first.element_size() * len(kv_caches)
         self.codec = KVCodec(codec, self.block_shape[1:], self.dtype)
         self.tier_block_bytes = self.codec.layer_bytes * len(kv_caches)
+        self.all_layers = (0, len(kv_caches))  # a disk or remote copy moves them at once
         # the addresses of layers [a, b) (fused codec, CUDA), one tensor each: a slice of one
         # tensor starting at an odd layer is not 16-byte aligned, and Triton compiles another
         # kernel variant for such a pointer (at the first tier hit, ~0.6 s)
@@ -62,9 +63,14 @@ class DeviceBlocks:
         for i in range(*layers):
             self.kv[i].index_copy_(1, ids, data[:, i - layers[0]].transpose(0, 1))
 
+    @property
+    def fused_codec(self) -> bool:
+        """Whether the fused codec kernels encode and decode (CUDA, int8/int4)."""
+        return self.stream is not None and bool(self.codec.bits)
+
     def _fused(self, layers: tuple[int, int]) -> torch.Tensor | None:
-        """The addresses of ``layers`` when the fused codec kernels run (CUDA, int8/int4)."""
-        if self.stream is None or not self.codec.bits:
+        """The addresses of ``layers`` when the fused codec kernels run."""
+        if not self.fused_codec:
             return None
         ptrs = self._ptrs.get(layers)
         if ptrs is None:
@@ -77,7 +83,7 @@ class DeviceBlocks:
         round trip of block 0 through them (compiling at the first tier hit stalled requests
         by ~1 s; the pool holds nothing yet, and a round trip only rounds block 0 to the
         codec)."""
-        if self.stream is None or not self.codec.bits:
+        if not self.fused_codec:
             return
         ids = self.ids([0])
         with torch.cuda.stream(self.stream):
@@ -110,10 +116,9 @@ class DeviceBlocks:
         the I/O threads (``payload``), and the event after which they hold their bytes: on
         CUDA encoded here and copied to the CPU; on the CPU gathered as they are (None:
         ready)."""
-        every = (0, self.num_layers)
         if self.stream is None:
-            return list(self.gather(ids, every)), None
-        staged = self.encode(ids, every).to("cpu", non_blocking=True)
+            return list(self.gather(ids, self.all_layers)), None
+        staged = self.encode(ids, self.all_layers).to("cpu", non_blocking=True)
         return list(staged), self.record()
 
     def payload(self, block: torch.Tensor) -> memoryview:
@@ -142,11 +147,10 @@ class DeviceBlocks:
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
             staged = data.to(self.device, non_blocking=True)[None]
-            every = (0, self.num_layers)
             if self.stream is not None:
-                self.decode(self.ids([block]), staged, every)
+                self.decode(self.ids([block]), staged, self.all_layers)
             else:
-                self.scatter(self.ids([block]), staged, every)
+                self.scatter(self.ids([block]), staged, self.all_layers)
         return self.record()
 
     def record(self, timing: bool = False) -> Any:

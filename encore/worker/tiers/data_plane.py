@@ -82,8 +82,8 @@ class TierDataPlane:
                            fingerprint, mac_key, retired)
         self.remote = RemoteIO(self.blocks, _remote_store(config, fingerprint, mac_key,
                                                           self.blocks.tier_block_bytes))
-        every = (0, self.blocks.num_layers)  # disk and remote copies: all layers at once
         groups = self.host.bounds if self.host is not None else []
+        every = self.blocks.all_layers
         self.blocks.warm_up([*groups, every] if every not in groups else groups)
 
     def _host_pool(self, gib: float) -> HostPool | None:
