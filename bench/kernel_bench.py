@@ -12,9 +12,10 @@ Measures (median of triton.testing.do_bench, which flushes L2 between repetition
   * KV write, RoPE, block gather, RMSNorm achieved GB/s;
   * fp8 decode attention (``--only fp8``): bf16 vs fp8 e4m3 pages over tiles, stages, warps
     and the MMA dtype (``FP8_VARIANTS``);
-  * the add + RMSNorm folded into the following batch-1 GEMV (``--only fold``), a prototype
-    kept here to measure whether the fold pays: every program recomputes the row's norm (it
-    needs all of it) and one writes the new residual (out of place), against rmsnorm + GEMV;
+  * the batch-1 GEMV folds (``--only fold``): RMSNorm into qkv, RMSNorm and SiLU x up into
+    gate_up, the residual add into o_proj and down_proj, against the separate kernels;
+    and (``--only pdl``) a chain of them in a CUDA graph, plain vs programmatic dependent
+    launches;
   * the tier codec (``--only codec``): a layer group of a host load (blocks x 4 layers of
     llama-3-8b) decoded into the pool by the torch codec + index_copy, by the fused kernel,
     and the uncompressed scatter; likewise the stores' gather + encode.
@@ -30,7 +31,6 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 from encore.kernels.block_copy import gather_blocks
 from encore.kernels.decode_attention import decode_attention
@@ -180,64 +180,71 @@ def codec_case(blocks: int, codec: str) -> None:
         row(f"tier {name}", f"{blocks} blocks x 4 layers", "us", bench_ms(fn) * 1e3)
 
 
-@triton.jit
-def _gemv_norm_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, out_ptr, N, K, eps,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = W @ (rmsnorm(x + res) * nw); program 0 also stores x + res (rounded) to res_out."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + cols
-        r = (tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-             + tl.load(res_ptr + c, mask=c < K, other=0.0).to(tl.float32))
-        r = r.to(res_ptr.dtype.element_ty).to(tl.float32)
-        sq += r * r
-    rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + cols
-        cmask = c < K
-        r = (tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-             + tl.load(res_ptr + c, mask=cmask, other=0.0).to(tl.float32))
-        r_ty = r.to(res_ptr.dtype.element_ty)
-        if tl.program_id(0) == 0:
-            tl.store(res_out_ptr + c, r_ty, mask=cmask)
-        h = (r_ty.to(tl.float32) * rstd * tl.load(nw_ptr + c, mask=cmask, other=0.0)
-             .to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_rows + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * h[None, :]
-    tl.store(out_ptr + rows, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=rmask)
-
-
-def fold_case(n: int, k: int) -> None:
-    """rmsnorm (with residual) + the GEMV against the GEMV with the norm in its prologue, at
-    a few tiles; us per pair (L2 flushed by do_bench between repetitions)."""
+def fold_case(n: int, k: int, fold: str) -> None:
+    """A batch-1 linear of llama-3-8b with its neighbour folded in (``kernels/gemv.py``)
+    against the separate kernels, us (L2 flushed by do_bench between repetitions):
+    norm (qkv), norm+swiglu (gate_up: n is the output I), residual (o_proj, down_proj)."""
+    from encore.kernels.activation import silu_mul
     from encore.kernels.gemv import gemv
 
+    rows = 2 * n if "swiglu" in fold else n
     x = torch.randn(1, k, device="cuda", dtype=DT)
-    res = torch.randn(1, k, device="cuda", dtype=DT)
-    nw = torch.randn(k, device="cuda", dtype=DT)
-    w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
-    out = torch.empty(1, n, device="cuda", dtype=DT)
-    res_out = torch.empty_like(res)
-    gemv(rmsnorm(x, nw, 1e-5, res.clone())[0], w)  # autotune outside the timing
+    nw = torch.rand(k, device="cuda", dtype=DT) + 0.5
+    w = torch.randn(rows, k, device="cuda", dtype=DT) / k**0.5
+    res = torch.zeros(1, n, device="cuda", dtype=DT)
+    norm = {"norm_weight": nw, "eps": 1e-5} if "norm" in fold else {}
+    if fold == "residual":
+        def separate() -> None:
+            res.add_(gemv(x, w))
 
-    def unfused() -> None:
-        h, _ = rmsnorm(x, nw, 1e-5, res)
-        gemv(h, w, out=out)
+        def folded() -> None:
+            gemv(x, w, residual=res)
+    else:
+        def separate() -> None:
+            y = gemv(rmsnorm(x, nw, 1e-5)[0], w)
+            if "swiglu" in fold:
+                silu_mul(y)
 
-    row("fold: rmsnorm+gemv", f"N={n} K={k}", "us", bench_ms(unfused) * 1e3)
-    row("fold: gemv alone", f"N={n} K={k}", "us",
-        bench_ms(lambda: gemv(x, w, out=out)) * 1e3)
-    for bn, bk, warps in [(4, 1024, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8)]:
-        def fused(bn=bn, bk=bk, warps=warps) -> None:
-            _gemv_norm_kernel[(triton.cdiv(n, bn),)](x, res, res_out, nw, w, out, n, k, 1e-5,
-                                                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-        row("fold: gemv with norm", f"N={n} K={k} {bn}x{bk} w{warps}", "us",
-            bench_ms(fused) * 1e3)
+        def folded() -> None:
+            gemv(x, w, swiglu="swiglu" in fold, **norm)
+    separate(), folded()  # autotune outside the timing
+    shape = f"N={rows} K={k}"
+    row("gemv alone", shape, "us", bench_ms(lambda: gemv(x, w)) * 1e3)
+    row(f"gemv, {fold} separate", shape, "us", bench_ms(separate) * 1e3)
+    row(f"gemv, {fold} folded", shape, "us", bench_ms(folded) * 1e3)
+
+
+def pdl_case(layers: int = 8) -> None:
+    """A batch-1 decoder's four folded GEMVs (llama-3-8b, ``layers`` layers of distinct
+    weights, 3.5 GB at 8: no L2 reuse) captured in one CUDA graph, launched plainly and as
+    programmatic dependents (PDL); us per replay and the weights' GB/s."""
+    from encore.kernels.gemv import gemv
+
+    d, inter, qkv = 4096, 14336, 6144
+    ws = [(torch.randn(qkv, d, device="cuda", dtype=DT) / 64,
+           torch.randn(d, d, device="cuda", dtype=DT) / 64,
+           torch.randn(2 * inter, d, device="cuda", dtype=DT) / 64,
+           torch.randn(d, inter, device="cuda", dtype=DT) / 120) for _ in range(layers)]
+    nw = torch.rand(d, device="cuda", dtype=DT) + 0.5
+    res = torch.randn(1, d, device="cuda", dtype=DT)
+    nbytes = sum(w.numel() * w.element_size() for ws_ in ws for w in ws_)
+
+    def forward(pdl: bool) -> None:
+        for w_qkv, w_o, w_gu, w_down in ws:
+            y = gemv(res, w_qkv, norm_weight=nw, eps=1e-5, pdl=pdl)
+            gemv(y[:, :d], w_o, residual=res, pdl=pdl)
+            a = gemv(res, w_gu, norm_weight=nw, eps=1e-5, swiglu=True, pdl=pdl)
+            gemv(a, w_down, residual=res, pdl=pdl)
+
+    for pdl in (False, True):
+        forward(pdl)  # autotune, outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward(pdl)
+        ms = bench_ms(graph.replay)
+        row(f"gemv chain, pdl={pdl}", f"{layers} layers x 4 folded", "us",
+            ms * 1e3, f"{nbytes / ms / 1e6:.0f} GB/s")
 
 
 def run_safely(fn, *args) -> None:
@@ -279,7 +286,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--only", default="ceilings,decode,prefill,small",
-                    help="comma-separated: ceilings, decode, prefill, small, fp8, fold, codec")
+                    help="comma-separated: ceilings, decode, prefill, small, fp8, fold, pdl, "
+                         "codec")
     args = ap.parse_args()
     quick, only = args.quick, set(args.only.split(","))
     if not torch.cuda.is_available():
@@ -305,8 +313,11 @@ def main() -> None:
     if "small" in only:
         run_safely(small_kernels)
     if "fold" in only:
-        for n, k in [(6144, 4096), (28672, 4096)]:  # llama-3-8b qkv, gate_up
-            run_safely(fold_case, n, k)
+        for n, k, fold in [(6144, 4096, "norm"), (14336, 4096, "norm+swiglu"),
+                           (4096, 4096, "residual"), (4096, 14336, "residual")]:  # llama-3-8b
+            run_safely(fold_case, n, k, fold)
+    if "pdl" in only:
+        run_safely(pdl_case)
     if "codec" in only:
         for blocks in (32, 256):
             for codec in ("int8", "int4"):

@@ -1,6 +1,10 @@
-"""Shared helpers of the kernel wrappers: argument checks and one interpreter workaround."""
+"""Shared helpers of the kernel wrappers: argument checks, one interpreter workaround, and
+programmatic dependent launch."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -25,6 +29,39 @@ def dot_upcast(device: torch.device) -> bool:
     fp32 operands are exact there. On a GPU the native bf16/fp16 tensor-core dot is used.
     """
     return device.type == "cpu"
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return (os.environ.get("ENCORE_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+def pdl_launch(device: torch.device, on: bool = True) -> dict:
+    """Launch options for a kernel with a ``pdl_gate``: on Hopper or newer (and ``on``) it is
+    launched as a programmatic dependent (PDL) of the kernel before it in the stream, so its
+    programs are resident, and may prefetch, before that kernel ends (inside CUDA graphs too:
+    the ~1-2 us between two kernels of a batch-1 decode step). ``ENCORE_PDL=0`` turns it off
+    (measurements); off on the interpreter.
+
+    A kernel whose gate is its first statement is safe under any caller. One that reads
+    inputs before its gate takes ``on`` from its caller's ``pdl`` argument (default off):
+    the caller promises that the kernel launched just before never writes those inputs."""
+    index = device.index if device.index is not None else 0
+    if on and device.type == "cuda" and _pdl_capable(index):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def pdl_gate(PDL: tl.constexpr):
+    """Under PDL: wait until the kernel before has ended and its writes are visible, then
+    let the kernel after this one launch. Before the gate a kernel may read anything except
+    what the kernel just before it writes (that one may still be running; every earlier one
+    has ended, since each lets its dependents launch only after its own gate)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -33,6 +33,8 @@ from encore.kernels._common import (
     fp8_max,
     mma,
     next_pow2,
+    pdl_gate,
+    pdl_launch,
 )
 
 LOG2E = 1.4426950408889634
@@ -62,14 +64,16 @@ def _decode_kernel(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     FP16_MMA: tl.constexpr,  # widen fp8 tiles to fp16 and run the MMAs in fp16
+    PDL: tl.constexpr,  # programmatic dependent launch (``pdl_launch``)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b)  # before the gate: the KV write before never writes it
     part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = s * part
     hi = tl.minimum(lo + part, seq_len)
+    pdl_gate(PDL)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -130,7 +134,9 @@ def _reduce_kernel(
     num_heads, head_dim, num_splits,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
@@ -146,7 +152,9 @@ def _reduce_kernel(
 
 
 def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
-    """Enough splits to give ~2 waves of programs on a large GPU, none shorter than 2 tiles.
+    """Enough splits to give ~2 waves of programs on a large GPU, one tile each at most (a
+    split covers whole tiles, so more splits than tiles would only add empty programs), and
+    one pass up to 2 tiles (a reduce costs more than it saves there).
 
     A function of ``next_pow2(max_seq_len)``, not of max_seq_len itself: the decode CUDA
     graphs capture one graph per power-of-two context bucket, and an eager step at the same
@@ -159,7 +167,8 @@ def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int) -
     """
     target_programs = 264
     by_occupancy = triton.cdiv(target_programs, max(batch * num_kv_heads, 1))
-    by_length = max(next_pow2(max_seq_len) // (2 * block_n), 1)
+    tiles = next_pow2(max_seq_len) // block_n
+    by_length = tiles if tiles > 2 else 1
     return max(1, min(by_occupancy, by_length, 64))
 
 
@@ -179,7 +188,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
                      k_scale: float = 1.0, v_scale: float = 1.0,
-                     block_n: int = BLOCK_N, launch: dict | None = None) -> torch.Tensor:
+                     block_n: int = BLOCK_N, launch: dict | None = None,
+                     pdl: bool = False) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [B, H, D]; kv_cache [2, N, bs, Hk, D] (q's dtype, or fp8 holding K / k_scale and
@@ -189,7 +199,9 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     Returns ``out`` (a new [B, H, D] tensor in q's dtype unless given; a static buffer suits
     CUDA graphs). ``num_splits`` overrides the split-K choice, ``block_n`` the tokens a tile
     (``BLOCK_N``), ``launch`` the main kernel's launch options (num_warps, num_stages,
-    FP16_MMA: ``bench/kernel_bench.py``'s sweeps).
+    FP16_MMA: ``bench/kernel_bench.py``'s sweeps). ``pdl``: launch as a programmatic
+    dependent (``pdl_launch``); the kernel before must not write seq_lens (read before its
+    end). The split reduce is always one (it reads nothing before its gate).
     """
     check_paged(q, kv_cache, block_tables, seq_lens)
     fp8 = fp8_max(kv_cache.dtype) > 0
@@ -219,11 +231,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E * k_scale, v_scale, head_dim, group, splits,
-        SPLIT=splits > 1, **options,
+        SPLIT=splits > 1, **options, **pdl_launch(q.device, pdl),
     )
     if splits > 1:
         _reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
             splits, BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(head_dim),
+            **pdl_launch(q.device),
         )
     return out

@@ -184,8 +184,23 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- GEMV
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-         ) -> torch.Tensor:
-    """One-row linear: x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N], fp32 math."""
-    y = x.float() @ weight.float().t()
-    return (y if bias is None else y + bias.float()).to(x.dtype)
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, swiglu: bool = False,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One-row linear: x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N], fp32 math; with
+    ``norm_weight`` of RMSNorm(x) * norm_weight (not rounded in between), ``swiglu`` of
+    silu(gate) * up for weight [gate | up], ``residual``: the rounded result added into it
+    (in place, rounded again) and returned."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is None:
+        return y.to(x.dtype)
+    residual.copy_(residual.float() + y.to(x.dtype).float())
+    return residual

@@ -10,7 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from encore.kernels._common import check, check_float, check_last_contiguous, check_same_device
+from encore.kernels._common import (
+    check,
+    check_float,
+    check_last_contiguous,
+    check_same_device,
+    pdl_gate,
+    pdl_launch,
+)
 
 
 @triton.jit
@@ -23,7 +30,9 @@ def _rmsnorm_kernel(
     hidden, eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (``pdl_launch``)
 ):
+    pdl_gate(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     mask = i < hidden
@@ -81,6 +90,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rmsnorm_kernel[(x2.shape[0],)](
         x2, r2, weight, o2, x2.stride(0), r2.stride(0), o2.stride(0), hidden, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
-        num_warps=8 if hidden >= 4096 else 4,
+        num_warps=8 if hidden >= 4096 else 4, **pdl_launch(x.device),
     )
     return out, residual

@@ -34,6 +34,8 @@ from encore.kernels._common import (
     fp8_max,
     fp8_scaled,
     next_pow2,
+    pdl_gate,
+    pdl_launch,
 )
 
 
@@ -107,14 +109,17 @@ def _rope_kv_write_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (``pdl_launch``)
 ):
+    # Before the gate: the angles and the slot (the projection before never writes them).
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _angles(tl.load(pos_ptr + t), inv_freq_ptr, half, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    pdl_gate(PDL)
     if tl.program_id(1) == 0:
         _rotate_tile(q_ptr + t * stride_qt, stride_qh, num_heads, cos, sin, half,
                      BLOCK_H, BLOCK_HALF)
     else:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             h = tl.arange(0, BLOCK_HK)
             i = tl.arange(0, BLOCK_HALF)
@@ -239,11 +244,13 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                  k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False) -> None:
     """``rope_qk`` then ``kv_write`` in one launch: q [T, H, D] rotated in place; k [T, Hk, D]
     rotated into the cache (k itself is left as it was), v [T, Hk, D] copied, at
     ``slot_mapping`` ([T] int64, -1 = skip) of ``kv_cache`` [2, N, bs, Hk, D]. An fp8 cache
-    holds k / k_scale and v / v_scale (saturated)."""
+    holds k / k_scale and v / v_scale (saturated). ``pdl``: launch as a programmatic
+    dependent (``pdl_launch``); the kernel before must not write positions or slot_mapping
+    (read before its end)."""
     _check_heads(q=q, k=k, v=v)
     check_kv_cache(kv_cache)
     _, _, block_size, hk, d = kv_cache.shape
@@ -267,7 +274,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         q.shape[1], hk, half, 1.0 / k_scale, 1.0 / v_scale, FP8_MAX=fp8_max(kv_cache.dtype),
         BLOCK_SIZE=block_size, BLOCK_H=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk),
-        BLOCK_HALF=next_pow2(half),
+        BLOCK_HALF=next_pow2(half), **pdl_launch(q.device, pdl),
     )
 
 

@@ -207,7 +207,7 @@ def test_fp8_kv_agrees_with_bf16_kv(tiny_dir, fp8):
     # alone and again are the same work (both hit prompt 3's 7 full blocks, written by the
     # batch, and compute the rest at batch size 1): exact. Not asserted: alone == ours[3].
     # Inside the batch of 8 (contexts to 177, bucket 256) decode attention reads prompt 3 in
-    # 2 splits, alone (bucket 128 for its first 12 steps) in one pass (``_num_splits``), so
+    # splits, alone (bucket 128 for its first 12 steps) in one pass (``_num_splits``), so
     # the fp32 sums round differently, and this tiny model's near ties flip (H100,
     # 2026-12-07: e4m3 diverged at token 5 once the fp8 MMAs ran in fp16; e5m2 did not, nor
     # did e4m3 before). bf16 KV is no different in kind.

@@ -34,7 +34,7 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.is_decode_only:
             return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                     max_seq_len=meta.max_seq_len, k_scale=k_scale,
-                                    v_scale=v_scale)
+                                    v_scale=v_scale, pdl=True)  # seq_lens: set per step
         return prefill_attention(q, kv_cache, meta.block_tables, meta.query_start_loc,
                                  meta.seq_lens, scale, max_query_len=meta.max_query_len,
                                  q_positions=meta.q_positions, k_scale=k_scale,

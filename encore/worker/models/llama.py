@@ -15,6 +15,10 @@ cache, and SiLU x up is one kernel:
          -> o_proj = x
     h, r = add_norm(x, r) -> gate_up -> silu_mul -> down = x        ... final: add_norm(x, r)
 
+One row (batch-1 decode, single device) folds the norms, SiLU x up and the residual adds into
+the GEMVs (``kernels/gemv.py``): qkv+norm -> rope_kv_write -> attend -> o_proj+add ->
+gate_up+norm+SiLU -> down+add, three launches fewer per layer.
+
 Speed on a 2-core CPU comes from a few choices: q/k/v is one matmul and gate/up is one
 matmul; the RoPE cos/sin table is built once (in the model dtype, as HF casts it) and indexed
 by position once per forward; q and k are rotated together in one pass; RMSNorm is one
@@ -260,7 +264,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops, rotate=False)
         ops.rope_kv_write(q, k, v, positions, inv_freq, kv_cache, meta.slot_mapping,
-                          self.k_scale, self.v_scale)
+                          self.k_scale, self.v_scale, pdl=True)  # positions: set per step
         out = self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.project_out_fused(out, ops)
 
@@ -277,6 +281,14 @@ class DecoderLayer(nn.Module):
         False: q and k as projected, for ``rope_kv_write``)."""
         t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = ops.linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
+        q, k, v = self._split_qkv(qkv)
+        if rotate:
+            ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
+        return q, k, v
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v views of qkv [T, H + 2 Hk, D] (Qwen3: q and k normed, a new tensor)."""
+        nh, nkv = self.num_heads, self.num_kv_heads
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
         if self.q_norm is not None:  # Qwen3 (rare here): torch norms, a new qk tensor
             qk = torch.cat(
@@ -286,10 +298,31 @@ class DecoderLayer(nn.Module):
                 ),
                 dim=1,
             )
-        q, k = qk[:, :nh], qk[:, nh:]
-        if rotate:
-            ops.rope_qk(q, k, positions, inv_freq)  # in place, angles in fp32 from inv_freq
-        return q, k, v
+        return qk[:, :nh], qk[:, nh:], v
+
+    def forward_one_row(
+        self,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> None:
+        """One decode row [1, d] on the folded GEMVs: the norms ride in the qkv and gate_up
+        GEMVs, SiLU x up in gate_up's, and o_proj and down_proj add into ``residual`` (the
+        stream, summed; updated in place). Single device only (the adds precede any
+        all-reduce)."""
+        t, nh, nkv = 1, self.num_heads, self.num_kv_heads
+        qkv = ops.norm_linear(residual, self.input_norm, self.eps, self.qkv_proj,
+                              self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
+        q, k, v = self._split_qkv(qkv)
+        ops.rope_kv_write(q, k, v, positions, inv_freq, kv_cache, meta.slot_mapping,
+                          self.k_scale, self.v_scale, pdl=True)  # positions: set per step
+        out = self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        ops.linear_add(out.reshape(t, -1), self.o_proj, residual)
+        act = ops.norm_linear(residual, self.post_norm, self.eps, self.gate_up_proj, swiglu=True)
+        ops.linear_add(act, self.down_proj, residual)
 
     def mlp_fused(self, h: torch.Tensor, ops: TritonOps) -> torch.Tensor:
         out = ops.linear(ops.silu_mul(ops.linear(h, self.gate_up_proj)), self.down_proj)
@@ -373,7 +406,15 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         ops: TritonOps,
     ) -> torch.Tensor:
-        """The same function on the fused kernels (positions must be contiguous)."""
+        """The same function on the fused kernels (positions must be contiguous); one row on
+        a single device takes the folded GEMVs (``DecoderLayer.forward_one_row``)."""
+        if input_ids.shape[0] == 1 and self.tp.size == 1:
+            residual = self.embed(input_ids)  # a new tensor: the stream is summed into it
+            for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                _wait_layer(meta, i)
+                layer.forward_one_row(residual, positions, self.rope_inv_freq, kv_cache, meta,
+                                      ops)
+            return ops.final_norm(residual, self.norm, self.arch.rms_norm_eps)
         x, residual = self.embed(input_ids), None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             _wait_layer(meta, i)
@@ -396,6 +437,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, d] -> logits [N, vocab] in float32 (written into ``out`` if given).
         Under TP every rank computes its vocabulary rows and gets everyone's (all-gather)."""
+        if (isinstance(self.ops, TritonOps) and hidden.shape[0] == 1 and self.tp.size == 1
+                and isinstance(self.lm_head, torch.Tensor)):  # batch-1 decode: logits in fp32
+            return self.ops.linear(hidden, self.lm_head, out=out, out_dtype=torch.float32)
         logits = linear(hidden, self.lm_head)
         if self.tp.size > 1:
             logits = self.tp.all_gather_last(logits)[:, :self.arch.vocab_size]

@@ -15,7 +15,9 @@ The residual stream is carried between layers (vLLM style) so each add rides in 
 One-row linears (batch-1 decode) go to whichever of cuBLAS and the Triton GEMV ran faster
 for that weight shape, timed once at its first one-row call (the decode graphs' warm-up,
 before capture): cuBLAS is fast on wide matrices but splits K, with an extra reduce kernel,
-on narrow ones such as o_proj.
+on narrow ones such as o_proj. The one-row folds (``norm_linear``: RMSNorm, and SiLU x up,
+inside the GEMV; ``linear_add``: the residual add in its epilogue) are chosen the same way,
+each against its separate kernels.
 """
 
 from __future__ import annotations
@@ -63,44 +65,104 @@ class TritonOps:
         self._rope_qk(q, k, positions, inv_freq)
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """F.linear; one contiguous row takes the faster of cuBLAS and the Triton GEMV."""
+        """F.linear; one contiguous row takes the faster of cuBLAS and the Triton GEMV.
+        ``out_dtype`` (float32: the logits) converts the result, which the GEMV does as it
+        stores it; ``out`` receives it if given."""
+        dtype = out_dtype or x.dtype
+
+        def blas() -> torch.Tensor:
+            y = F.linear(x, weight, bias)
+            if out is not None:
+                return out.copy_(y)
+            return y if y.dtype == dtype else y.to(dtype)
+
         if x.shape[0] != 1 or not x.is_contiguous():
-            return F.linear(x, weight, bias)
-        key = (*weight.shape, weight.dtype, bias is not None)
+            return blas()
+        dest = out if out is not None else torch.empty(1, weight.shape[0], dtype=dtype,
+                                                        device=x.device)
+        key = (*weight.shape, weight.dtype, bias is not None) + (
+            (dtype,) if dtype != x.dtype else ())
         use_gemv = self.gemv_choice.get(key)
         if use_gemv is None:
-            use_gemv = self.gemv_choice[key] = self._time_gemv(x, weight, bias)
-        return self._gemv(x, weight, bias) if use_gemv else F.linear(x, weight, bias)
+            use_gemv = self.gemv_choice[key] = self._faster(
+                x.device, key,
+                ("triton gemv", lambda: self._gemv(x, weight, bias, out=dest, pdl=True)),
+                ("cublas", blas))
+        return self._gemv(x, weight, bias, out=dest, pdl=True) if use_gemv else blas()
 
-    def _time_gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """True when the GEMV beats cuBLAS on this shape (always True off CUDA: tests)."""
-        if x.device.type != "cuda":
+    # ---- one-row folds (batch-1 decode; kernels/gemv.py) -------------------------------
+
+    def norm_linear(
+        self, r: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor,
+        bias: torch.Tensor | None = None, swiglu: bool = False,
+    ) -> torch.Tensor:
+        """linear(RMSNorm(r) * norm_w, weight) of the one row r [1, K] (the residual stream,
+        already summed), then silu(gate) * up if ``swiglu``: one GEMV when folding wins."""
+        def split() -> torch.Tensor:
+            y = self.linear(self._rmsnorm(r, norm_w, eps)[0], weight, bias)
+            return self._silu_mul(y) if swiglu else y
+
+        def fold() -> torch.Tensor:
+            return self._gemv(r, weight, bias, norm_weight=norm_w, eps=eps, swiglu=swiglu,
+                              pdl=True)
+
+        key = (*weight.shape, weight.dtype, bias is not None, "norm+swiglu" if swiglu else "norm")
+        return fold() if self._fold_wins(r.device, key, fold, split) else split()
+
+    def linear_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> None:
+        """residual [1, N] += linear(x, weight) (rounded, then the sum rounded, as
+        ``add_rmsnorm`` adds): one GEMV when folding wins."""
+        def split(r: torch.Tensor = residual) -> None:
+            r.add_(self.linear(x, weight))
+
+        def fold(r: torch.Tensor = residual) -> None:
+            self._gemv(x, weight, residual=r, pdl=True)
+
+        key = (*weight.shape, weight.dtype, False, "residual")
+        wins = self.gemv_choice.get(key)
+        if wins is None:  # timed on a copy: the timing runs must not touch the real stream
+            scratch = residual.clone()
+            wins = self._fold_wins(x.device, key, lambda: fold(scratch), lambda: split(scratch))
+        (fold if wins else split)()
+
+    def final_norm(self, r: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm(r) * norm_w of a residual stream that is already summed."""
+        return self._rmsnorm(r, norm_w, eps)[0]
+
+    def _fold_wins(self, device: torch.device, key: tuple, fold, split) -> bool:
+        """Whether the folded GEMV beats the separate kernels for ``key``, timed once (outside
+        graph capture, like ``linear``'s choice); always on the interpreter (tests)."""
+        wins = self.gemv_choice.get(key)
+        if wins is None:
+            split()  # settles the separate path's own choices (``linear``) before the timing
+            wins = self.gemv_choice[key] = self._faster(
+                device, key, ("folded", fold), ("separate", split))
+        return wins
+
+    def _faster(self, device: torch.device, key: tuple, first: tuple, second: tuple) -> bool:
+        """True when ``first`` = (name, fn) runs faster than ``second`` on CUDA (always True
+        off CUDA: tests). Timed with L2 flushed, alternating (clocks ramp up at first);
+        recorded in ``gemv_timings[key]`` as (first ms, second ms)."""
+        if device.type != "cuda":
             return True
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                f"first one-row linear of weight {tuple(weight.shape)} inside CUDA graph "
-                "capture: run a warm-up forward of the same batch size first"
+                f"first one-row call of {key} inside CUDA graph capture: run a warm-up "
+                "forward of the same batch size first"
             )
         from triton.testing import do_bench
 
-        runs = {
-            "gemv": lambda: self._gemv(x, weight, bias),
-            "blas": lambda: F.linear(x, weight, bias),
-        }
-        ms = {name: [] for name in runs}
-        for name in ("gemv", "blas", "gemv", "blas"):  # alternate: clocks ramp up at first
-            ms[name].append(do_bench(runs[name], return_mode="median"))
-        ms_gemv, ms_blas = min(ms["gemv"]), min(ms["blas"])
-        self.gemv_timings[(*weight.shape, weight.dtype, bias is not None)] = (ms_gemv, ms_blas)
-        logger.info(
-            "one-row linear %s: triton gemv %.1f us, cublas %.1f us",
-            tuple(weight.shape),
-            1e3 * ms_gemv,
-            1e3 * ms_blas,
-        )
-        return ms_gemv < ms_blas
+        ms: dict[str, list[float]] = {first[0]: [], second[0]: []}
+        for name, fn in (first, second, first, second):
+            ms[name].append(do_bench(fn, return_mode="median"))
+        a, b = min(ms[first[0]]), min(ms[second[0]])
+        self.gemv_timings[key] = (a, b)
+        logger.info("one-row %s: %s %.1f us, %s %.1f us", key, first[0], 1e3 * a, second[0],
+                    1e3 * b)
+        return a < b
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] -> silu(gate) * up [T, I]."""
