@@ -79,19 +79,20 @@ class TritonOps:
                 return out.copy_(y)
             return y if y.dtype == dtype else y.to(dtype)
 
+        def gemv() -> torch.Tensor:
+            dest = out if out is not None else torch.empty(1, weight.shape[0], dtype=dtype,
+                                                            device=x.device)
+            return self._gemv(x, weight, bias, out=dest, pdl=True)
+
         if x.shape[0] != 1 or not x.is_contiguous():
             return blas()
-        dest = out if out is not None else torch.empty(1, weight.shape[0], dtype=dtype,
-                                                        device=x.device)
         key = (*weight.shape, weight.dtype, bias is not None) + (
             (dtype,) if dtype != x.dtype else ())
         use_gemv = self.gemv_choice.get(key)
         if use_gemv is None:
             use_gemv = self.gemv_choice[key] = self._faster(
-                x.device, key,
-                ("triton gemv", lambda: self._gemv(x, weight, bias, out=dest, pdl=True)),
-                ("cublas", blas))
-        return self._gemv(x, weight, bias, out=dest, pdl=True) if use_gemv else blas()
+                x.device, key, ("triton gemv", gemv), ("cublas", blas))
+        return gemv() if use_gemv else blas()
 
     # ---- one-row folds (batch-1 decode; kernels/gemv.py) -------------------------------
 
