@@ -263,10 +263,24 @@ class DecoderLayer(nn.Module):
         ops: TritonOps,
     ) -> torch.Tensor:
         q, k, v = self.project_qkv_fused(h, positions, inv_freq, ops, rotate=False)
+        out = self._rope_write_attend(q, k, v, positions, inv_freq, kv_cache, meta, ops)
+        return self.project_out_fused(out, ops)
+
+    def _rope_write_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: TritonOps,
+    ) -> torch.Tensor:
+        """q rotated in place, k rotated and v written into the cache, then attention."""
         ops.rope_kv_write(q, k, v, positions, inv_freq, kv_cache, meta.slot_mapping,
                           self.k_scale, self.v_scale, pdl=True)  # positions: set per step
-        out = self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
-        return self.project_out_fused(out, ops)
+        return self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
 
     def project_out_fused(self, attn_out: torch.Tensor, ops: TritonOps) -> torch.Tensor:
         """``project_out`` on the fused kernels."""
@@ -317,9 +331,7 @@ class DecoderLayer(nn.Module):
         qkv = ops.norm_linear(residual, self.input_norm, self.eps, self.qkv_proj,
                               self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
         q, k, v = self._split_qkv(qkv)
-        ops.rope_kv_write(q, k, v, positions, inv_freq, kv_cache, meta.slot_mapping,
-                          self.k_scale, self.v_scale, pdl=True)  # positions: set per step
-        out = self.attn.attend(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        out = self._rope_write_attend(q, k, v, positions, inv_freq, kv_cache, meta, ops)
         ops.linear_add(out.reshape(t, -1), self.o_proj, residual)
         act = ops.norm_linear(residual, self.post_norm, self.eps, self.gate_up_proj, swiglu=True)
         ops.linear_add(act, self.down_proj, residual)
