@@ -131,6 +131,8 @@ def part_engine(args) -> dict:
         ttft = [run_requests(core, [random_prompt(rng, args.ttft_len, 128256)], 1)["ttft_s"][0]
                 for _ in range(3)]
         out["ttft_ms"] = 1e3 * min(ttft)
+        if args.profile_ttft:
+            profile_ttft(core, random_prompt(rng, args.ttft_len, 128256), args.profile_ttft)
     core.shutdown()
     thaw_heap()
     return out
@@ -230,6 +232,18 @@ def profile_replay(runner, path: str) -> None:
         torch.cuda.synchronize()
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
+def profile_ttft(core, prompt: list[int], path: str) -> None:
+    """Kernel-time table of one long-prompt prefill (the TTFT step), GPU time per kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_requests(core, [prompt], 1)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
 # ---------------------------------------------------------------- transformers
@@ -359,6 +373,8 @@ def main() -> None:
     ap.add_argument("--hf-timeout", type=float, default=300)
     ap.add_argument("--parts", default="roofline,engine,hf")
     ap.add_argument("--profile", default="", help="write a batch-1 kernel table here")
+    ap.add_argument("--profile-ttft", default="",
+                    help="write a kernel table of one --ttft-len prefill here")
     ap.add_argument("--batch1-contexts", default="",
                     help="engine part: batch-1 ms/token also after prompts of these lengths "
                          "(comma-separated, e.g. 2048,4096,8000), 64 tokens each")
