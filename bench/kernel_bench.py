@@ -16,8 +16,6 @@ Measures (median of triton.testing.do_bench, which flushes L2 between repetition
     gate_up, the residual add into o_proj and down_proj, against the separate kernels;
     and (``--only pdl``) a chain of them in a CUDA graph, plain vs programmatic dependent
     launches;
-  * the prefill MLP (``--only mlp``): gate_up + SiLU x up as one GEMM with the activation in
-    its epilogue vs cuBLAS + ``silu_mul``; the residual add in cuBLAS's epilogue vs add + norm;
   * the tier codec (``--only codec``): a layer group of a host load (blocks x 4 layers of
     llama-3-8b) decoded into the pool by the torch codec + index_copy, by the fused kernel,
     and the uncompressed scatter; likewise the stores' gather + encode.
@@ -34,10 +32,8 @@ import sys
 import torch
 import triton
 
-from encore.kernels.activation import silu_mul
 from encore.kernels.block_copy import gather_blocks
 from encore.kernels.decode_attention import decode_attention
-from encore.kernels.gemm import swiglu_gemm
 from encore.kernels.kv_codec import decode_scatter, gather_encode
 from encore.kernels.kv_write import kv_write
 from encore.kernels.prefill_attention import prefill_attention
@@ -286,45 +282,12 @@ def small_kernels() -> None:
     row("rmsnorm + residual", f"T={t} hidden=4096", "GB/s", 4 * x.numel() * 2 / ms / 1e6)
 
 
-def mlp_case(m: int) -> None:
-    """Prefill MLP pieces at m rows (llama-3-8b): gate_up in cuBLAS + silu_mul vs the
-    SiLU-epilogue GEMM; the residual add after o_proj / down_proj as a separate add + RMSNorm
-    vs cuBLAS's beta=1 epilogue (addmm_ into the residual) + RMSNorm alone."""
-    hidden, inter = 4096, 14336
-    x = torch.randn(m, hidden, device="cuda", dtype=DT)
-    w = torch.randn(2 * inter, hidden, device="cuda", dtype=DT) / hidden**0.5
-    flops = 2 * m * hidden * 2 * inter
-    blas = bench_ms(lambda: torch.nn.functional.linear(x, w))
-    gu = torch.nn.functional.linear(x, w)
-    act = bench_ms(lambda: silu_mul(gu))
-    swiglu_gemm(x, w)  # autotune
-    fused = bench_ms(lambda: swiglu_gemm(x, w))
-    row("gate_up cuBLAS", f"M={m} 28672x4096", "us", blas * 1e3,
-        f"{flops / blas / 1e9:.0f} TFLOP/s; + silu_mul {act * 1e3:.1f} us")
-    row("gate_up+SiLU fused", f"M={m} 28672x4096", "us", fused * 1e3,
-        f"{flops / fused / 1e9:.0f} TFLOP/s; {(blas + act) / fused:.3f}x of separate")
-    for k in (hidden, inter):
-        residual_case(m, hidden, k)
-
-
-def residual_case(m: int, hidden: int, k: int) -> None:
-    norm_w = torch.randn(hidden, device="cuda", dtype=DT)
-    a = torch.randn(m, k, device="cuda", dtype=DT)
-    wo = torch.randn(hidden, k, device="cuda", dtype=DT) / k**0.5
-    res = torch.randn(m, hidden, device="cuda", dtype=DT)
-    sep = bench_ms(lambda: rmsnorm(torch.nn.functional.linear(a, wo), norm_w, 1e-5, res))
-    epi = bench_ms(lambda: rmsnorm(res.addmm_(a, wo.t()), norm_w, 1e-5))
-    mm = bench_ms(lambda: torch.nn.functional.linear(a, wo))
-    row("linear+add+norm", f"M={m} {hidden}x{k}", "us", sep * 1e3,
-        f"beta=1 epilogue + norm {epi * 1e3:.1f} us; GEMM alone {mm * 1e3:.1f} us")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--only", default="ceilings,decode,prefill,small",
                     help="comma-separated: ceilings, decode, prefill, small, fp8, fold, pdl, "
-                         "codec, mlp")
+                         "codec")
     args = ap.parse_args()
     quick, only = args.quick, set(args.only.split(","))
     if not torch.cuda.is_available():
@@ -355,9 +318,6 @@ def main() -> None:
             run_safely(fold_case, n, k, fold)
     if "pdl" in only:
         run_safely(pdl_case)
-    if "mlp" in only:
-        for m in (256, 1024, 4096, 8192):
-            run_safely(mlp_case, m)
     if "codec" in only:
         for blocks in (32, 256):
             for codec in ("int8", "int4"):
