@@ -102,6 +102,8 @@ def part_engine(args) -> dict:
                    output_tokens=r["output_tokens"], throughput_steps=summarize(steps),
                    preemptions=core.scheduler.snapshot()["preemptions"])
         steps.clear()
+        if args.profile_decode:
+            profile_decode(core, prompts_for(args), args.output_len, args.profile_decode)
         if args.throughput_only:
             core.shutdown()
             thaw_heap()
@@ -232,6 +234,44 @@ def profile_replay(runner, path: str) -> None:
         torch.cuda.synchronize()
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
+def profile_decode(core, prompts: list[list[int]], output_len: int, path: str,
+                   first: int = 40, count: int = 20) -> None:
+    """The offline run again, profiled over ``count`` of its decode-only steps (from step
+    ``first``): GPU time per kernel and host time per op, against the steps' wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    step, n, wall = core.step, [0], [0.0]
+
+    def profiled_step():
+        n[0] += 1
+        if n[0] == first:
+            torch.cuda.synchronize()
+            prof.start()
+            wall[0] = time.perf_counter()
+        res = step()
+        if n[0] == first + count - 1:
+            torch.cuda.synchronize()
+            wall[0] = time.perf_counter() - wall[0]
+            prof.stop()
+        return res
+
+    core.step = profiled_step
+    try:
+        run_requests(core, prompts, output_len)
+    finally:
+        core.step = step
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    with open(path, "w") as f:
+        f.write(f"{count} steps from step {first}: wall {1e3 * wall[0] / count:.2f} ms/step, "
+                f"GPU kernels {gpu_us / 1e3 / count:.2f} ms/step (profiled)\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=25))
+        f.write("\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def profile_ttft(core, prompt: list[int], path: str) -> None:
@@ -373,6 +413,8 @@ def main() -> None:
     ap.add_argument("--hf-timeout", type=float, default=300)
     ap.add_argument("--parts", default="roofline,engine,hf")
     ap.add_argument("--profile", default="", help="write a batch-1 kernel table here")
+    ap.add_argument("--profile-decode", default="",
+                    help="write a profile of 20 decode-only steps of a second offline run here")
     ap.add_argument("--profile-ttft", default="",
                     help="write a kernel table of one --ttft-len prefill here")
     ap.add_argument("--batch1-contexts", default="",
