@@ -279,7 +279,7 @@ class ModelRunner:
         """fp32 logits of the sampled rows, with their argmax when a decode graph made both."""
         logits, argmax = batch.logits, batch.argmax
         if len(batch.sample_rows) < hidden.shape[0]:
-            rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+            rows = to_device(torch.tensor(batch.sample_rows, dtype=torch.long), self.device)
             if logits is None or argmax is None:
                 return self.model.compute_logits(hidden.index_select(0, rows)), None
             return logits.index_select(0, rows), argmax.index_select(0, rows)
@@ -337,10 +337,10 @@ class ModelRunner:
             batch.meta.layer_ready = ready
         else:
             _wait_all(ready)
-        input_ids = batch.input_ids.to(self.device)
+        input_ids = to_device(batch.input_ids, self.device)
         if fill is not None:
             fill(input_ids)
-        hidden = self.model(input_ids, batch.positions.to(self.device), self.kv_caches,
+        hidden = self.model(input_ids, to_device(batch.positions, self.device), self.kv_caches,
                             batch.meta)
         return hidden, batch
 
@@ -368,7 +368,7 @@ class ModelRunner:
                 ids[:n].copy_(src[:n])
                 return
             dev = ids.device
-            ids[torch.tensor(flat, device=dev)] = src[torch.tensor(rows, device=dev)]
+            ids[to_device(torch.tensor(flat), dev)] = src[to_device(torch.tensor(rows), dev)]
 
         return fill
 
@@ -415,11 +415,23 @@ class ModelRunner:
         qsl = np.concatenate(([0], np.cumsum(qlens)))
         return AttentionMetadata(
             query_lens=qlens.tolist(), start_pos=starts.tolist(),
-            query_start_loc=torch.from_numpy(qsl).to(dev, torch.int32),
-            seq_lens=torch.from_numpy(seq_lens).to(dev, torch.int32),
-            block_tables=torch.from_numpy(tables).to(dev, torch.int32),
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=to_device(torch.from_numpy(qsl.astype(np.int32)), dev),
+            seq_lens=to_device(torch.from_numpy(seq_lens.astype(np.int32)), dev),
+            block_tables=to_device(torch.from_numpy(tables.astype(np.int32)), dev),
+            slot_mapping=to_device(torch.from_numpy(slots), dev),
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without the host waiting for the device. A plain ``.to``
+    from pageable memory synchronizes the stream, so under asynchronous scheduling the next
+    step's inputs would wait for the step in flight, and its kernels would be queued only
+    once the GPU had gone idle. On CUDA the tensor goes through pinned memory and an
+    asynchronous copy (torch's host allocator keeps the pinned buffer until the copy is
+    done); elsewhere it is ``.to``."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _wait_all(ready: LayerWaits | None) -> None:
