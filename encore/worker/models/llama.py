@@ -214,15 +214,7 @@ class DecoderLayer(nn.Module):
         They are views of one qkv tensor (last dim contiguous)."""
         t, nh, nkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = linear(h, self.qkv_proj, self.qkv_bias).view(t, nh + 2 * nkv, self.head_dim)
-        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
-        if self.q_norm is not None:  # Qwen3: per-head norm before RoPE
-            qk = torch.cat(
-                (
-                    rms_norm(qk[:, :nh], self.q_norm, self.eps),
-                    rms_norm(qk[:, nh:], self.k_norm, self.eps),
-                ),
-                dim=1,
-            )
+        qk, v = self._qk_v(qkv)
         qk = apply_rope(qk, cos, sin)  # q and k share positions: rotate them in one pass
         return qk[:, :nh], qk[:, nh:], v
 
@@ -302,9 +294,15 @@ class DecoderLayer(nn.Module):
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v views of qkv [T, H + 2 Hk, D] (Qwen3: q and k normed, a new tensor)."""
+        qk, v = self._qk_v(qkv)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+
+    def _qk_v(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k together [T, H + Hk, D], and v [T, Hk, D], of qkv: views, except that
+        Qwen3's per-head norms before RoPE (torch ops) make qk a new tensor."""
         nh, nkv = self.num_heads, self.num_kv_heads
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
-        if self.q_norm is not None:  # Qwen3 (rare here): torch norms, a new qk tensor
+        if self.q_norm is not None:
             qk = torch.cat(
                 (
                     rms_norm(qk[:, :nh], self.q_norm, self.eps),
@@ -312,7 +310,7 @@ class DecoderLayer(nn.Module):
                 ),
                 dim=1,
             )
-        return qk[:, :nh], qk[:, nh:], v
+        return qk, v
 
     def forward_one_row(
         self,
