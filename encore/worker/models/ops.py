@@ -13,9 +13,11 @@ The residual stream is carried between layers (vLLM style) so each add rides in 
     h, r = add_rmsnorm(x, r, w)   # r += x (in place, rounded to r's dtype); h = norm(r) * w
 
 One-row linears (batch-1 decode) go to whichever of cuBLAS and the Triton GEMV ran faster
-for that weight shape, timed once at its first one-row call (the decode graphs' warm-up,
-before capture): cuBLAS is fast on wide matrices but splits K, with an extra reduce kernel,
-on narrow ones such as o_proj. The one-row folds (``norm_linear``: RMSNorm, and SiLU x up,
+for that weight shape, timed once per process and device at its first one-row call (the
+decode graphs' warm-up, before capture; a second engine in the process reuses the choice, so
+two engines never run different kernels because their timings fell either side of noise).
+cuBLAS is fast on wide matrices but splits K, with an extra reduce kernel, on narrow ones
+such as o_proj. The one-row folds (``norm_linear``: RMSNorm, and SiLU x up,
 inside the GEMV; ``linear_add``: the residual add in its epilogue) are chosen the same way,
 each against its separate kernels.
 """
@@ -28,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
+
+# The one-row choices, shared by every TritonOps of the process:
+# (device, N, K, dtype, bias[, variant]) -> the first-named kernel of the timing won.
+GEMV_CHOICE: dict[tuple, bool] = {}
+GEMV_TIMINGS: dict[tuple, tuple[float, float]] = {}  # -> (its ms, the other's ms)
 
 
 class TritonOps:
@@ -46,8 +53,7 @@ class TritonOps:
         self.rope_kv_write = rope_kv_write  # q rotated in place, k rotated into the cache
         self.rerotate_copy = rerotate_copy  # blending: chunk K/V to new slots and positions
         self._gemv = gemv
-        self.gemv_choice: dict[tuple, bool] = {}  # (N, K, dtype, bias) -> Triton GEMV wins
-        self.gemv_timings: dict[tuple, tuple[float, float]] = {}  # -> (gemv ms, cuBLAS ms)
+        self.gemv_choice, self.gemv_timings = GEMV_CHOICE, GEMV_TIMINGS  # process-wide
 
     def add_rmsnorm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -86,7 +92,7 @@ class TritonOps:
 
         if x.shape[0] != 1 or not x.is_contiguous():
             return blas()
-        key = (*weight.shape, weight.dtype, bias is not None) + (
+        key = (weight.device, *weight.shape, weight.dtype, bias is not None) + (
             (dtype,) if dtype != x.dtype else ())
         use_gemv = self.gemv_choice.get(key)
         if use_gemv is None:
@@ -110,7 +116,8 @@ class TritonOps:
             return self._gemv(r, weight, bias, norm_weight=norm_w, eps=eps, swiglu=swiglu,
                               pdl=True)
 
-        key = (*weight.shape, weight.dtype, bias is not None, "norm+swiglu" if swiglu else "norm")
+        key = (weight.device, *weight.shape, weight.dtype, bias is not None,
+               "norm+swiglu" if swiglu else "norm")
         return fold() if self._fold_wins(r.device, key, fold, split) else split()
 
     def linear_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> None:
@@ -122,7 +129,7 @@ class TritonOps:
         def fold(r: torch.Tensor = residual) -> None:
             self._gemv(x, weight, residual=r, pdl=True)
 
-        key = (*weight.shape, weight.dtype, False, "residual")
+        key = (weight.device, *weight.shape, weight.dtype, False, "residual")
         wins = self.gemv_choice.get(key)
         if wins is None:  # timed on a copy: the timing runs must not touch the real stream
             scratch = residual.clone()
