@@ -66,3 +66,45 @@ def test_rows_at_given_positions_match_reference():
     got = TorchAttentionBackend().forward(q, k, v, cache, meta, 0.25)
     assert torch.equal(cache, expected_cache)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_sequence_decodes_on_one_thread_and_restores_the_count(monkeypatch):
+    """Batch-1 decode attention runs single-threaded on the CPU (a served stream's speed on
+    two cores), gives the same values as on the configured threads, and leaves torch's thread
+    count as it found it, also when it raises."""
+    from encore.worker.attention import torch_backend
+
+    seqs = [(1, 37)]
+    cache, meta, q, _, _ = _setup(seqs, 6, 2, 8, torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real = torch_backend._decode_attention
+
+        def spy(*args):
+            seen.append(torch.get_num_threads())
+            return real(*args)
+
+        monkeypatch.setattr(torch_backend, "_decode_attention", spy)
+        one = torch_backend.decode_attention(q, cache, meta, 0.25)
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(torch_backend, "_decode_attention", real)
+        both = real(q, cache, meta, 0.25, 1.0, 1.0)  # on the two threads
+        assert torch.equal(one, both)
+
+        seqs2 = [(1, 37), (1, 20)]  # two sequences keep the configured threads
+        cache2, meta2, q2, _, _ = _setup(seqs2, 6, 2, 8, torch.bfloat16)
+        monkeypatch.setattr(torch_backend, "_decode_attention", spy)
+        torch_backend.decode_attention(q2, cache2, meta2, 0.25)
+        assert seen == [1, 2]
+
+        def boom(*args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(torch_backend, "_decode_attention", boom)
+        with pytest.raises(RuntimeError):
+            torch_backend.decode_attention(q, cache, meta, 0.25)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,9 @@ Decode-only steps take one batched path (``decode_attention``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -42,10 +45,31 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
     return blocks[0], blocks[1]
 
 
+@contextlib.contextmanager
+def one_thread(on: bool) -> Iterator[None]:
+    """torch's CPU ops on one thread inside the block (when ``on``), the count restored after."""
+    before = torch.get_num_threads()
+    if on and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence: gather every context padded to the longest, then two
     float32 batched matmuls around a softmax, each query head against its KV head's keys.
+
+    One sequence on the CPU runs on one thread: its ops are too small to split, and each
+    parallel region stalls when another process (the server's P0 and P1, on the same cores)
+    preempts one of the two threads. 2-core EPYC, SmolLM2 int4 served at concurrency 1,
+    alternating 7 pairs: 62.5 vs 50.4 tok/s median (one thread won 6 of 7); one layer alone
+    at 150 / 1,000 tokens: 72 vs 90-189 us / 232 vs 849 us. From two sequences on, two
+    threads were faster in 10 of 11 shapes measured (1.04-1.6x at 2-64 sequences; 4 x 150
+    tokens 0.72x), and keep them.
 
     q [B, H, D] -> [B, H, D]. Padding positions are masked out by ``seq_lens``. Not torch's
     SDPA, whose CPU kernel costs more for one query row (2-core EPYC, bf16 cache, one layer
@@ -53,6 +77,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     0.30-0.39 vs 0.94-1.21 ms; batch 8 at 300 tokens 0.63-1.18 vs 1.41-2.26 ms; below ~64
     tokens SDPA is 5-15 us faster). The scores are float32, as in the GPU kernels.
     """
+    with one_thread(q.shape[0] == 1 and q.device.type == "cpu"):
+        return _decode_attention(q, kv_cache, meta, scale, k_scale, v_scale)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
     block_size, seq = kv_cache.shape[2], meta.max_seq_len
     b, h, d = q.shape
     nb = (seq + block_size - 1) // block_size
