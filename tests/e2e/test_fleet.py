@@ -136,7 +136,7 @@ def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_pat
 
 def wait_remote_up(server: Server, i: int) -> None:
     """Traffic until ``server`` finds the store up again: after an outage its worker retries
-    with a backoff that grows with the operations that failed (up to 30 s)."""
+    with a backoff that doubles with each attempt that fails (up to 30 s)."""
     deadline = time.monotonic() + 45
     complete(server, prompt(i))
     while metric(server, "encore:kv_remote_up") != 1.0 and time.monotonic() < deadline:

@@ -123,7 +123,12 @@ class RemoteStore:
         return result
 
     def _went_down(self, error: Exception) -> None:
+        """One failed attempt: the backoff doubles once per attempt, not once per op that was
+        in flight when the store went away (several I/O threads failing together would
+        otherwise jump straight to the longest wait)."""
         with self._lock:
+            if not self.up and time.monotonic() < self._retry_at:
+                return  # another op of the same attempt failed first
             backoff = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
             self._failures += 1
             self._retry_at = time.monotonic() + backoff
