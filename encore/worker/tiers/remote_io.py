@@ -105,7 +105,7 @@ class RemoteStore:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one command; classify failures; keep the up/down state and the backoff."""
         with self._lock:
-            if not self.up and time.monotonic() < self._retry_at:
+            if self._waiting(time.monotonic()):
                 raise RemoteError("down", "the remote store is down (retrying later)")
         try:
             result = fn(*args, **kwargs)
@@ -127,14 +127,19 @@ class RemoteStore:
         in flight when the store went away (several I/O threads failing together would
         otherwise jump straight to the longest wait)."""
         with self._lock:
-            if not self.up and time.monotonic() < self._retry_at:
+            now = time.monotonic()
+            if self._waiting(now):
                 return  # another op of the same attempt failed first
             backoff = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
             self._failures += 1
-            self._retry_at = time.monotonic() + backoff
+            self._retry_at = now + backoff
             if self.up:
                 logger.warning("remote KV tier down (%s); retrying in %.0f s", error, backoff)
             self.up = False
+
+    def _waiting(self, now: float) -> bool:
+        """Down, and the backoff has not passed yet (the caller holds the lock)."""
+        return not self.up and now < self._retry_at
 
     def _came_up(self) -> None:
         if self.up:
