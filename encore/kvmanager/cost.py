@@ -7,8 +7,12 @@ A disk load costs one engine step more while others run (the request waits in WA
 for the batch's next step), so short hits are recomputed; into an idle engine it waits only for
 its read. Bandwidths, latencies, step time and prefill speed start from priors (or the numbers
 a previous run kept beside the disk tier, ``cost.json``) and follow measurements (exponential
-moving averages); tests inject their own numbers. The first ``WARMUP_STEPS`` steps of an
-engine are not measured (kernel set-up and allocator growth make them many times slower).
+moving averages); tests inject their own numbers. A prior is a guess, not a measurement: the
+first measurement of a number replaces it (a bandwidth measured on every block written
+against a prefill speed still at its prior, say 2000 tokens/s on a CPU that computes 300,
+would refuse every load). Numbers given (``cost.json``, tests) were measured: they are
+followed from the start. The first ``WARMUP_STEPS`` steps of an engine are not measured
+(kernel set-up and allocator growth make them many times slower).
 Policies are chosen by name (``cache.kv_load_policy``): ``cost`` or ``always``.
 """
 
@@ -24,6 +28,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _EWMA = 0.2  # weight of a new observation
+_MIN_SECONDS_PER_BYTE = 1e-13  # 10 TB/s: no tier is faster
 WARMUP_STEPS = 2  # steps of a fresh engine that say nothing about the next ones
 COST_FILE = "cost.json"  # beside the disk tier: the numbers measured by the last run
 
@@ -51,6 +56,9 @@ class LoadPolicy:
         self.block_bytes = max(block_bytes, 1)
         self.numbers = numbers or CostNumbers()
         self._warmup = WARMUP_STEPS
+        self._measured = numbers is not None  # else each number is a prior until measured
+        self._guesses = {"step_s", "prefill_tokens_per_s",
+                         *(f"bandwidth.{t}" for t in self.numbers.bandwidth)}
 
     def blocks_to_load(self, hits: list[tuple[str, int]], busy: bool = True) -> int:
         """``hits``: consecutive (tier, num_blocks) runs after the device hit, nearest first;
@@ -83,10 +91,24 @@ class LoadPolicy:
         return min(1.0, self.load_seconds([(tier, blocks)]) / self.recompute_seconds(blocks))
 
     # ------------------------------------------------------------------ measurements
+    def _follow(self, name: str, current: float, observed: float) -> float:
+        """The estimate after one observation: the observation itself if ``current`` is
+        still a prior, else a moving average."""
+        if not self._measured and name in self._guesses:
+            self._guesses.discard(name)
+            return observed
+        return current + _EWMA * (observed - current)
+
     def observe_transfer(self, tier: str, nbytes: int, seconds: float) -> None:
-        if seconds > 0 and nbytes > 0 and tier in self.numbers.bandwidth:
-            bw = self.numbers.bandwidth
-            bw[tier] += _EWMA * (nbytes / seconds - bw[tier])
+        """A transfer of ``nbytes`` to or from ``tier`` was charged ``seconds`` (transfers
+        that overlap share their time: ``worker.tiers.io_time``). Averaged as seconds per
+        byte, not as bytes per second: one of several transfers that end together is charged
+        almost nothing, which as a rate would swamp the average."""
+        bw = self.numbers.bandwidth
+        if seconds < 0 or nbytes <= 0 or tier not in bw:
+            return
+        per_byte = self._follow(f"bandwidth.{tier}", 1.0 / bw[tier], seconds / nbytes)
+        bw[tier] = 1.0 / max(per_byte, _MIN_SECONDS_PER_BYTE)
 
     def observe_step(self, prefill_tokens: int, seconds: float) -> None:
         """One engine step took ``seconds``; it computed ``prefill_tokens`` prompt tokens."""
@@ -96,10 +118,11 @@ class LoadPolicy:
         if self._warmup > 0:
             self._warmup -= 1
             return
-        n.step_s += _EWMA * (seconds - n.step_s)
+        n.step_s = self._follow("step_s", n.step_s, seconds)
         if prefill_tokens >= 4 * self.block_size:  # only prefill-heavy steps say much
-            n.prefill_tokens_per_s += _EWMA * (prefill_tokens / seconds
-                                               - n.prefill_tokens_per_s)
+            n.prefill_tokens_per_s = self._follow("prefill_tokens_per_s",
+                                                  n.prefill_tokens_per_s,
+                                                  prefill_tokens / seconds)
 
 
 class AlwaysLoad(LoadPolicy):

@@ -194,7 +194,11 @@ class TieredCache:
                     kv_tier_load_seconds=seconds, kv_tier_transfer_seconds=moved,
                     kv_disk_corrupt_files=self.corrupt_files,
                     kv_remote_errors=dict(self.remote_errors),
-                    kv_remote_up=1.0 if remote_up else 0.0)
+                    kv_remote_up=1.0 if remote_up else 0.0,
+                    kv_tier_bandwidth={name: bandwidth for name, bandwidth
+                                       in self.policy.numbers.bandwidth.items()
+                                       if name in self.tiers},
+                    kv_prefill_rate=self.policy.numbers.prefill_tokens_per_s)
 
     # ------------------------------------------------------------------ stores
     def begin_step(self, idle: bool = False) -> None:

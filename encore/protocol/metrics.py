@@ -80,6 +80,13 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
     EngineMetric("kv_remote_errors", "encore:kv_remote_errors", "counter",
                  "Remote tier operations that failed, by kind (down, timeout, full, miss, "
                  "corrupt, too_big, other); each is a miss, never a request error", ("kind",)),
+    EngineMetric("kv_tier_bandwidth", "encore:kv_tier_bandwidth_bytes_per_second", "gauge",
+                 "The load policy's estimate of each lower tier's throughput, from its timed "
+                 "transfers (a prior until the first): with kv_prefill_rate it decides "
+                 "whether a tier hit is loaded or recomputed", ("tier",)),
+    EngineMetric("kv_prefill_rate", "encore:kv_prefill_tokens_per_second", "gauge",
+                 "The load policy's estimate of prefill speed, from prefill-heavy steps (a "
+                 "prior until the first)"),
     EngineMetric("kv_remote_up", "encore:kv_remote_up", "gauge",
                  "1 while the remote tier's store answers, 0 while down (or not configured)"),
     EngineMetric("pinned_blocks", "encore:pinned_blocks", "gauge",

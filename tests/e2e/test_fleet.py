@@ -46,6 +46,14 @@ def metric(server: Server, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def remote_view(server: Server) -> str:
+    """What decides a remote load, for a failure's message: the store's state, its errors,
+    and the load policy's estimates (a load must beat recomputing)."""
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#") and (
+        "remote" in line or "prefill_tokens_per_second" in line or "bandwidth" in line))
+
+
 REMOTE_SENT = ("encore:kv_tier_transfer_bytes_total", 'dst="remote",src="device"')
 
 
@@ -124,7 +132,7 @@ def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_pat
         settle(a, sent)  # not from b's own cache of an earlier try
         text, cached = complete(b, prompt(n))
         n += 1
-    assert cached > 0
+    assert cached > 0, f"no remote hit on b; its view:\n{remote_view(b)}"
     # the gauge follows the worker's reports, which ride on step outputs: keep b stepping
     deadline = time.monotonic() + 10
     while metric(b, "encore:kv_remote_up") != 1.0 and time.monotonic() < deadline:

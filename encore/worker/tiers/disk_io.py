@@ -12,7 +12,6 @@ or on the CPU by the I/O thread, whose measured time includes it.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from encore.protocol.messages import KVDone, KVTransfer
 from encore.worker.tiers.blocks import DeviceBlocks
 from encore.worker.tiers.disk_files import CorruptFile, DiskStore
 from encore.worker.tiers.host_pool import HostPool
+from encore.worker.tiers.io_time import IOClock
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class _Pending:
     future: Future | None = None
     event: Any = None  # torch.cuda.Event of the read's copy to the device
     staged: torch.Tensor | None = None  # a disk read waiting to be copied to the device
-    seconds: float = 0.0  # how long the disk read took
+    seconds: float = 0.0  # the disk read's time (``IOClock``)
 
 
 class DiskIO:
@@ -53,6 +53,7 @@ class DiskIO:
             self._open(root, gib, fingerprint, mac_key, retired)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-write")
         self.io_read = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-read")
+        self.clock = IOClock()  # reads and writes share the disk
         self.pending: list[_Pending] = []
 
     @property
@@ -94,14 +95,14 @@ class DiskIO:
         if event is not None:
             event.synchronize()
         assert self.store is not None
-        start = time.perf_counter()
+        start = self.clock.start()
         if data is None:
             assert self.host is not None
             payload = self.blocks.as_bytes(self.host.block(op.src_slot))
         else:
             payload = self.blocks.payload(data)
         self.store.write(op.key, payload)
-        return time.perf_counter() - start
+        return self.clock.charge(start)
 
     def read(self, op: KVTransfer, done: list[KVDone]) -> None:
         """Read one block in the read pool; copied into ``op.dst_slot`` once read."""
@@ -112,9 +113,9 @@ class DiskIO:
 
     def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
         assert self.store is not None
-        start = time.perf_counter()
+        start = self.clock.start()
         data = self.blocks.from_payload(self.store.read(key))
-        return data, time.perf_counter() - start
+        return data, self.clock.charge(start)
 
     def running(self) -> list[Future]:
         """The I/O not finished yet."""

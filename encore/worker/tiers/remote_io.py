@@ -32,6 +32,7 @@ import torch
 from encore.protocol.messages import KVDone, KVProbe, KVProbed, KVTransfer
 from encore.worker.tiers.blocks import DeviceBlocks
 from encore.worker.tiers.frames import CorruptFrame, Frames
+from encore.worker.tiers.io_time import IOClock
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class RemoteIO:
         self.blocks = blocks
         self.store = store
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-remote")
+        self.clock = IOClock()
         self.pending: list[_Pending] = []
 
     @property
@@ -185,9 +187,9 @@ class RemoteIO:
         if event is not None:
             event.synchronize()
         assert self.store is not None
-        start = time.perf_counter()
+        start = self.clock.start()
         self.store.put(op.key, self.blocks.payload(data))
-        return time.perf_counter() - start
+        return self.clock.charge(start)
 
     def read(self, op: KVTransfer, done: list[KVDone]) -> None:
         if self.store is None:
@@ -197,9 +199,9 @@ class RemoteIO:
 
     def _read(self, key: bytes) -> tuple[torch.Tensor, float]:
         assert self.store is not None
-        start = time.perf_counter()
+        start = self.clock.start()
         data = self.blocks.from_payload(self.store.get(key))
-        return data, time.perf_counter() - start
+        return data, self.clock.charge(start)
 
     def probe(self, probe: KVProbe) -> None:
         if self.store is not None:
