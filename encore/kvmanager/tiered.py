@@ -502,6 +502,8 @@ class TieredCache:
         reports ``seq_id`` once it answered)."""
         op_id = self._next_op
         self._next_op += 1
+        if not self.remote_up:  # a retry: the next one after the interval
+            self._remote_retry_at = self.clock() + REMOTE_RETRY_S
         self._probes[op_id] = (seq_id, list(keys))
         self.ops.probes.append((op_id, list(keys)))
 
@@ -530,11 +532,14 @@ class TieredCache:
         return done
 
     def set_remote_up(self, up: bool | None) -> None:
-        """The worker's view of the store (None: it sent none this step)."""
+        """The worker's view of the store (None: it sent none this step). It says down on
+        every step until an op succeeds: the retry interval starts when the store goes down
+        and with each probe (``start_probe``), not again with each step's report, or a busy
+        engine would never probe it again."""
         if up is None:
             return
-        if not up:  # what was unsaved stays unsaved: the next checkpoint after it is back
-            self._remote_retry_at = self.clock() + REMOTE_RETRY_S
+        if not up and self.remote_up:  # what was unsaved stays unsaved: the next checkpoint
+            self._remote_retry_at = self.clock() + REMOTE_RETRY_S  # after it is back
             self._checkpoint_keys = None
         self.remote_up = up
 

@@ -82,6 +82,9 @@ class FakeWorker:
         # A remote store shared by fake workers (pass the same dict): values by key.
         self.remote: dict[bytes, list[tuple[int, int] | None]] | None = None
         self.remote_down = False
+        # what the worker reports each step, as the real one does: down from a failed op
+        # until an op succeeds again (it tries the store only when an op comes)
+        self.remote_seen_up = True
         self.remote_corrupt: set[bytes] = set()  # remote keys whose value fails its check
         self.placeholders = 0  # placeholder tokens filled in
 
@@ -102,7 +105,7 @@ class FakeWorker:
                 tokens.append(token)
         corrupt, self.corrupt_found = self.corrupt_found, 0
         probed = [self._probe(p) for p in out.kv_probes]
-        up = None if self.remote is None else not self.remote_down
+        up = None if self.remote is None else self.remote_seen_up
         return ModelRunnerOutput(step_id=out.step_id, seq_ids=seq_ids, sampled_token_ids=tokens,
                                  kv_done=done, kv_probed=probed, kv_disk_corrupt_files=corrupt,
                                  remote_up=up)
@@ -152,14 +155,14 @@ class FakeWorker:
 
     def _remote_store(self, t: KVTransfer, data: list[tuple[int, int] | None]) -> KVDone:
         assert self.remote is not None, "a remote store op without a remote store"
-        if self.remote_down:
+        if not self._remote_answers():
             return KVDone(t.op_id, False, "down", error_kind="down")
         self.remote[t.key] = data
         return KVDone(t.op_id, True)
 
     def _remote_load(self, t: KVTransfer) -> KVDone:
         assert self.remote is not None
-        if self.remote_down:
+        if not self._remote_answers():
             return KVDone(t.op_id, False, "down", error_kind="down")
         if t.key in self.remote_corrupt:
             self.remote_corrupt.discard(t.key)
@@ -170,8 +173,12 @@ class FakeWorker:
         self.slots[t.dst_slot] = list(self.remote[t.key])
         return KVDone(t.op_id, True)
 
+    def _remote_answers(self) -> bool:
+        self.remote_seen_up = not self.remote_down
+        return self.remote_seen_up
+
     def _probe(self, probe: KVProbe) -> KVProbed:
-        if self.remote is None or self.remote_down:
+        if self.remote is None or not self._remote_answers():
             return KVProbed(probe.op_id, 0, "down")
         found = 0
         while found < len(probe.keys) and probe.keys[found] in self.remote:

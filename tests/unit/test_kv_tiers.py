@@ -497,6 +497,37 @@ def test_a_down_store_is_a_miss_and_hits_resume_when_it_is_back() -> None:
     assert final.num_cached_tokens > 0 and b.stats()["kv_remote_up"] == 1.0
 
 
+def test_a_busy_engine_probes_a_down_store_again_and_finds_it_back() -> None:
+    """The worker reports the store down on every step until an op succeeds, and only a
+    probe makes an op while the store is down. A replica that never idles for the retry
+    interval must still probe once a second, not push the retry back on every step."""
+    store: dict = {}
+    a, wa = replica(store)
+    ps = prompts(3, length=40)
+    serve_one(a, wa, "a0", ps[0])
+    clock = Clock()
+    b, wb = replica(store, clock=clock)
+    wb.remote_down = True
+    assert b.add_request(make_request("long", ps[2], max_tokens=200)) == []
+    for _ in range(3):
+        clock.now += 0.1
+        step(b, wb)
+    assert b.stats()["kv_remote_up"] == 0.0
+    wb.remote_down = False  # the store is back; b keeps stepping every 0.1 s
+    for _ in range(15):
+        clock.now += 0.1
+        step(b, wb)
+    assert b.add_request(make_request("hit", ps[0], max_tokens=3)) == []
+    run = Run()
+    for _ in range(10):
+        clock.now += 0.1
+        step(b, wb, run)
+    assert b.has_unfinished(), "busy all along"
+    assert run.finals[("hit", 0)].num_cached_tokens > 0, "the probe found the store back"
+    assert b.stats()["kv_remote_up"] == 1.0
+    run_all(b, wb)
+
+
 def test_a_corrupt_remote_value_is_detected_counted_and_recomputed() -> None:
     store: dict = {}
     a, wa = replica(store)
