@@ -82,8 +82,8 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
                  "corrupt, too_big, other); each is a miss, never a request error", ("kind",)),
     EngineMetric("kv_tier_bandwidth", "encore:kv_tier_bandwidth_bytes_per_second", "gauge",
                  "The load policy's estimate of each lower tier's throughput, from its timed "
-                 "transfers (a prior until the first): with kv_prefill_rate it decides "
-                 "whether a tier hit is loaded or recomputed", ("tier",)),
+                 "transfers (a prior until the first): with encore:kv_prefill_tokens_per_second "
+                 "it decides whether a tier hit is loaded or recomputed", ("tier",)),
     EngineMetric("kv_prefill_rate", "encore:kv_prefill_tokens_per_second", "gauge",
                  "The load policy's estimate of prefill speed, from prefill-heavy steps (a "
                  "prior until the first)"),

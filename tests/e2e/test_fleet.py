@@ -8,8 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -109,6 +111,29 @@ def test_tenants_stay_apart_across_replicas(fleet) -> None:
     assert other == text
 
 
+@contextmanager
+def kept_busy(server: Server) -> Iterator[list[int]]:
+    """Long requests back to back on ``server`` (its engine never idles for a second) until
+    the block ends; yields the count of those finished."""
+    stop, done = threading.Event(), [0]
+
+    def run() -> None:
+        c = openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+        model = c.models.list().data[0].id
+        while not stop.is_set():
+            c.completions.create(model=model, prompt="Count from one:", max_tokens=120,
+                                 temperature=0)
+            done[0] += 1
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
 def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_path) -> None:
     a, b, store = fleet
     stop_store(store)
@@ -123,15 +148,17 @@ def test_a_dead_store_is_a_miss_and_hits_resume_after_it_restarts(fleet, tmp_pat
     time.sleep(2.5)  # past the probe retry interval and the worker's first backoff
     complete(a, prompt(20))  # the store answers again: written on the next checkpoint
     settle(a)
-    text, cached = complete(b, prompt(20))
-    deadline, n = time.monotonic() + 40, 21
-    while cached == 0 and time.monotonic() < deadline:  # b's store backoff may still run
-        time.sleep(2)
-        sent = metric(a, *REMOTE_SENT)
-        complete(a, prompt(n))  # a fresh prompt each time: a hit on b comes from the store,
-        settle(a, sent)  # not from b's own cache of an earlier try
-        text, cached = complete(b, prompt(n))
-        n += 1
+    with kept_busy(b) as finished:  # b steps all along: it must still probe the store again
+        text, cached = complete(b, prompt(20))
+        deadline, n = time.monotonic() + 40, 21
+        while cached == 0 and time.monotonic() < deadline:  # b's store backoff may still run
+            time.sleep(2)
+            sent = metric(a, *REMOTE_SENT)
+            complete(a, prompt(n))  # a fresh prompt each time: a hit on b comes from the
+            settle(a, sent)  # store, not from b's own cache of an earlier try
+            text, cached = complete(b, prompt(n))
+            n += 1
+    assert finished[0] >= 1, "b was kept busy"
     assert cached > 0, f"no remote hit on b; its view:\n{remote_view(b)}"
     # the gauge follows the worker's reports, which ride on step outputs: keep b stepping
     deadline = time.monotonic() + 10
