@@ -538,8 +538,9 @@ class TieredCache:
         engine would never probe it again."""
         if up is None:
             return
-        if not up and self.remote_up:  # what was unsaved stays unsaved: the next checkpoint
-            self._remote_retry_at = self.clock() + REMOTE_RETRY_S  # after it is back
+        if not up and self.remote_up:
+            # what was unsaved stays unsaved: the next checkpoint after it is back writes it
+            self._remote_retry_at = self.clock() + REMOTE_RETRY_S
             self._checkpoint_keys = None
         self.remote_up = up
 
