@@ -475,7 +475,10 @@ def test_a_second_replica_loads_what_the_first_computed_from_the_remote_store() 
     assert stats["kv_tier_transfer_bytes"]["remote>device"] > 0
 
 
-def test_a_down_store_is_a_miss_and_hits_resume_when_it_is_back() -> None:
+def replicas_one_down() -> tuple[Scheduler, FakeWorker, Scheduler, FakeWorker, Clock,
+                                  list[list[int]]]:
+    """Replica a has checkpointed prompt 0 of ``ps`` (3 prompts) to the shared store; replica
+    b (on ``clock``) finds the store down."""
     store: dict = {}
     a, wa = replica(store)
     ps = prompts(3, length=40)
@@ -483,6 +486,11 @@ def test_a_down_store_is_a_miss_and_hits_resume_when_it_is_back() -> None:
     clock = Clock()
     b, wb = replica(store, clock=clock)
     wb.remote_down = True
+    return a, wa, b, wb, clock, ps
+
+
+def test_a_down_store_is_a_miss_and_hits_resume_when_it_is_back() -> None:
+    a, wa, b, wb, clock, ps = replicas_one_down()
     tokens, final = serve_one(b, wb, "b0", ps[0])  # probe fails: recomputed, no error
     assert tokens == reference_tokens(ps[0], 3) and final.num_cached_tokens == 0
     assert final.finish_reason == "length"
@@ -501,13 +509,7 @@ def test_a_busy_engine_probes_a_down_store_again_and_finds_it_back() -> None:
     """The worker reports the store down on every step until an op succeeds, and only a
     probe makes an op while the store is down. A replica that never idles for the retry
     interval must still probe once a second, not push the retry back on every step."""
-    store: dict = {}
-    a, wa = replica(store)
-    ps = prompts(3, length=40)
-    serve_one(a, wa, "a0", ps[0])
-    clock = Clock()
-    b, wb = replica(store, clock=clock)
-    wb.remote_down = True
+    _, _, b, wb, clock, ps = replicas_one_down()
     assert b.add_request(make_request("long", ps[2], max_tokens=200)) == []
     for _ in range(3):
         clock.now += 0.1
