@@ -27,9 +27,10 @@ class IOClock:
         return time.perf_counter()
 
     def charge(self, start: float) -> float:
-        """The seconds charged to a transfer that began at ``start`` and ends now."""
-        end = time.perf_counter()
+        """The seconds charged to a transfer that began at ``start`` and ends now (read under
+        the lock, so ends are in order and no charge is negative)."""
         with self._lock:
+            end = time.perf_counter()
             seconds = end - max(start, self._last_end)
-            self._last_end = max(end, self._last_end)
-        return max(seconds, 0.0)
+            self._last_end = end
+        return seconds
